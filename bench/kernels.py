@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from bench.timing import environment, time_ms, write_result
+from pidkern.timing import environment, time_ms, write_result
 
 
 @dataclass

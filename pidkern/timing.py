@@ -1,4 +1,4 @@
-"""Timing and environment capture shared by every benchmark in bench/.
+"""Timing and environment capture shared by `pidkern bench` and every benchmark in bench/.
 
 Rules (PERF.md): CUDA events around the timed region, warm-up outside it, median of
 at least 5 runs; host clocks with a synchronize only on the CPU.
@@ -99,8 +99,8 @@ def slug(text: str) -> str:
 
 
 def write_result(payload: dict, kind: str, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write JSON named by kind, card and date into out_dir (default bench/results)."""
-    out = Path(out_dir or Path(__file__).resolve().parent / "results")
+    """Write JSON named by kind, card and date into out_dir (default <repo>/bench/results)."""
+    out = Path(out_dir or Path(__file__).resolve().parent.parent / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     env = payload.get("env") or environment()
     name = f"{kind}_{slug(env.get('card', 'unknown'))}_{env['date'][:10]}.json"
