@@ -5,6 +5,7 @@ hard-codes a width. The presets are the ten released checkpoints of SPEC §1.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -83,7 +84,17 @@ class PiDConfig:
 
     @property
     def adapter_in_channels(self) -> int:
-        return self.latent_channels // (self.unpack * self.unpack)
+        """Channels entering the adapter after unpacking and any space-to-depth (SPEC §5)."""
+        unpacked = self.latent_channels // (self.unpack * self.unpack)
+        num, den = self.grid_ratio
+        return unpacked * (den // num) ** 2 if num < den else unpacked
+
+    @property
+    def grid_ratio(self) -> tuple[int, int]:
+        """r = sr_scale * stride_eff / patch as (numerator, denominator): patch cells per latent cell."""
+        num, den = self.sr_scale * self.latent_stride, self.unpack * self.patch
+        g = math.gcd(num, den)
+        return num // g, den // g
 
     @property
     def upscale(self) -> int:
