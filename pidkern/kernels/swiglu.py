@@ -1,0 +1,128 @@
+"""SwiGLU gate-up: h = SiLU(u w1^T) * (u w3^T) as one GEMM.
+
+w13 = cat([w1, w3], 0) is built once at load time. Each program owns a BLOCK_M x BLOCK_N
+tile of h and runs two accumulators over the same A tile (rows n of w1 and rows Hm + n of
+w3), so u is read once per tile and neither product is ever written to memory; the
+SiLU-product happens in float32 in the epilogue. The w2 GEMM stays with cuBLAS.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if _INTERPRET:
+    from pidkern.kernels import _interp_compat  # noqa: F401
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    # Two 128x128 accumulators = a 128x256 output footprint; 3 stages of A + 2 B tiles is 144 KB.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["M", "Hm", "D"])
+@triton.heuristics({"EVEN_K": lambda a: a["D"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _swiglu_kernel(u_ptr, w_ptr, h_ptr, M, Hm, D,
+                   s_um, s_uk, s_wn, s_wk, s_hm, s_hn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Hm, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks sweep the columns together so w13 stays in L2.
+    width = GROUP_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    # Out-of-range rows/columns wrap onto valid ones so the loads need no M/N masks;
+    # the store is masked.
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % Hm
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = u_ptr + rm.to(tl.int64)[:, None] * s_um + rk[None, :] * s_uk
+    b1_ptrs = w_ptr + rn.to(tl.int64)[None, :] * s_wn + rk[:, None] * s_wk
+    b3_ptrs = b1_ptrs + Hm * s_wn
+
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b1 = tl.load(b1_ptrs)
+            b3 = tl.load(b3_ptrs)
+        else:
+            kmask = rk < D - k
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b1 = tl.load(b1_ptrs, mask=kmask[:, None], other=0.0)
+            b3 = tl.load(b3_ptrs, mask=kmask[:, None], other=0.0)
+        acc1 = tl.dot(a, b1, acc1, input_precision=DOT_PREC)
+        acc3 = tl.dot(a, b3, acc3, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * s_uk
+        b1_ptrs += BLOCK_K * s_wk
+        b3_ptrs += BLOCK_K * s_wk
+
+    h = acc1 / (1.0 + tl.exp(-acc1)) * acc3
+    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_ptrs = h_ptr + om.to(tl.int64)[:, None] * s_hm + on[None, :] * s_hn
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(om[:, None] < M) & (on[None, :] < Hm))
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(u: torch.Tensor, w13: torch.Tensor) -> int:
+    if u.dim() != 2:
+        raise ValueError(f"u: expected a 2-D [M, D] tensor, got shape {tuple(u.shape)}")
+    if w13.dim() != 2:
+        raise ValueError(f"w13: expected a 2-D [2*Hm, D] tensor, got shape {tuple(w13.shape)}")
+    if u.dtype not in _DTYPES:
+        raise ValueError(f"u: dtype {u.dtype} not supported; expected one of {_DTYPES}")
+    if w13.dtype != u.dtype:
+        raise ValueError(f"w13: dtype {w13.dtype} must match u's dtype {u.dtype}")
+    if w13.shape[1] != u.shape[1]:
+        raise ValueError(f"w13: expected {u.shape[1]} columns (u's D), got shape {tuple(w13.shape)}")
+    if w13.shape[0] % 2 or w13.shape[0] == 0:
+        raise ValueError(f"w13: expected an even, non-zero row count (cat([w1, w3])), got {w13.shape[0]}")
+    if u.device != w13.device:
+        raise ValueError(f"w13: on {w13.device}, expected u's device {u.device}")
+    if u.stride(1) != 1:
+        raise ValueError(f"u: last dim must be contiguous (stride 1), got strides {u.stride()}")
+    if w13.stride(1) != 1:
+        raise ValueError(f"w13: last dim must be contiguous (stride 1), got strides {w13.stride()}")
+    return w13.shape[0] // 2
+
+
+@torch.library.custom_op("pidkern::swiglu", mutates_args=())
+def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """h [M, Hm] = SiLU(u w1^T) * (u w3^T), with w13 = cat([w1, w3]) [2*Hm, D]."""
+    hm = _check(u, w13)
+    M, D = u.shape
+    h = torch.empty((M, hm), device=u.device, dtype=u.dtype)
+    if M == 0:
+        return h
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(hm, meta["BLOCK_N"]),)
+    _swiglu_kernel[grid](u, w13, h, M, hm, D, u.stride(0), u.stride(1), w13.stride(0), w13.stride(1),
+                         h.stride(0), h.stride(1), DOT_PREC="ieee" if u.dtype == torch.float32 else "tf32")
+    return h
+
+
+@swiglu_gate_up.register_fake
+def _(u, w13):
+    hm = _check(u, w13)
+    return u.new_empty((u.shape[0], hm))
