@@ -51,3 +51,62 @@ def disabled(*ops: str):
         yield
     finally:
         _local.off = before
+
+
+# --- rms_modulate / pixel_modulate (memory-bound fusions; SPEC sections 4 and 6) ---
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_dtype=None):
+    """(x_new, h): x_new = x + gate * y (x itself when y is None), keeping x's dtype;
+    h = RMSNorm(x_new) * weight * (1 + scale) + shift in out_dtype (default y's, else x's dtype).
+
+    x, y: [R, N, C]; shift, scale, gate: [R, 1, C] (per sample) or [R, N, C] (per row),
+    strided views welcome (channel stride 1)."""
+    if use_triton("rms_modulate", x):
+        from pidkern.kernels.rms_modulate import add_rms_modulate as fused
+        return fused(x, weight, shift, scale, y, gate, eps, out_dtype)
+    if out_dtype is None:
+        out_dtype = (y if y is not None else x).dtype
+    if (y is None) != (gate is None):
+        raise ValueError("y and gate must be given together (the residual update is x + gate * y)")
+    x_new = x if y is None else (x + gate * y).to(x.dtype)
+    h = _rms_norm_torch(x_new, weight, eps) * (1 + scale) + shift
+    return x_new, h.to(out_dtype)
+
+
+def _pixel_views(p, e, m):
+    R, P2, Dp = p.shape
+    return e.reshape(R, P2, Dp), m.reshape(R, P2, 6 * Dp)
+
+
+def pixel_pre(p, m, norm1_w, eps=1e-6):
+    """u = RMSNorm16(p) * norm1_w * (1 + scale1) + shift1, flattened to [R, P2*16] (pixel q
+    channel c at q*16 + c) in m's dtype: the input of compress_to_attn.
+    p: [R, P2, 16]; m: the band's modulation [R, P2*96] (or [R, P2, 96])."""
+    if use_triton("pixel_modulate", p, m):
+        from pidkern.kernels.pixel_modulate import pixel_pre as fused
+        return fused(p, m, norm1_w, eps)
+    R, P2, Dp = p.shape
+    m3 = m.reshape(R, P2, 6 * Dp)
+    u = _rms_norm_torch(p, norm1_w, eps) * (1 + m3[..., Dp:2 * Dp]) + m3[..., 0:Dp]
+    return u.to(m.dtype).reshape(R, P2 * Dp)
+
+
+def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
+    """The pixel block's second half, SPEC section 6:
+    p1 = p + gate1 * e; p_new = p1 + gate2 * fc2(GELU(fc1(RMSNorm16(p1) * norm2_w * (1 + scale2) + shift2))).
+    p: [R, P2, 16]; e: expand_from_attn output [R, P2*16]; m: modulation [R, P2*96]. Returns p's dtype."""
+    if use_triton("pixel_modulate", p, e, m):
+        from pidkern.kernels.pixel_modulate import pixel_post as fused
+        return fused(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps)
+    e3, m3 = _pixel_views(p, e, m)
+    g1, sh2, sc2, g2 = (m3[..., k * 16:(k + 1) * 16] for k in (2, 3, 4, 5))
+    p1 = (p + g1 * e3).to(p.dtype)
+    u = _rms_norm_torch(p1, norm2_w, eps) * (1 + sc2) + sh2
+    hid = torch.nn.functional.gelu(torch.nn.functional.linear(u.to(fc1_w.dtype), fc1_w, fc1_b))
+    mlp = torch.nn.functional.linear(hid.to(fc2_w.dtype), fc2_w, fc2_b)
+    return (p1 + g2 * mlp).to(p.dtype)

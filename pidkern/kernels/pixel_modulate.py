@@ -1,0 +1,213 @@
+"""The pixel block's elementwise halves, fused (op "pixel_modulate"), and the band rule.
+
+A pixel block (SPEC section 6) on R = B*L patches of P2 = 256 pixels x 16 channels:
+
+    m   = adaLN_modulation(s)        [R, 256*96]: per pixel shift1 scale1 gate1 shift2 scale2 gate2
+    u   = pixel_pre(p, m, norm1_w)   RMSNorm16(p) * norm1_w * (1 + scale1) + shift1, as [R, 4096]
+    a   = compress_to_attn(u) -> attention over the L patches -> e = expand_from_attn(a)  [R, 4096]
+    p   = pixel_post(p, e, m, ...)   p1 = p + gate1*e; p1 + gate2 * fc2(GELU(fc1(modulated RMSNorm16(p1))))
+
+Memory: m is 96 values per pixel, 6x the pixel tokens themselves; at 2048^2 (R = 16384)
+it is 16384 x 24576 bf16 = 805 MB, at 4096^2 3.2 GB. It never has to exist whole: every
+row of m belongs to one patch and is read only by that patch's pixel_pre and pixel_post,
+and attention mixes patches only through the [R, 1152] tensor `a`. So the engine runs a
+pixel block in bands of patches:
+
+    rows = band_rows(R, 256 * 96 * m_dtype.itemsize)        # <= 256 MiB of m per band
+    for each band b of `rows` patches:                       # pass 1: attention inputs
+        m_b = s[b] @ W_mod^T + b_mod                         # [rows, 24576], one GEMM
+        a[b] = compress_to_attn(pixel_pre(p[b], m_b, norm1_w))
+    a = attention(a)  (whole image: q, k, v of all patches)  ->  e = expand_from_attn(a)
+    for each band b:                                         # pass 2: the MLP half
+        m_b = s[b] @ W_mod^T + b_mod                         # recomputed: 2*D*24576 FLOP per patch,
+        p[b] = pixel_post(p[b], e[b], m_b, ...)              #   cheaper than keeping 805 MB around
+                                                             # (or keep it when memory allows)
+
+Both kernels read their slice of m through strides (no copies), tile [BLOCK, 16] pixel
+rows, and compute in float32. pixel_post holds the 16x64 / 64x16 MLP weights on chip and
+runs both matmuls with tl.dot, so the [R, 256, 64] hidden activation never reaches memory.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+DP = 16       # pixel width
+HIDDEN = 64   # pixel MLP hidden width
+
+
+def band_rows(total_rows: int, row_bytes: int, limit_bytes: int = 256 * 2**20) -> int:
+    """Patches per band so that one band's modulation (rows * row_bytes) stays within
+    limit_bytes, with the bands as even as possible (no tiny last band)."""
+    if total_rows < 0 or row_bytes <= 0 or limit_bytes <= 0:
+        raise ValueError(f"band_rows needs total_rows >= 0 and positive row_bytes, limit_bytes; "
+                         f"got {total_rows}, {row_bytes}, {limit_bytes}")
+    if total_rows == 0:
+        return 0
+    per_band = max(1, limit_bytes // row_bytes)
+    bands = math.ceil(total_rows / per_band)
+    return math.ceil(total_rows / bands)
+
+
+@triton.jit
+def _pixel_post_kernel(
+    p_ptr, e_ptr, m_ptr, nw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    M, P2, M_BUCKET,
+    sp0, sp1, se0, se1, sm0, sm1,
+    eps,
+    IEEE_DOT: tl.constexpr, BLOCK_PIX: tl.constexpr,
+):
+    D: tl.constexpr = 16
+    H: tl.constexpr = 64
+    rows = tl.program_id(0) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
+    rmask = rows < M
+    mask = rmask[:, None]
+    r = (rows // P2).to(tl.int64)
+    q = (rows % P2).to(tl.int64)
+    c = tl.arange(0, D)[None, :]
+
+    p = tl.load(p_ptr + (r * sp0 + q * sp1)[:, None] + c, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + (r * se0 + q * se1)[:, None] + c, mask=mask, other=0.0).to(tl.float32)
+    m_row = m_ptr + (r * sm0 + q * sm1)[:, None] + c
+    gate1 = tl.load(m_row + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    shift2 = tl.load(m_row + 3 * D, mask=mask, other=0.0).to(tl.float32)
+    scale2 = tl.load(m_row + 4 * D, mask=mask, other=0.0).to(tl.float32)
+    gate2 = tl.load(m_row + 5 * D, mask=mask, other=0.0).to(tl.float32)
+
+    # The residual is rounded to p's dtype first: the MLP sees the p the unfused block keeps.
+    p1 = (p + gate1 * e).to(out_ptr.dtype.element_ty).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(p1 * p1, axis=1) / D + eps)
+    nw = tl.load(nw_ptr + c).to(tl.float32)
+    u = p1 * rstd[:, None] * nw * (1.0 + scale2) + shift2
+
+    # Weights in their natural [out, in] layout; tl.trans gives the K-major operand.
+    k16 = tl.arange(0, D)
+    j64 = tl.arange(0, H)
+    w1 = tl.load(w1_ptr + j64[:, None] * D + k16[None, :])          # [64, 16]
+    w2 = tl.load(w2_ptr + k16[:, None] * H + j64[None, :])          # [16, 64]
+    b1 = tl.load(b1_ptr + j64).to(tl.float32)
+    b2 = tl.load(b2_ptr + k16).to(tl.float32)
+    # Activations enter each matmul in the weights' dtype (what a bf16 Linear does),
+    # products accumulate in float32.
+    if IEEE_DOT:
+        hid = tl.dot(u.to(w1.dtype), tl.trans(w1), input_precision="ieee")
+    else:
+        hid = tl.dot(u.to(w1.dtype), tl.trans(w1))
+    hid = hid + b1[None, :]
+    hid = 0.5 * hid * (1.0 + tl.math.erf(hid * 0.7071067811865476))
+    if IEEE_DOT:
+        mlp = tl.dot(hid.to(w2.dtype), tl.trans(w2), input_precision="ieee")
+    else:
+        mlp = tl.dot(hid.to(w2.dtype), tl.trans(w2))
+    out = p1 + gate2 * (mlp + b2[None, :])
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + c, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+if _INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_PIX": 64}, num_warps=4)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_PIX": 64}, num_warps=4),
+        triton.Config({"BLOCK_PIX": 128}, num_warps=4),
+        triton.Config({"BLOCK_PIX": 256}, num_warps=8),
+    ]
+_pixel_post_tuned = triton.autotune(_CONFIGS, key=["P2", "M_BUCKET"])(_pixel_post_kernel)
+
+
+def _check(name, t, device, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but p is on {device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _rows3(name, t, R, P2, width):
+    """t as [R, P2, width] (given [R, P2*width] or [R, P2, width]) -> (view, stride0, stride1)."""
+    if t.dim() == 2 and tuple(t.shape) == (R, P2 * width) and t.stride(1) == 1:
+        t = t.view(R, P2, width)
+    if t.dim() != 3 or tuple(t.shape) != (R, P2, width):
+        raise ValueError(f"{name} must have shape [{R}, {P2 * width}] or [{R}, {P2}, {width}] "
+                         f"(channel stride 1), got {list(t.shape)} with strides {t.stride()}")
+    if t.stride(2) != 1:
+        raise ValueError(f"{name} must have channel stride 1, got strides {t.stride()}")
+    return t, t.stride(0) if R > 1 else 0, t.stride(1) if P2 > 1 else 0
+
+
+def _validate_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b):
+    if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[-1] != DP:
+        raise ValueError(f"p must be a [R, P2, {DP}] tensor, got {getattr(p, 'shape', type(p).__name__)}")
+    dev = p.device
+    if not (p.is_cuda or _INTERPRET):
+        raise ValueError(f"p is on {dev}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
+    R, P2, _ = p.shape
+    if R * P2 >= 2**31:
+        raise ValueError(f"p has {R * P2} pixels; at most 2**31 - 1 are supported")
+    _check("p", p, dev)
+    _check("e", e, dev)
+    _check("m", m, dev)
+    _check("norm2_w", norm2_w, dev, (DP,))
+    _check("fc1_w", fc1_w, dev, (HIDDEN, DP))
+    _check("fc1_b", fc1_b, dev, (HIDDEN,))
+    _check("fc2_w", fc2_w, dev, (DP, HIDDEN))
+    _check("fc2_b", fc2_b, dev, (DP,))
+    if fc1_w.dtype != fc2_w.dtype:
+        raise ValueError(f"fc1_w and fc2_w must share a dtype, got {fc1_w.dtype} and {fc2_w.dtype}")
+    return [_rows3("p", p, R, P2, DP)[1:], _rows3("e", e, R, P2, DP)[1:], _rows3("m", m, R, P2, 6 * DP)[1:]]
+
+
+def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
+    (sp, se, sm) = _validate_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b)
+    R, P2, _ = p.shape
+    M = R * P2
+    out = torch.empty((R, P2, DP), dtype=p.dtype, device=p.device)
+    if M == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_PIX"]),)  # noqa: E731
+    _pixel_post_tuned[grid](
+        p, e, m, norm2_w.contiguous(), fc1_w.contiguous(), fc1_b.contiguous(),
+        fc2_w.contiguous(), fc2_b.contiguous(), out,
+        M, P2, M.bit_length(), *sp, *se, *sm, float(eps),
+        IEEE_DOT=fc1_w.dtype == torch.float32,
+    )
+    return out
+
+
+@torch.library.custom_op("pidkern::pixel_post", mutates_args=())
+def pixel_post_op(p: torch.Tensor, e: torch.Tensor, m: torch.Tensor, norm2_w: torch.Tensor,
+                  fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    return _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps)
+
+
+@pixel_post_op.register_fake
+def _(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
+    return p.new_empty(p.shape)
+
+
+def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
+    """Triton path of pidkern.ops.pixel_post: p_new [R, P2, 16] in p's dtype."""
+    return torch.ops.pidkern.pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, float(eps))
+
+
+def pixel_pre(p, m, norm1_w, eps=1e-6):
+    """Triton path of pidkern.ops.pixel_pre: u [R, P2*16] in m's dtype. The rms_modulate
+    kernel reads shift1/scale1 straight out of m through strided views."""
+    from pidkern.kernels.rms_modulate import add_rms_modulate
+
+    if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[-1] != DP:
+        raise ValueError(f"p must be a [R, P2, {DP}] tensor, got {getattr(p, 'shape', type(p).__name__)}")
+    R, P2, _ = p.shape
+    _check("m", m, p.device)
+    m3 = _rows3("m", m, R, P2, 6 * DP)[0]
+    _, u = add_rms_modulate(p, norm1_w, m3[..., 0:DP], m3[..., DP:2 * DP], eps=eps, out_dtype=m.dtype)
+    return u.view(R, P2 * DP)
