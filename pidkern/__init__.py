@@ -1,0 +1,14 @@
+"""pidkern: fast, dependable inference for PiD, the pixel-diffusion decoder.
+
+    import pidkern
+    image = pidkern.decode(latent, sigma)          # [B, 3, H, W] in [-1, 1]
+    pidkern.save_png(image, "out.png")
+
+`pidkern.load(...)` gives a reusable `Decoder`; see README.md.
+"""
+from .api import BACKENDS, Decoder, decode, load, save_png, to_pil, to_uint8
+from .config import PRESETS, PiDConfig, get_preset
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "Decoder", "PRESETS", "PiDConfig", "decode", "get_preset", "load", "save_png", "to_pil",
+           "to_uint8", "__version__"]

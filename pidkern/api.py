@@ -1,0 +1,309 @@
+"""The public API: `load` a decoder, `decode` latents into images, turn images into bytes.
+
+Everything a caller passes in is checked here, once, with errors that name the argument,
+the value and what was expected. The only silent changes are the documented ones:
+inputs move to the decoder's device, the latent and text take the compute dtype, and
+sigma becomes a float32 [B] tensor.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import PiDConfig, get_preset
+from .reference import PiDNet
+from .sampler import SAMPLERS, make_generator, sample, schedule
+
+log = logging.getLogger("pidkern")
+
+BACKENDS = ("auto", "reference", "fast")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda', 'cuda:N' or a torch.device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch {torch.__version__})")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype!r}: expected torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
+
+def resolve_config(preset) -> PiDConfig:
+    if isinstance(preset, PiDConfig):
+        return preset
+    if not isinstance(preset, str):
+        raise TypeError(f"preset={preset!r}: expected a preset name or a PiDConfig")
+    return get_preset(preset)
+
+
+def random_net(cfg: PiDConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> PiDNet:
+    """A PiDNet with PyTorch's default random init, built directly on `device`."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            net = PiDNet(cfg)
+    return net.to(dtype)
+
+
+class Decoder:
+    """A loaded PiD network and the sampler around it. `net` is the reference PiDNet."""
+
+    def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None):
+        self.net = net.eval().requires_grad_(False)
+        self.device = device
+        self.dtype = dtype
+        self.source = source
+        # Non-float32 weights run under autocast, as the release does (its residual stream
+        # turns float32 at the first adapter gate). float32 weights may opt in too.
+        self.autocast = autocast if autocast is not None else (None if dtype == torch.float32 else dtype)
+        self._engine = None
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> PiDConfig:
+        return self.net.cfg
+
+    def __repr__(self):
+        return f"Decoder({self.config.name}, device={self.device}, dtype={self.dtype}, source={self.source})"
+
+    # -- input checks -------------------------------------------------------------------
+    def _check_latent(self, latent) -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(latent, torch.Tensor):
+            raise TypeError(f"latent: expected a torch.Tensor [B, {cfg.latent_channels}, h, w], got {type(latent).__name__}")
+        if latent.dim() != 4:
+            raise ValueError(f"latent: expected 4 dims [B, {cfg.latent_channels}, h, w], got shape {tuple(latent.shape)}")
+        if not latent.is_floating_point():
+            raise TypeError(f"latent: expected a floating-point tensor, got dtype {latent.dtype}")
+        if latent.shape[1] != cfg.latent_channels:
+            raise ValueError(f"latent: preset {cfg.name} takes {cfg.latent_channels} channels, got shape "
+                             f"{tuple(latent.shape)} ({latent.shape[1]} channels)")
+        if latent.shape[0] == 0 or latent.shape[2] == 0 or latent.shape[3] == 0:
+            raise ValueError(f"latent: empty shape {tuple(latent.shape)}")
+        if not torch.isfinite(latent).all():
+            raise ValueError("latent: contains NaN or Inf")
+        return latent.to(self.device, torch.float32)
+
+    def _check_sigma(self, sigma, batch: int) -> torch.Tensor:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+            raise TypeError(f"sigma={sigma!r}: expected a float in [0, 1] or a [B] tensor")
+        s = torch.as_tensor(sigma, dtype=torch.float32).detach().to(self.device)
+        if s.dim() == 0:
+            s = s.expand(batch)
+        if s.dim() != 1 or s.shape[0] != batch:
+            raise ValueError(f"sigma: expected a float or a [{batch}] tensor (one per sample), got shape {tuple(s.shape)}")
+        if not torch.isfinite(s).all() or (s < 0).any() or (s > 1).any():
+            raise ValueError(f"sigma={s.tolist()}: every value must be finite and in [0, 1]")
+        return s.contiguous()
+
+    def _check_text(self, text, batch: int) -> torch.Tensor:
+        cfg = self.config
+        if text is None:
+            # The release's empty caption comes from its text encoder (Gemma-2-2B); without
+            # one, zeros stand in. Pass real embeddings for the release's exact images.
+            return torch.zeros(batch, cfg.max_text, cfg.text_dim, device=self.device)
+        if not isinstance(text, torch.Tensor):
+            raise TypeError(f"text: expected a torch.Tensor [B, T<={cfg.max_text}, {cfg.text_dim}] or None")
+        if text.dim() != 3 or text.shape[2] != cfg.text_dim:
+            raise ValueError(f"text: expected shape [B, T<={cfg.max_text}, {cfg.text_dim}], got {tuple(text.shape)}")
+        if text.shape[1] > cfg.max_text or text.shape[1] == 0:
+            raise ValueError(f"text: {text.shape[1]} tokens; expected 1 to {cfg.max_text} (captions are padded to "
+                             f"{cfg.max_text})")
+        if text.shape[0] != batch:
+            raise ValueError(f"text: batch {text.shape[0]} does not match the latent's batch {batch}")
+        if not torch.isfinite(text).all():
+            raise ValueError("text: contains NaN or Inf")
+        return text.to(self.device, torch.float32)
+
+    def output_size(self, latent_hw, size=None) -> tuple[int, int]:
+        cfg = self.config
+        natural = cfg.output_size(*latent_hw)
+        if size is None:
+            return natural
+        if (isinstance(size, int) and not isinstance(size, bool)):
+            size = (size, size)
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+            raise TypeError(f"size={size!r}: expected (height, width) ints or None")
+        if any(v <= 0 or v % cfg.patch for v in size):
+            raise ValueError(f"size={tuple(size)}: height and width must be positive multiples of {cfg.patch}")
+        if tuple(size) != natural:
+            raise ValueError(f"size={tuple(size)} does not match the latent: a {latent_hw[0]}x{latent_hw[1]} latent "
+                             f"of {cfg.name} decodes to {natural[0]}x{natural[1]} ({cfg.upscale}x)")
+        return natural
+
+    def prepare(self, latent, sigma=0.0, text=None, steps=4, seed=None, size=None, sampler="sde"):
+        """Check and move every input; returns the validated pieces of a decode."""
+        latent = self._check_latent(latent)
+        b = latent.shape[0]
+        h, w = self.output_size(latent.shape[-2:], size)
+        if h % self.config.patch or w % self.config.patch:
+            raise ValueError(f"latent: {tuple(latent.shape[-2:])} decodes to {h}x{w}, not a multiple of "
+                             f"{self.config.patch}")
+        schedule(steps)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+        return dict(latent=latent, sigma=self._check_sigma(sigma, b), text=self._check_text(text, b),
+                    steps=steps, seed=seed, size=(h, w), sampler=sampler)
+
+    # -- decoding ----------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def backend_for(self, backend: str) -> str:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        if backend == "auto":
+            return "fast" if self.device.type == "cuda" and self.dtype != torch.float32 else "reference"
+        return backend
+
+    @torch.inference_mode()
+    def decode(self, latent, sigma=0.0, text=None, steps: int = 4, seed: int | None = None, size=None,
+               sampler: str = "sde", backend: str = "auto", progress=None) -> torch.Tensor:
+        """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
+
+        sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
+        text: caption embeddings [B, T<=300, 2304]; None means all zeros (see README).
+        steps: 1..4 of the distilled schedule; seed: same seed, same noise stream.
+        size: optional (H, W) check against the latent's natural output size.
+        backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto".
+        progress: optional callable(step, steps).
+        """
+        args = self.prepare(latent, sigma, text, steps, seed, size, sampler)
+        which = self.backend_for(backend)
+        if which == "fast":
+            return self.engine().decode(**args, progress=progress)
+        return self._decode_reference(**args, progress=progress)
+
+    def _decode_reference(self, latent, sigma, text, steps, seed, size, sampler, progress=None):
+        b = latent.shape[0]
+        h, w = size
+        net = self.net
+        with self._autocast():
+            tokens = net.adapter_tokens(latent.to(self.dtype), h, w)   # once per decode, not per step
+            text = text.to(self.dtype)
+
+            def velocity(x, t):
+                tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
+                return net(x, tt, text, None, sigma, lq_tokens=tokens)
+
+            gen = make_generator(seed, self.device)
+            return sample(velocity, (b, 3, h, w), steps=steps, sampler=sampler, generator=gen,
+                          device=self.device, progress=progress)
+
+    def engine(self):
+        with self._lock:
+            if self._engine is None:
+                from .engine import Engine  # imported late: it needs CUDA and Triton
+                self._engine = Engine(self)
+            return self._engine
+
+
+def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None) -> Decoder:
+    """Load a decoder.
+
+    checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
+        None for random weights (a loud warning: images will be noise-like).
+    preset: a preset name of `pidkern.config.PRESETS` or a PiDConfig. With a checkpoint and
+        no preset, the preset is detected from tensor shapes; without a checkpoint the
+        default is "flux-2k".
+    device: default CUDA when available, else CPU. dtype: weight dtype, default bfloat16
+        on CUDA and float32 on CPU. autocast: compute dtype for float32 weights (the
+        release runs float32 weights under bfloat16 autocast).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if autocast is not None:
+        autocast = resolve_dtype(autocast, dev)
+    if checkpoint is None:
+        cfg = resolve_config(preset or "flux-2k")
+        msg = (f"pidkern.load: no checkpoint given, building {cfg.name} with RANDOM weights; "
+               f"its images are not real decodes")
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast)
+    from .checkpoint import load_checkpoint
+    state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset))
+    with torch.device("meta"):
+        net = PiDNet(cfg)
+    net.load_state_dict(state, assign=True, strict=True)
+    net = net.to(dev, dt)
+    return Decoder(net, dev, dt, str(checkpoint), autocast)
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, **kwargs) -> torch.Tensor:
+    """One call from latent to image, reusing a cached Decoder.
+
+    model: a Decoder, a preset name (random weights), or a checkpoint path; default
+    "flux-2k". Other keyword arguments go to `Decoder.decode`.
+    """
+    if isinstance(model, Decoder):
+        dec = model
+    else:
+        model = model or "flux-2k"
+        dev = resolve_device(device)
+        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)))
+        with _cache_lock:
+            dec = _cache.get(key)
+            if dec is None:
+                is_path = isinstance(model, Path) or (isinstance(model, str) and Path(model).exists())
+                dec = load(checkpoint=model, device=dev, dtype=dtype) if is_path else load(preset=model, device=dev, dtype=dtype)
+                _cache[key] = dec
+    return dec.decode(latent, sigma, **kwargs)
+
+
+# -- turning results into bytes -------------------------------------------------------------
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: round((clamp(x) + 1) * 127.5), half to even."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected a [B, 3, H, W] tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+    return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
+
+
+def save_png(images: torch.Tensor, path) -> list[Path]:
+    """Write one PNG per image: `path` itself for one image, path-0.png, path-1.png... for more."""
+    path = Path(path)
+    pics = to_pil(images)
+    if len(pics) == 1:
+        outs = [path]
+    else:
+        outs = [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(pics))]
+    for pic, out in zip(pics, outs):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pic.save(out, format="PNG")
+    return outs
