@@ -1,0 +1,530 @@
+"""Joint text-image attention with q/k RMSNorm and RoPE fused into the tile loads.
+
+q, k and v are read straight from the QKV Linear output ([B, N, 3*H*hd], split as
+(3, H, hd)); text and image keys are two separate sources walked one after the other,
+so nothing is transposed or concatenated. Two kernels:
+
+- `_attn_fwd`: flash-attention forward (online softmax in base 2). With NORM it
+  normalises and ropes q once per program and every k tile as it is loaded; without
+  it, it is the plain attention core over already prepared q, k, v.
+- `_prep`: normalises + ropes q and k and copies v into [B, T+L, H, hd] (text first),
+  for SDPA/cuDNN or for `_attn_fwd` without NORM.
+
+Head dims that are not a power of two (72 in the pixel blocks) are split into a
+power-of-two chunk (64) and a 16-wide chunk with the tail masked, rather than padded to
+128: tl.dot needs K >= 16, and padding 72 to 128 would waste 44% of the tensor-core work.
+The RMS is taken over the full head dim across both chunks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pidkern.ops import interpreting
+
+if interpreting():
+    try:  # NumPy >= 2.3 breaks the 3.6 interpreter's loop bounds; the shim fixes that.
+        from pidkern.kernels import _interp_compat  # noqa: F401
+    except ImportError:
+        pass
+
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _load_tile(base, rows, stride, cols, n_rows, n_cols, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if MASK_R:
+        if MASK_C:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if MASK_C:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _rope(x, c, s):
+    # x [R, W] holds pairs (2m, 2m+1) side by side; c, s [R, W/2]
+    a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+    y = tl.join(a * c - b * s, a * s + b * c)
+    return tl.reshape(y, (x.shape[0], x.shape[1]))
+
+
+@triton.jit
+def _norm_rope(x_a, x_b, w_a, w_b, cos_ptr, sin_ptr, rows, n_rows, eps, MASK_R: tl.constexpr,
+               HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr):
+    """RMSNorm over the full head dim (both chunks) times the weight, then RoPE; float32."""
+    HALF: tl.constexpr = HD // 2
+    x_a = x_a.to(tl.float32)
+    ss = tl.sum(x_a * x_a, 1)
+    if HD_B > 0:
+        x_b = x_b.to(tl.float32)
+        ss += tl.sum(x_b * x_b, 1)
+    r = tl.rsqrt(ss / HD + eps)
+    ca = tl.arange(0, HD_A // 2)
+    x_a = _rope(x_a * r[:, None] * w_a[None, :],
+                _load_tile(cos_ptr, rows, HALF, ca, n_rows, HALF, MASK_R, False),
+                _load_tile(sin_ptr, rows, HALF, ca, n_rows, HALF, MASK_R, False))
+    if HD_B > 0:
+        cb = HD_A // 2 + tl.arange(0, HD_B // 2)
+        MASK_C: tl.constexpr = HD_A + HD_B != HD
+        x_b = _rope(x_b * r[:, None] * w_b[None, :],
+                    _load_tile(cos_ptr, rows, HALF, cb, n_rows, HALF, MASK_R, MASK_C),
+                    _load_tile(sin_ptr, rows, HALF, cb, n_rows, HALF, MASK_R, MASK_C))
+    return x_a, x_b
+
+
+@triton.jit
+def _load_w(w_ptr, HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr):
+    w_a = tl.load(w_ptr + tl.arange(0, HD_A)).to(tl.float32)
+    if HD_B > 0:
+        cb = HD_A + tl.arange(0, HD_B)
+        w_b = tl.load(w_ptr + cb, mask=cb < HD, other=0.0).to(tl.float32)
+    else:
+        w_b = tl.zeros([16], tl.float32)
+    return w_a, w_b
+
+
+@triton.jit
+def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, sin_ptr, wk_a, wk_b,
+             start_n, n_k, eps,
+             HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
+             MASK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    MASK_C: tl.constexpr = HD_A + HD_B != HD
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    da = tl.arange(0, HD_A)
+    k_a = _load_tile(k_base, offs_n, stride, da, n_k, HD, MASK, False)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        k_b = _load_tile(k_base, offs_n, stride, db, n_k, HD, MASK, MASK_C)
+    else:
+        k_b = k_a
+    if NORM:
+        ka32, kb32 = _norm_rope(k_a, k_b, wk_a, wk_b, cos_ptr, sin_ptr, offs_n, n_k, eps, MASK, HD, HD_A, HD_B)
+        k_a = ka32.to(q_a.dtype)
+        if HD_B > 0:
+            k_b = kb32.to(q_a.dtype)
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
+    if HD_B > 0:
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PREC)
+    if MASK:
+        qk = tl.where(offs_n[None, :] < n_k, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(q_a.dtype)
+    v_a = _load_tile(v_base, offs_n, stride, da, n_k, HD, MASK, False)
+    acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PREC)
+    if HD_B > 0:
+        v_b = _load_tile(v_base, offs_n, stride, db, n_k, HD, MASK, MASK_C)
+        acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PREC)
+    return acc_a, acc_b, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
+              CosI, SinI, CosT, SinT, WQi, WKi, WQt, WKt,
+              s_ib, s_it, s_tb, s_tt, s_oib, s_oit, s_otb, s_ott,
+              L, T, H, qk_scale, eps,
+              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+              HAS_TXT: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid: (query tiles of the image then of the text, B*H). Strides are in elements;
+    within a token the heads are packed (head stride = HD), which keeps the alignment
+    of every row visible to the compiler (hd 72 rows are 16-byte aligned)."""
+    MASK_C: tl.constexpr = HD_A + HD_B != HD
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    n_img_tiles = tl.cdiv(L, BLOCK_M)
+
+    # this program's query source: an image tile, or a text tile past the image ones
+    q_base = Qi + b * s_ib + h * HD
+    o_base = Oi + b * s_oib + h * HD
+    q_stride = s_it
+    o_stride = s_oit
+    n_q = L
+    start_m = pid_m * BLOCK_M
+    q_cos = CosI
+    q_sin = SinI
+    wq_ptr = WQi
+    if HAS_TXT:
+        if pid_m >= n_img_tiles:
+            q_base = Qt + b * s_tb + h * HD
+            o_base = Ot + b * s_otb + h * HD
+            q_stride = s_tt
+            o_stride = s_ott
+            n_q = T
+            start_m = (pid_m - n_img_tiles) * BLOCK_M
+            q_cos = CosT
+            q_sin = SinT
+            wq_ptr = WQt
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    da = tl.arange(0, HD_A)
+    q_a = _load_tile(q_base, offs_m, q_stride, da, n_q, HD, True, False)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        q_b = _load_tile(q_base, offs_m, q_stride, db, n_q, HD, True, MASK_C)
+    else:
+        q_b = q_a
+    # q is prepared once: normalised, roped, and pre-multiplied by scale*log2(e)
+    if NORM:
+        wq_a, wq_b = _load_w(wq_ptr, HD, HD_A, HD_B)
+        qa32, qb32 = _norm_rope(q_a, q_b, wq_a, wq_b, q_cos, q_sin, offs_m, n_q, eps, True, HD, HD_A, HD_B)
+    else:
+        qa32 = q_a.to(tl.float32)
+        qb32 = q_b.to(tl.float32)
+    q_a = (qa32 * qk_scale).to(Qi.dtype.element_ty)
+    if HD_B > 0:
+        q_b = (qb32 * qk_scale).to(Qi.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_a = tl.zeros([BLOCK_M, HD_A], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, 16 if HD_B == 0 else HD_B], tl.float32)
+
+    if HAS_TXT:
+        if NORM:
+            wk_a, wk_b = _load_w(WKt, HD, HD_A, HD_B)
+        else:
+            wk_a = tl.zeros([HD_A], tl.float32)
+            wk_b = tl.zeros([16], tl.float32)
+        kt_base = Kt + b * s_tb + h * HD
+        vt_base = Vt + b * s_tb + h * HD
+        for start_n in range(0, T, BLOCK_N):
+            acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_base, vt_base, s_tt,
+                                              CosT, SinT, wk_a, wk_b, start_n, T, eps,
+                                              HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC)
+    if NORM:
+        wk_a, wk_b = _load_w(WKi, HD, HD_A, HD_B)
+    else:
+        wk_a = tl.zeros([HD_A], tl.float32)
+        wk_b = tl.zeros([16], tl.float32)
+    ki_base = Ki + b * s_ib + h * HD
+    vi_base = Vi + b * s_ib + h * HD
+    n_full = (L // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, ki_base, vi_base, s_it,
+                                          CosI, SinI, wk_a, wk_b, start_n, L, eps,
+                                          HD, HD_A, HD_B, NORM, False, BLOCK_N, PREC)
+    if n_full < L:
+        acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, ki_base, vi_base, s_it,
+                                          CosI, SinI, wk_a, wk_b, n_full, L, eps,
+                                          HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC)
+
+    inv_l = 1.0 / l_i
+    row_ok = offs_m[:, None] < n_q
+    tl.store(o_base + offs_m[:, None] * o_stride + da[None, :],
+             (acc_a * inv_l[:, None]).to(Oi.dtype.element_ty), mask=row_ok)
+    if HD_B > 0:
+        tl.store(o_base + offs_m[:, None] * o_stride + db[None, :],
+                 (acc_b * inv_l[:, None]).to(Oi.dtype.element_ty), mask=row_ok & (db[None, :] < HD))
+
+
+@triton.jit
+def _prep(QKV, Q, K, V, Cos, Sin, WQ, WK, s_b, s_t, s_ob, n, tok0, H, eps,
+          HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, BLOCK: tl.constexpr):
+    """One token block of one (batch, head): q, k normalised + roped, v copied, written
+    to rows tok0.. of the [B, N, H, hd] outputs."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    src = QKV + b * s_b + h * HD
+    dst_off = b * s_ob + h * HD + tok0 * (H * HD)
+    _prep_one(src, Q + dst_off, WQ, Cos, Sin, rows, s_t, n, eps, True, H, HD, HD_A, HD_B)
+    _prep_one(src + H * HD, K + dst_off, WK, Cos, Sin, rows, s_t, n, eps, True, H, HD, HD_A, HD_B)
+    _prep_one(src + 2 * H * HD, V + dst_off, WK, Cos, Sin, rows, s_t, n, eps, False, H, HD, HD_A, HD_B)
+
+
+@triton.jit
+def _prep_one(src, dst, w_ptr, cos_ptr, sin_ptr, rows, s_t, n, eps, NORM: tl.constexpr, H,
+              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr):
+    MASK_C: tl.constexpr = HD_A + HD_B != HD
+    da = tl.arange(0, HD_A)
+    x_a = _load_tile(src, rows, s_t, da, n, HD, True, False)
+    if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
+        x_b = _load_tile(src, rows, s_t, db, n, HD, True, MASK_C)
+    else:
+        x_b = x_a
+    if NORM:
+        w_a, w_b = _load_w(w_ptr, HD, HD_A, HD_B)
+        x_a, x_b = _norm_rope(x_a, x_b, w_a, w_b, cos_ptr, sin_ptr, rows, n, eps, True, HD, HD_A, HD_B)
+    ok = rows[:, None] < n
+    ptr = dst + rows[:, None] * (H * HD)
+    tl.store(ptr + da[None, :], x_a.to(dst.dtype.element_ty), mask=ok)
+    if HD_B > 0:
+        tl.store(ptr + db[None, :], x_b.to(dst.dtype.element_ty), mask=ok & (db[None, :] < HD))
+
+
+# ------------------------------------------------------------------------- launchers
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # Hopper flash-attention forward shapes; BLOCK_M 256 amortises the per-tile k prep
+    # of the fused variant over twice the queries.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    ]
+
+
+_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM"])(_attn_fwd)
+
+
+def _chunks(hd: int) -> tuple[int, int]:
+    hd_a = 1 << (hd.bit_length() - 1)
+    rest = hd - hd_a
+    hd_b = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    return hd_a, hd_b
+
+
+def _check_head_dim(hd: int, what: str):
+    if hd % 2 or hd < 16 or hd > 256:
+        raise ValueError(f"{what}: head dim {hd} must be even and in [16, 256]")
+
+
+def _check_qkv(name: str, t: torch.Tensor, heads: int, B: int | None = None, C: int | None = None,
+               dtype: torch.dtype | None = None, device: torch.device | None = None):
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        raise ValueError(f"{name}: expected a [B, N, 3*heads*hd] tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.dtype not in DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {DTYPES}")
+    if t.shape[2] % (3 * heads):
+        raise ValueError(f"{name}: last dim {t.shape[2]} is not 3*heads*hd with heads={heads}")
+    if t.stride(2) != 1:
+        raise ValueError(f"{name}: last dim must be contiguous (stride {t.stride(2)})")
+    if B is not None and t.shape[0] != B:
+        raise ValueError(f"{name}: batch {t.shape[0]} != image batch {B}")
+    if C is not None and t.shape[2] != C:
+        raise ValueError(f"{name}: last dim {t.shape[2]} != image last dim {C}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: dtype {t.dtype} != qkv_img dtype {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: device {t.device} != qkv_img device {device}")
+
+
+def _check_vec(name: str, w, hd: int, device):
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (hd,):
+        raise ValueError(f"{name}: expected an RMSNorm weight of shape ({hd},), got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else w!r}")
+    if w.device != device or not w.is_contiguous() or not w.is_floating_point():
+        raise ValueError(f"{name}: expected a contiguous floating tensor on {device}")
+
+
+def _check_table(name: str, t, n: int, hd: int, device):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, hd // 2):
+        raise ValueError(f"{name}: expected a float32 table of shape ({n}, {hd // 2}), got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
+        raise ValueError(f"{name}: expected contiguous float32 on {device}, got {t.dtype} "
+                         f"(contiguous={t.is_contiguous()}) on {t.device}")
+
+
+def check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                 cos_img, sin_img, cos_txt, sin_txt, heads) -> tuple[int, int, int, int]:
+    """Validate everything; returns (B, L, T, hd)."""
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads: expected a positive int, got {heads!r}")
+    _check_qkv("qkv_img", qkv_img, heads)
+    B, L, C = qkv_img.shape
+    hd = C // (3 * heads)
+    _check_head_dim(hd, "qkv_img")
+    if L == 0:
+        raise ValueError("qkv_img: no image tokens")
+    dev = qkv_img.device
+    _check_vec("q_norm_img", q_norm_img, hd, dev)
+    _check_vec("k_norm_img", k_norm_img, hd, dev)
+    _check_table("rope_img cos", cos_img, L, hd, dev)
+    _check_table("rope_img sin", sin_img, L, hd, dev)
+    T = 0
+    if qkv_txt is not None:
+        _check_qkv("qkv_txt", qkv_txt, heads, B, C, qkv_img.dtype, dev)
+        T = qkv_txt.shape[1]
+        _check_vec("q_norm_txt", q_norm_txt, hd, dev)
+        _check_vec("k_norm_txt", k_norm_txt, hd, dev)
+        _check_table("rope_txt cos", cos_txt, T, hd, dev)
+        _check_table("rope_txt sin", sin_txt, T, hd, dev)
+    else:
+        for name, v in (("q_norm_txt", q_norm_txt), ("k_norm_txt", k_norm_txt), ("rope_txt cos", cos_txt),
+                        ("rope_txt sin", sin_txt)):
+            if v is not None:
+                raise ValueError(f"{name}: given without qkv_txt")
+    return B, L, T, hd
+
+
+def _prec(dtype):
+    # fp32 inputs must not silently drop to tf32 on the GPU
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _split(qkv: torch.Tensor, heads: int, hd: int):
+    v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads * hd)
+    return v[:, :, 0], v[:, :, 1], v[:, :, 2]
+
+
+def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                    cos_img, sin_img, cos_txt, sin_txt, heads: int, eps: float = 1e-6):
+    """The fully fused kernel. Returns (o_img [B, L, H*hd], o_txt [B, T, H*hd]; T may be 0)."""
+    B, L, T, hd = check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                               cos_img, sin_img, cos_txt, sin_txt, heads)
+    o_img = torch.empty(B, L, heads * hd, device=qkv_img.device, dtype=qkv_img.dtype)
+    o_txt = torch.empty(B, T, heads * hd, device=qkv_img.device, dtype=qkv_img.dtype)
+    if B == 0:
+        return o_img, o_txt
+    wdt = torch.promote_types(q_norm_img.dtype, k_norm_img.dtype)
+    qi, ki, vi = _split(qkv_img, heads, hd)
+    if T:
+        qt, kt, vt = _split(qkv_txt, heads, hd)
+        ws = [w.to(wdt) for w in (q_norm_img, k_norm_img, q_norm_txt, k_norm_txt)]
+        tabs = (cos_img, sin_img, cos_txt, sin_txt)
+        s_t = (qkv_txt.stride(0), qkv_txt.stride(1))
+    else:
+        qt, kt, vt = qi, ki, vi
+        ws = [q_norm_img.to(wdt), k_norm_img.to(wdt)] * 2
+        tabs = (cos_img, sin_img, cos_img, sin_img)
+        s_t = (qkv_img.stride(0), qkv_img.stride(1))
+    _launch(qi, ki, vi, o_img, qt, kt, vt, o_txt, tabs, ws, (qkv_img.stride(0), qkv_img.stride(1)), s_t,
+            B, L, T, heads, hd, eps, norm=True)
+    return o_img, o_txt
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain attention over prepared q, k, v [B, N, H, hd] (last two dims packed);
+    returns [B, N, H*hd]."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name}: expected [B, N, H, hd] matching q {tuple(q.shape)} {q.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+        if t.stride(3) != 1 or t.stride(2) != t.shape[3]:
+            raise ValueError(f"{name}: heads and head dim must be packed (strides {t.stride()})")
+        if t.stride(1) != t.shape[2] * t.shape[3]:
+            raise ValueError(f"{name}: tokens must be packed (strides {t.stride()})")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q: dtype {q.dtype} not supported; expected one of {DTYPES}")
+    B, N, H, hd = q.shape
+    _check_head_dim(hd, "q")
+    o = torch.empty(B, N, H * hd, device=q.device, dtype=q.dtype)
+    if B == 0 or N == 0:
+        return o
+    dummy_tab = torch.empty(1, device=q.device, dtype=torch.float32)
+    dummy_w = torch.empty(1, device=q.device, dtype=torch.float32)
+    s = (q.stride(0), q.stride(1))
+    _launch(q, k, v, o, q, k, v, o, (dummy_tab,) * 4, [dummy_w] * 4, s, s, B, N, 0, H, hd, 0.0, norm=False)
+    return o
+
+
+def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, eps, norm):
+    for name, s in (("k", ki.stride()), ("v", vi.stride())):
+        if s[:2] != tuple(s_i):
+            raise ValueError(f"{name}: strides {s} differ from q's {s_i}")
+    hd_a, hd_b = _chunks(hd)
+    qk_scale = LOG2E / math.sqrt(hd)
+
+    def grid(meta):
+        return (triton.cdiv(L, meta["BLOCK_M"]) + triton.cdiv(T, meta["BLOCK_M"]), B * H)
+
+    with torch.cuda.device(qi.device) if qi.is_cuda else _nullctx():
+        _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
+                              s_i[0], s_i[1], s_t[0], s_t[1], oi.stride(0), oi.stride(1), ot.stride(0), ot.stride(1),
+                              L, T, H, qk_scale, eps,
+                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=_prec(qi.dtype))
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                   cos_img, sin_img, cos_txt, sin_txt, heads: int, eps: float = 1e-6):
+    """QK-norm + RoPE of q, k and a copy of v into three [B, T+L, H, hd] tensors, text first."""
+    B, L, T, hd = check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                               cos_img, sin_img, cos_txt, sin_txt, heads)
+    shape = (B, T + L, heads, hd)
+    q, k, v = (torch.empty(shape, device=qkv_img.device, dtype=qkv_img.dtype) for _ in range(3))
+    if B == 0:
+        return q, k, v
+    hd_a, hd_b = _chunks(hd)
+    block = 32 if interpreting() else 64
+    srcs = [(qkv_img, q_norm_img, k_norm_img, cos_img, sin_img, L, T)]
+    if T:
+        srcs.append((qkv_txt, q_norm_txt, k_norm_txt, cos_txt, sin_txt, T, 0))
+    with torch.cuda.device(qkv_img.device) if qkv_img.is_cuda else _nullctx():
+        for qkv, wq, wk, cos, sin, n, tok0 in srcs:
+            _prep[(triton.cdiv(n, block), B * heads)](
+                qkv, q, k, v, cos, sin, wq, wk, qkv.stride(0), qkv.stride(1), q.stride(0), n, tok0, heads, eps,
+                HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK=block, num_warps=4)
+    return q, k, v
+
+
+# --------------------------------------------------------------- custom torch ops
+
+@torch.library.custom_op("pidkern::attention", mutates_args=())
+def attention_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
+                 k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
+                 cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
+                 sin_txt: torch.Tensor | None, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                           cos_img, sin_img, cos_txt, sin_txt, heads, eps)
+
+
+@attention_op.register_fake
+def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
+      heads, eps):
+    B, L, C = qkv_img.shape
+    T = 0 if qkv_txt is None else qkv_txt.shape[1]
+    return qkv_img.new_empty(B, L, C // 3), qkv_img.new_empty(B, T, C // 3)
+
+
+@torch.library.custom_op("pidkern::attention_prep", mutates_args=())
+def attention_prep_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
+                      k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
+                      cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
+                      sin_txt: torch.Tensor | None, heads: int, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                          cos_img, sin_img, cos_txt, sin_txt, heads, eps)
+
+
+@attention_prep_op.register_fake
+def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
+      heads, eps):
+    B, L, C = qkv_img.shape
+    T = 0 if qkv_txt is None else qkv_txt.shape[1]
+    shape = (B, T + L, heads, C // (3 * heads))
+    return qkv_img.new_empty(shape), qkv_img.new_empty(shape), qkv_img.new_empty(shape)
+
+
+@torch.library.custom_op("pidkern::attention_core", mutates_args=())
+def attention_core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attention_core(q, k, v)
+
+
+@attention_core_op.register_fake
+def _(q, k, v):
+    B, N, H, hd = q.shape
+    return q.new_empty(B, N, H * hd)
