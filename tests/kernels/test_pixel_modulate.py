@@ -1,0 +1,135 @@
+"""pixel_pre / pixel_post (op "pixel_modulate") against float64 math written out here."""
+import math
+
+import pytest
+import torch
+
+from pidkern import ops
+from pidkern.kernels.pixel_modulate import band_rows
+from tests.tolerance import assert_within_rule
+
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+
+
+def rms64(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def post64(p, e, m, nw, w1, b1, w2, b2, eps=1e-6):
+    p, e, m, nw, w1, b1, w2, b2 = (t.double() for t in (p, e, m, nw, w1, b1, w2, b2))
+    R, P2, _ = p.shape
+    e, m = e.reshape(R, P2, 16), m.reshape(R, P2, 96)
+    g1, sh2, sc2, g2 = (m[..., 16 * k:16 * (k + 1)] for k in (2, 3, 4, 5))
+    p1 = p + g1 * e
+    u = rms64(p1, nw, eps) * (1 + sc2) + sh2
+    z = u @ w1.T + b1
+    hid = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    return p1 + g2 * (hid @ w2.T + b2)
+
+
+def pre64(p, m, nw, eps=1e-6):
+    R, P2, _ = p.shape
+    m = m.double().reshape(R, P2, 96)
+    return (rms64(p.double(), nw.double(), eps) * (1 + m[..., 16:32]) + m[..., 0:16]).reshape(R, P2 * 16)
+
+
+def make(R, P2, p_dtype, dtype, wdtype=None, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    wdtype = wdtype or dtype
+    p = (2 * rnd(R, P2, 16)).to(device, p_dtype)
+    e = rnd(R, P2 * 16).to(device, dtype)
+    m = (0.5 * rnd(R, P2 * 96)).to(device, dtype)
+    w = dict(norm2_w=(1 + 0.3 * rnd(16)).to(device, wdtype),
+             fc1_w=(rnd(64, 16) / 4).to(device, wdtype), fc1_b=(0.2 * rnd(64)).to(device, wdtype),
+             fc2_w=(rnd(16, 64) / 8).to(device, wdtype), fc2_b=(0.2 * rnd(16)).to(device, wdtype))
+    return p, e, m, w
+
+
+def check_post(p, e, m, w, what=""):
+    out = ops.pixel_post(p, e, m, **w)
+    with ops.disabled("pixel_modulate"):
+        out_t = ops.pixel_post(p, e, m, **w)
+    assert out.dtype == p.dtype and out.shape == p.shape
+    assert_within_rule(out, out_t, post64(p, e, m, *w.values()), what)
+    return out
+
+
+def check_pre(p, m, nw, what=""):
+    u = ops.pixel_pre(p, m, nw)
+    with ops.disabled("pixel_modulate"):
+        u_t = ops.pixel_pre(p, m, nw)
+    assert u.dtype == m.dtype
+    assert_within_rule(u, u_t, pre64(p, m, nw), what)
+    return u
+
+
+@pytest.mark.parametrize("p_dtype,dtype", [(F32, F32), (F16, F16), (F32, F16)])
+def test_pixel_post(p_dtype, dtype):
+    p, e, m, w = make(37, 64, p_dtype, dtype, seed=1)
+    check_post(p, e, m, w, f"post p={p_dtype} rest={dtype}")
+
+
+def test_pixel_post_strided_inputs():
+    # p as a strided view and e, m already viewed [R, P2, *]; a ragged last tile (R*P2 = 5*33).
+    p, e, m, w = make(5, 33, F32, F32, seed=2)
+    p_wide = torch.randn(5, 33, 32)
+    p_wide[..., 8:24] = p
+    check_post(p_wide[..., 8:24], e.view(5, 33, 16), m.view(5, 33, 96), w, "post strided")
+
+
+@pytest.mark.parametrize("p_dtype,dtype", [(F32, F32), (F16, F16), (F32, F16)])
+def test_pixel_pre(p_dtype, dtype):
+    p, _, m, w = make(37, 64, p_dtype, dtype, seed=3)
+    u = check_pre(p, m, w["norm2_w"], f"pre p={p_dtype} m={dtype}")
+    assert u.shape == (37, 64 * 16)
+
+
+def test_band_rows():
+    row = 256 * 96 * 2
+    assert band_rows(16384, row) == 4096               # 2048^2: four bands of 201 MB
+    for total in (1, 37, 1000, 16384, 65536, 70001):
+        for limit in (row, 10 * row + 5, 256 * 2**20):
+            rows = band_rows(total, row, limit)
+            bands = math.ceil(total / rows)
+            assert 1 <= rows <= total and rows * row <= max(limit, row)
+            assert bands == math.ceil(total / max(1, limit // row))   # no more bands than needed
+            assert total - (bands - 1) * rows >= rows - bands         # last band not tiny
+    with pytest.raises(ValueError, match="row_bytes"):
+        band_rows(10, 0)
+
+
+def test_bad_arguments():
+    p, e, m, w = make(3, 8, F32, F32)
+    bad = [
+        (dict(p=p[..., :8]), "p"),
+        (dict(e=e[:, :64]), "e"),
+        (dict(m=m.view(3, 8, 96)[..., ::2]), "m"),
+        (dict(fc1_w=w["fc1_w"].T), "fc1_w"),
+        (dict(fc2_b=w["fc2_b"][:8]), "fc2_b"),
+        (dict(norm2_w=w["norm2_w"].to(torch.int32)), "norm2_w"),
+        (dict(fc2_w=w["fc2_w"].half()), "fc2_w"),
+    ]
+    for change, name in bad:
+        args = dict(p=p, e=e, m=m, **w)
+        args.update(change)
+        with pytest.raises(ValueError, match=name):
+            ops.pixel_post(**args)
+    with pytest.raises(ValueError, match="m"):
+        ops.pixel_pre(p, m[:, :100], w["norm2_w"])
+
+
+def test_opcheck():
+    p, e, m, w = make(2, 16, F32, F32)
+    torch.library.opcheck(torch.ops.pidkern.pixel_post.default, (p, e, m, *w.values(), 1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("p_dtype", [F32, BF16])
+def test_cuda_bf16(p_dtype):
+    p, e, m, w = make(515, 256, p_dtype, BF16, device="cuda", seed=4)
+    check_post(p, e, m, w, f"cuda post p={p_dtype}")
+    check_pre(p, m, w["norm2_w"], f"cuda pre p={p_dtype}")
+    # float32 weights (the release's checkpoints before casting) take the exact-fp32 dot.
+    w32 = {k: v.float() for k, v in w.items()}
+    check_post(p, e, m, w32, "cuda post fp32 weights")
