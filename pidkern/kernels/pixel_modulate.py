@@ -61,10 +61,8 @@ def _pixel_post_kernel(
     M, P2, M_BUCKET,
     sp0, sp1, se0, se1, sm0, sm1,
     eps,
-    IEEE_DOT: tl.constexpr, BLOCK_PIX: tl.constexpr,
+    D: tl.constexpr, H: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_PIX: tl.constexpr,
 ):
-    D: tl.constexpr = 16
-    H: tl.constexpr = 64
     rows = tl.program_id(0) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
     rmask = rows < M
     mask = rmask[:, None]
@@ -177,7 +175,7 @@ def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
         p, e, m, norm2_w.contiguous(), fc1_w.contiguous(), fc1_b.contiguous(),
         fc2_w.contiguous(), fc2_b.contiguous(), out,
         M, P2, M.bit_length(), *sp, *se, *sm, float(eps),
-        IEEE_DOT=fc1_w.dtype == torch.float32,
+        D=DP, H=HIDDEN, IEEE_DOT=fc1_w.dtype == torch.float32,
     )
     return out
 

@@ -61,16 +61,12 @@ def _rms_modulate_kernel(
 
 
 def _configs(block_c: int) -> list[triton.Config]:
-    # About 4K-16K elements per program: wide rows (C=1536) take 1-4 rows, the 16-wide
-    # pixel rows take hundreds, so each program still moves tens of KB.
+    # 2K-8K elements per program: wide rows (C=1536) take 1-4 rows, the 16-wide pixel
+    # rows 128-512, so every program moves tens of KB without spilling registers.
     if _INTERPRET:
         return [triton.Config({"BLOCK_ROWS": max(1, 4096 // block_c)}, num_warps=4)]
-    base = max(1, 4096 // block_c)
-    return [
-        triton.Config({"BLOCK_ROWS": base}, num_warps=4 if block_c < 1024 else 8),
-        triton.Config({"BLOCK_ROWS": 2 * base}, num_warps=8),
-        triton.Config({"BLOCK_ROWS": 4 * base}, num_warps=8),
-    ]
+    return [triton.Config({"BLOCK_ROWS": max(1, elems // block_c)}, num_warps=warps)
+            for elems, warps in ((2048, 4), (4096, 8), (8192, 8))]
 
 
 _tuned: dict[int, object] = {}
