@@ -110,3 +110,48 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
     hid = torch.nn.functional.gelu(torch.nn.functional.linear(u.to(fc1_w.dtype), fc1_w, fc1_b))
     mlp = torch.nn.functional.linear(hid.to(fc2_w.dtype), fc2_w, fc2_b)
     return (p1 + g2 * mlp).to(p.dtype)
+
+
+# ------------------------------------------------- GEMMs with fused prologues/epilogues
+
+def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Tensor, pix_w: torch.Tensor,
+                      pix_b: torch.Tensor, sincos_col: torch.Tensor, sincos_row: torch.Tensor, patch: int):
+    """Patch tokens [B, L, D] and per-patch pixel tokens [B*L, P*P, Dp] of an image x [B, 3, H, W].
+
+    sincos_col [W, Dp/2] / sincos_row [H, Dp/2]: the fixed float32 sin-cos tables (SPEC §2).
+    Outputs take patch_w's dtype."""
+    if use_triton("embed", x, patch_w):
+        from pidkern.kernels.embed import patch_pixel_embed as fused
+        return fused(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch)
+    import torch.nn.functional as F
+    B, _, H, W = x.shape
+    Hs, Ws, Dp = H // patch, W // patch, pix_w.shape[0]
+    tok = F.linear(F.unfold(x.to(patch_w.dtype), patch, stride=patch).transpose(1, 2), patch_w, patch_b)
+    emb = torch.cat([sincos_col[None, :, :].expand(H, W, Dp // 2), sincos_row[:, None, :].expand(H, W, Dp // 2)], -1)
+    pix = F.linear(x.permute(0, 2, 3, 1).to(pix_w.dtype), pix_w, pix_b) + emb.to(pix_w.dtype)
+    pix = pix.view(B, Hs, patch, Ws, patch, Dp).permute(0, 1, 3, 2, 4, 5).reshape(B * Hs * Ws, patch * patch, Dp)
+    return tok, pix
+
+
+def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            log_alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) * sigma) * lq (SPEC §5), in x's dtype.
+
+    x, lq [B, N, D]; sigma [B] float32 (per sample); log_alpha a 0-d tensor;
+    weight [D, 2D] and bias [D] (v1), or [1, 2D] and [1] (v1.5, one gate per token)."""
+    if use_triton("gate", x, lq, weight):
+        from pidkern.kernels.gate import lq_gate as fused
+        return fused(x, lq, weight, bias, log_alpha, sigma)
+    z = torch.nn.functional.linear(torch.cat([x.to(weight.dtype), lq.to(weight.dtype)], -1), weight, bias)
+    g = torch.sigmoid(z.float() - log_alpha.float().exp() * sigma.float().view(-1, 1, 1))
+    return (x.float() + g * lq.float()).to(x.dtype)
+
+
+def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """SiLU(u w1^T) * (u w3^T) for u [M, D] and w13 = cat([w1, w3]) [2*Hm, D]; the w2
+    GEMM that follows stays a plain matmul."""
+    if use_triton("swiglu", u, w13):
+        from pidkern.kernels.swiglu import swiglu_gate_up as fused
+        return fused(u, w13)
+    w1, w3 = w13.chunk(2, 0)
+    return torch.nn.functional.silu(u @ w1.T) * (u @ w3.T)
