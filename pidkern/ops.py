@@ -112,6 +112,90 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
     return (p1 + g2 * mlp).to(p.dtype)
 
 
+# --------------------------------------------------------------------------- attention
+
+ATTENTION_BACKENDS = ("triton", "prep+sdpa", "prep+triton", "torch")
+
+
+def _rms_norm_heads(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [B, N, H, hd]; cos, sin [N, hd/2]; pairs (2m, 2m+1) rotated in float32."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2).to(dtype)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA on [B, H, N, hd] preferring cuDNN (fastest on Hopper), then flash, then the rest."""
+    import torch.nn.functional as F
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt,
+                     heads, eps):
+    """The unfused chain: RMSNorm + RoPE per source, concatenate [text; image], SDPA."""
+    B, L, C = qkv_img.shape
+    hd = C // (3 * heads)
+    dt = qkv_img.dtype
+
+    def prep(qkv, wq, wk, rope):
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, hd).unbind(2)
+        return (_rope_heads(_rms_norm_heads(q, wq, eps), *rope, dt),
+                _rope_heads(_rms_norm_heads(k, wk, eps), *rope, dt), v)
+
+    q, k, v = prep(qkv_img, q_norm_img, k_norm_img, rope_img)
+    T = 0
+    if qkv_txt is not None:
+        T = qkv_txt.shape[1]
+        qt, kt, vt = prep(qkv_txt, q_norm_txt, k_norm_txt, rope_txt)
+        q, k, v = torch.cat((qt, q), 1), torch.cat((kt, k), 1), torch.cat((vt, v), 1)
+    o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(B, T + L, C // 3)
+    return o[:, T:], (o[:, :T] if qkv_txt is not None else None)
+
+
+def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt, heads,
+              eps=1e-6, backend: str = "triton"):
+    """Joint [text; image] attention with q/k RMSNorm and RoPE, from the QKV Linear outputs.
+
+    qkv_img [B, L, 3*heads*hd], qkv_txt [B, T, 3*heads*hd] or None; q/k norms [hd];
+    rope_* = (cos, sin) float32 [N, hd/2]. Returns (o_img [B, L, heads*hd],
+    o_txt [B, T, heads*hd] or None). backend: "triton" (fully fused flash kernel),
+    "prep+sdpa" (fused QK-norm/RoPE kernel, then SDPA/cuDNN), "prep+triton" (the same
+    prep, then the Triton attention core), "torch" (the unfused chain).
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"backend={backend!r}; expected one of {ATTENTION_BACKENDS}")
+    if backend == "torch" or not use_triton("attention", qkv_img):
+        return _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                                rope_img, rope_txt, heads, eps)
+    from pidkern.kernels import attention as K  # noqa: F401  (registers the ops)
+    cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
+    args = (qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, *rope_img, cos_t, sin_t,
+            heads, float(eps))
+    if backend == "triton":
+        o_img, o_txt = torch.ops.pidkern.attention(*args)
+        return o_img, (o_txt if qkv_txt is not None else None)
+    K.check_inputs(*args[:-1])
+    q, k, v = torch.ops.pidkern.attention_prep(*args)
+    B, N, H, hd = q.shape
+    if backend == "prep+sdpa":
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(B, N, H * hd)
+    else:
+        o = torch.ops.pidkern.attention_core(q, k, v)
+    T = N - qkv_img.shape[1]
+    return o[:, T:], (o[:, :T] if qkv_txt is not None else None)
+
+
 # ------------------------------------------------- GEMMs with fused prologues/epilogues
 
 def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Tensor, pix_w: torch.Tensor,
