@@ -258,6 +258,7 @@ def _read_torch(path: Path):
 def _read_dcp(path: Path, preset_hint):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     try:
         meta = FileSystemReader(str(path)).read_metadata()
@@ -276,9 +277,13 @@ def _read_dcp(path: Path, preset_hint):
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(buf, storage_reader=FileSystemReader(str(path)),
                      planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: reading the torch.distributed.checkpoint data failed ({type(e).__name__}: "
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        inner = next(iter(getattr(e, "failures", {}).values()), e)
+        text = str(inner).strip()
+        if isinstance(inner, tuple):  # (exception, traceback) per rank
+            inner, text = inner[0], str(inner[0]).strip()
+        first = text.splitlines()[0] if text else "truncated or corrupt data file"
+        raise ValueError(f"{path}: reading the torch.distributed.checkpoint data failed ({type(inner).__name__}: "
                          f"{first[:300]})") from None
     return {n: buf[k] for n, k in keys.items()}, cfg
 
