@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import threading
 
@@ -76,6 +77,20 @@ def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_d
     x_new = x if y is None else (x + gate * y).to(x.dtype)
     h = _rms_norm_torch(x_new, weight, eps) * (1 + scale) + shift
     return x_new, h.to(out_dtype)
+
+
+def band_rows(total_rows: int, row_bytes: int, limit_bytes: int = 256 * 2**20) -> int:
+    """Patches per band so that one band's modulation (rows * row_bytes) stays within
+    limit_bytes, with the bands as even as possible (no tiny last band)."""
+    # See pidkern/kernels/pixel_modulate.py for how the engine runs a pixel block in bands.
+    if total_rows < 0 or row_bytes <= 0 or limit_bytes <= 0:
+        raise ValueError(f"band_rows needs total_rows >= 0 and positive row_bytes, limit_bytes; "
+                         f"got {total_rows}, {row_bytes}, {limit_bytes}")
+    if total_rows == 0:
+        return 0
+    per_band = max(1, limit_bytes // row_bytes)
+    bands = math.ceil(total_rows / per_band)
+    return math.ceil(total_rows / bands)
 
 
 def _pixel_views(p, e, m):

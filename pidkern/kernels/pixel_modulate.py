@@ -29,30 +29,18 @@ runs both matmuls with tl.dot, so the [R, 256, 64] hidden activation never reach
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from pidkern.ops import band_rows  # noqa: F401  (lives in ops so the engine needs no Triton for it)
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 DP = 16       # pixel width
 HIDDEN = 64   # pixel MLP hidden width
-
-
-def band_rows(total_rows: int, row_bytes: int, limit_bytes: int = 256 * 2**20) -> int:
-    """Patches per band so that one band's modulation (rows * row_bytes) stays within
-    limit_bytes, with the bands as even as possible (no tiny last band)."""
-    if total_rows < 0 or row_bytes <= 0 or limit_bytes <= 0:
-        raise ValueError(f"band_rows needs total_rows >= 0 and positive row_bytes, limit_bytes; "
-                         f"got {total_rows}, {row_bytes}, {limit_bytes}")
-    if total_rows == 0:
-        return 0
-    per_band = max(1, limit_bytes // row_bytes)
-    bands = math.ceil(total_rows / per_band)
-    return math.ceil(total_rows / bands)
 
 
 @triton.jit

@@ -183,10 +183,10 @@ def _(x, weight, shift, scale, y, gate, eps, out_dtype):
 
 def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_dtype=None):
     """Triton path of pidkern.ops.add_rms_modulate: returns (x_new, h)."""
+    if (y is None) != (gate is None):
+        raise ValueError("y and gate must be given together (the residual update is x + gate * y)")
     if out_dtype is None:
         out_dtype = (y if y is not None else x).dtype
     if y is None:
-        if gate is not None:
-            raise ValueError("gate was given without y (the residual update is x + gate * y)")
         return x, torch.ops.pidkern.rms_modulate(x, weight, shift, scale, float(eps), out_dtype)
     return tuple(torch.ops.pidkern.add_rms_modulate(x, weight, shift, scale, y, gate, float(eps), out_dtype))

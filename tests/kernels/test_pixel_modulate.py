@@ -9,6 +9,8 @@ from pidkern.kernels.pixel_modulate import band_rows
 from tests.tolerance import assert_within_rule
 
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+# The kernels run on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (no GPU).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rms64(x, w, eps=1e-6):
@@ -33,7 +35,7 @@ def pre64(p, m, nw, eps=1e-6):
     return (rms64(p.double(), nw.double(), eps) * (1 + m[..., 16:32]) + m[..., 0:16]).reshape(R, P2 * 16)
 
 
-def make(R, P2, p_dtype, dtype, wdtype=None, device="cpu", seed=0):
+def make(R, P2, p_dtype, dtype, wdtype=None, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     wdtype = wdtype or dtype
@@ -73,7 +75,7 @@ def test_pixel_post(p_dtype, dtype):
 def test_pixel_post_strided_inputs():
     # p as a strided view and e, m already viewed [R, P2, *]; a ragged last tile (R*P2 = 5*33).
     p, e, m, w = make(5, 33, F32, F32, seed=2)
-    p_wide = torch.randn(5, 33, 32)
+    p_wide = torch.randn(5, 33, 32, device=DEVICE)
     p_wide[..., 8:24] = p
     check_post(p_wide[..., 8:24], e.view(5, 33, 16), m.view(5, 33, 96), w, "post strided")
 

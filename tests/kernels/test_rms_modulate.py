@@ -6,6 +6,8 @@ from pidkern import ops
 from tests.tolerance import assert_within_rule
 
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+# The kernels run on CUDA tensors, or on CPU tensors only under TRITON_INTERPRET=1 (no GPU).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def ref64(x, weight, shift, scale, y=None, gate=None, eps=1e-6):
@@ -16,7 +18,7 @@ def ref64(x, weight, shift, scale, y=None, gate=None, eps=1e-6):
     return x, x * rms * weight.double() * (1 + scale.double()) + shift.double()
 
 
-def make(R, N, C, x_dtype, dtype, per_row, device="cpu", seed=0):
+def make(R, N, C, x_dtype, dtype, per_row, device=DEVICE, seed=0):
     """x (residual), y, weight and shift/scale/gate as slices of one chunk6-style tensor
     (strided views, like the engine's adaLN output)."""
     g = torch.Generator().manual_seed(seed)
@@ -69,7 +71,7 @@ def test_pixel_rows_strided(dtype, residual):
     # of [R, P2*96] viewed [R, P2, 96] (pixel stride 96, patch stride P2*96).
     R, P2 = 37, 64
     x, y, w, _, _, _ = make(R, P2, 16, F32, dtype, per_row=True, seed=2)
-    m = (0.5 * torch.randn(R, P2 * 96)).to(dtype).view(R, P2, 96)
+    m = (0.5 * torch.randn(R, P2 * 96)).to(DEVICE, dtype).view(R, P2, 96)
     sh, sc, g = m[..., 0:16], m[..., 16:32], m[..., 32:48]
     assert not sh.is_contiguous()
     check(x, y if residual else None, w, sh, sc, g if residual else None, what="pixel")
@@ -77,11 +79,11 @@ def test_pixel_rows_strided(dtype, residual):
 
 def test_strided_x_and_broadcast_batch():
     # x itself a strided view; modulation shared by the whole batch ([1, 1, C]).
-    base = torch.randn(3, 37, 2 * 80)
+    base = torch.randn(3, 37, 2 * 80, device=DEVICE)
     x = base[..., :80]
-    y = torch.randn(3, 37, 80)
-    w = torch.randn(80)
-    sh, sc, g = (torch.randn(1, 1, 80) for _ in range(3))
+    y = torch.randn(3, 37, 80, device=DEVICE)
+    w = torch.randn(80, device=DEVICE)
+    sh, sc, g = (torch.randn(1, 1, 80, device=DEVICE) for _ in range(3))
     check(x, y, w, sh, sc, g, what="strided x")
 
 
@@ -98,11 +100,11 @@ def test_bad_arguments():
     cases = [
         (dict(x=x[0]), "x"),
         (dict(weight=w[:16]), "weight"),
-        (dict(shift=torch.randn(2, 3, 32)), "shift"),
-        (dict(scale=torch.randn(2, 1, 16)), "scale"),
+        (dict(shift=torch.randn(2, 3, 32, device=DEVICE)), "shift"),
+        (dict(scale=torch.randn(2, 1, 16, device=DEVICE)), "scale"),
         (dict(gate=None), "gate"),
-        (dict(y=torch.randn(2, 4, 32).to(torch.int32)), "y"),
-        (dict(shift=torch.randn(2, 1, 64)[..., ::2]), "shift"),
+        (dict(y=torch.randn(2, 4, 32, device=DEVICE).to(torch.int32)), "y"),
+        (dict(shift=torch.randn(2, 1, 64, device=DEVICE)[..., ::2]), "shift"),
         (dict(out_dtype=torch.int8), "out_dtype"),
     ]
     for change, name in cases:
