@@ -152,7 +152,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
              SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without priorities: cuDNN is then only allowed, not first
+        ctx = sdpa_kernel(order)
+    with ctx:
         return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -200,7 +204,6 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     if backend == "triton":
         o_img, o_txt = torch.ops.pidkern.attention(*args)
         return o_img, (o_txt if qkv_txt is not None else None)
-    K.check_inputs(*args[:-1])
     q, k, v = torch.ops.pidkern.attention_prep(*args)
     B, N, H, hd = q.shape
     if backend == "prep+sdpa":

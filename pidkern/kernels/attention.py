@@ -405,7 +405,8 @@ def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm
         ws = [q_norm_img.to(wdt), k_norm_img.to(wdt)] * 2
         tabs = (cos_img, sin_img, cos_img, sin_img)
         s_t = (qkv_img.stride(0), qkv_img.stride(1))
-    _launch(qi, ki, vi, o_img, qt, kt, vt, o_txt, tabs, ws, (qkv_img.stride(0), qkv_img.stride(1)), s_t,
+    # with no text, hand the kernel real buffers (never the empty o_txt's null pointer)
+    _launch(qi, ki, vi, o_img, qt, kt, vt, o_txt if T else o_img, tabs, ws, (qkv_img.stride(0), qkv_img.stride(1)), s_t,
             B, L, T, heads, hd, eps, norm=True)
     return o_img, o_txt
 
