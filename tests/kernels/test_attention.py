@@ -10,6 +10,8 @@ from pidkern import ops
 from tests.tolerance import assert_within_rule
 
 BACKENDS = ("triton", "prep+sdpa", "prep+triton")
+# CPU tensors reach the kernels only under the interpreter; with a GPU the small tests run there
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------- float64 reference (SPEC §3, §4)
@@ -53,7 +55,7 @@ def ref64(qkv_img, qkv_txt, w, tabs, heads, eps=1e-6):
     return o[:, T:], o[:, :T]
 
 
-def make(B, hs, ws, T, heads, hd, dtype, device="cpu", ref_grid=64, seed=0):
+def make(B, hs, ws, T, heads, hd, dtype, device=DEV, ref_grid=64, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     L = hs * ws
     qkv_img = (torch.randn(B, L, 3 * heads * hd, generator=g) * 2).to(device, dtype)
@@ -74,7 +76,7 @@ def call(qkv_img, qkv_txt, w, tabs, heads, backend):
     return ops.attention(qkv_img, qkv_txt, w[0], w[1], w[2], w[3], tabs[0], tabs[1], heads, backend=backend)
 
 
-def check(B, hs, ws, T, heads, hd, dtype, backends, device="cpu"):
+def check(B, hs, ws, T, heads, hd, dtype, backends, device=DEV):
     qkv_img, qkv_txt, w, tabs = make(B, hs, ws, T, heads, hd, dtype, device)
     r_img, r_txt = ref64(qkv_img, qkv_txt, w, tabs, heads)
     t_img, t_txt = call(qkv_img, qkv_txt, w, tabs, heads, "torch")
@@ -159,7 +161,7 @@ def test_bad_backend():
 
 def test_core_rejects_unpacked_layout():
     from pidkern.kernels.attention import attention_core
-    q = torch.randn(1, 5, 2, 64)
+    q = torch.randn(1, 5, 2, 64, device=DEV)
     with pytest.raises(ValueError, match="k"):
         attention_core(q, q.transpose(1, 2).contiguous().transpose(1, 2), q)
 
