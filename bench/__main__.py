@@ -1,0 +1,18 @@
+"""python -m bench: the full decode benchmark suite (same arguments as `pidkern bench --suite full`)."""
+import argparse
+import sys
+
+from pidkern.benchmark import add_arguments
+
+from bench.suite import run
+
+
+def main(argv=None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m bench", description=__doc__))
+    args = parser.parse_args(argv)
+    args.suite = "full"
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""`pidkern bench`: time a PiD decode on this machine; `--suite full` runs the repo's bench/ suite.
+
+Default job: a random-weight model of a preset (flux-2k), decoded at 2048² on a GPU
+(256² on a CPU), batch 1, 4 steps. It prints the first-call time (compile, autotune and
+CUDA-graph capture happen there), the median of the warm runs (CUDA events), peak memory,
+the analytic FLOP count (pidkern.flops) and achieved TFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .config import get_preset
+from .flops import decode_flops, tflops
+from .timing import environment, nvml_snapshot, time_ms
+
+OPTIMISATIONS = ("graphs",) + tuple(ops.OPS)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- random weights, fast -----------------------------------------------------------------
+
+@torch.no_grad()
+def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values quickly, in place.
+
+    nn.init on a 1.35B-parameter model takes ~20 s on a CPU; copying a 1M-number Gaussian
+    pool (rotated per tensor) into each weight is memory-bound. Matrices are scaled by
+    1/sqrt(fan_in) so activations stay O(1); 1-D norm weights are 1, other vectors 0.02.
+    The values only have to be finite and unstructured enough for timing.
+    """
+    params = list(module.named_parameters())
+    if not params or params[0][1].device.type == "meta":
+        return module
+    dev = params[0][1].device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    pool = torch.randn(1 << 20, generator=gen, device=dev, dtype=torch.float32)
+    for i, (name, p) in enumerate(params):
+        flat = p.view(-1)
+        if p.dim() >= 2:
+            src = pool * (1.0 / math.sqrt(p[0].numel()))
+        elif "norm" in name.lower() and name.endswith("weight"):
+            flat.fill_(1.0)
+            continue
+        else:
+            src = pool * 0.02
+        src = torch.roll(src, (i * 7919) % pool.numel()).to(p.dtype)
+        k, n = src.numel(), flat.numel()
+        for start in range(0, n, k):
+            m = min(k, n - start)
+            flat[start:start + m].copy_(src[:m])
+    return module
+
+
+def random_net(config, device, dtype: torch.dtype, seed: int = 0):
+    """PiDNet with random weights allocated straight in `dtype` on `device` (no nn.init pass)."""
+    from .reference import PiDNet
+    with torch.device("meta"):
+        net = PiDNet(config)
+    net = net.to(dtype).to_empty(device=device)
+    for name, buf in net.named_buffers():  # the reference keeps none today; refuse silently-garbage ones
+        raise RuntimeError(f"PiDNet buffer {name} would be left uninitialised by to_empty; build it another way")
+    return fill_random_(net, seed).eval().requires_grad_(False)
+
+
+def random_decoder(config, device, dtype: torch.dtype, autocast=None, net=None):
+    from .api import Decoder
+    net = net if net is not None else random_net(config, device, dtype)
+    return Decoder(net, torch.device(device), dtype, "random", autocast)
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_ceiling(device, n: int | None = None) -> dict:
+    """Achieved TFLOP/s of one square matmul: bf16 8192³ on a GPU, float32 512³ on a CPU."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 512)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    t = time_ms(lambda: a @ b, warmup=3, reps=10 if dev.type == "cuda" else 3, device=str(dev))
+    del a, b
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "median_ms": t["median_ms"],
+            "tflops": tflops(2 * n ** 3, t["median_ms"])}
+
+
+def measure(fn, device, *, reps: int = 5, warmup: int = 2, max_s: float | None = None) -> dict:
+    """First call timed on its own (compile/autotune/capture), then median of warm runs.
+
+    `max_s` caps the time spent on warm runs: reps shrink (never below 3) when one call is slow.
+    Peak memory covers every call; NVML's view (the CUDA context and allocator cache) is read last.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    sync(dev)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    warm = time_ms(fn, warmup=0, reps=max(warmup, 1), device=str(dev))
+    note = ""
+    if max_s and warm["median_ms"] * reps / 1e3 > max_s:
+        new = max(3, int(max_s * 1e3 // warm["median_ms"]))
+        if new < reps:
+            note = f"reps cut from {reps} to {new} to fit --max-row-s {max_s:g}"
+            reps = new
+    t = time_ms(fn, warmup=0, reps=reps, device=str(dev))
+    out = {**t, "first_call_ms": first_ms, "reps": reps, "warmup_runs": max(warmup, 1) + 1}
+    if note:
+        out["note"] = note
+    if dev.type == "cuda":
+        out["peak_alloc_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        out["peak_above_start_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+        out["nvml"] = nvml_snapshot()
+    return out
+
+
+@contextmanager
+def ablation(disable=(), attention_backend: str | None = None):
+    """Switch optimisations off for everything run inside (env + ops.disabled), restoring after."""
+    names = [f"PIDKERN_DISABLE_{o.upper()}" for o in disable]
+    if attention_backend:
+        names.append("PIDKERN_ATTENTION_BACKEND")
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        for o in disable:
+            os.environ[f"PIDKERN_DISABLE_{o.upper()}"] = "1"
+        if attention_backend:
+            os.environ["PIDKERN_ATTENTION_BACKEND"] = attention_backend
+        with ExitStack() as stack:
+            ops_off = [o for o in disable if o in ops.OPS]
+            if ops_off:
+                stack.enter_context(ops.disabled(*ops_off))
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def decode_inputs(config, batch: int, height: int, width: int, device, seed: int = 0):
+    """Latent, sigma and text on the device, made before any timing (no copies are timed)."""
+    up = config.upscale
+    if height % up or width % up:
+        raise ValueError(f"size {height}x{width}: {config.name} decodes latents {up}x, so the size must be a multiple of {up}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    latent = torch.randn(batch, config.latent_channels, height // up, width // up, generator=g).to(device)
+    text = torch.randn(batch, config.max_text, config.text_dim, generator=g).to(device)
+    sigma = torch.full((batch,), 0.1, device=device)
+    return latent, sigma, text
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("decode benchmark")
+    g.add_argument("--preset", default="flux-2k", help="preset of the random-weight model (default flux-2k)")
+    g.add_argument("--size", type=int, default=None, help="output side in pixels (default 2048 on a GPU, 256 on a CPU)")
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"))
+    g.add_argument("--steps", type=int, default=4)
+    g.add_argument("--dtype", default=None, help="weight dtype: bfloat16 / float32 / float16 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    g.add_argument("--reps", type=int, default=None, help="timed warm runs (default 5 on a GPU, 2 on a CPU)")
+    g.add_argument("--warmup", type=int, default=None, help="warm-up runs after the first call (default 2 GPU, 1 CPU)")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
+    g.add_argument("--suite", choices=("quick", "full"), default="quick",
+                   help="quick: this one decode; full: the repo's bench/ suite (needs a checkout)")
+    g.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the suite runs")
+    g.add_argument("--dry-run", action="store_true", help="print what would be measured and exit")
+    g.add_argument("--attention-backend", default=None, choices=getattr(ops, "ATTENTION_BACKENDS", None),
+                   help="attention backend of the fast engine")
+    for opt in OPTIMISATIONS:
+        g.add_argument(f"--disable-{opt.replace('_', '-')}", dest=f"disable_{opt}", action="store_true",
+                       help=f"run the fast engine without {opt}" + (" (CUDA graphs)" if opt == "graphs" else " (fused op)"))
+    s = parser.add_argument_group("full suite (--suite full / python -m bench)")
+    s.add_argument("--sizes", default=None, help="comma list of output sides (default 1024,2048,4096)")
+    s.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,4)")
+    s.add_argument("--rows", default=None,
+                   help="comma list of row names to run (default all): fast, ablations, release, bf16, compile, cascade")
+    s.add_argument("--out", default=None, help="directory for JSON/Markdown/PNG (default bench/results)")
+    s.add_argument("--max-row-s", type=float, default=60.0, help="cap on warm-run seconds per row (reps shrink, min 3)")
+    s.add_argument("--budget-s", type=float, default=None, help="skip remaining rows once the suite has run this long")
+    s.add_argument("--baseline-compile", action="store_true", help="torch.compile the cascade baselines (as the paper)")
+    return parser
+
+
+def disabled_options(args) -> list[str]:
+    return [o for o in OPTIMISATIONS if getattr(args, f"disable_{o}", False)]
+
+
+def _defaults(args, device: torch.device) -> None:
+    gpu = device.type == "cuda"
+    if args.size is None:
+        args.size = 2048 if gpu else 256
+    if args.reps is None:
+        args.reps = 5 if gpu else 2
+    if args.warmup is None:
+        args.warmup = 2 if gpu else 1
+
+
+def run_default(args) -> dict:
+    """The quick job: one preset, one size, one backend. Returns the result dict (also printed)."""
+    from .api import resolve_device, resolve_dtype
+    device = resolve_device(args.device)
+    _defaults(args, device)
+    cfg = get_preset(args.preset)
+    if args.smoke:
+        from .config import tiny
+        cfg = tiny(args.preset)
+        args.size = min(args.size, 4 * cfg.upscale)
+    dtype = resolve_dtype(args.dtype, device)
+    size, batch = args.size, args.batch
+    flop = decode_flops(cfg, batch, size, size, args.steps)
+    off = disabled_options(args)
+    what = (f"{cfg.name} random weights, {batch}x{size}x{size}, {args.steps} steps, {str(dtype)[6:]}, "
+            f"backend={args.backend}" + (f", disabled: {','.join(off)}" if off else "")
+            + (f", attention={args.attention_backend}" if args.attention_backend else ""))
+    if args.dry_run:
+        log(f"would time on {device}: {what}; {flop['tflop']:.2f} TFLOP per decode; "
+            f"{args.warmup} warm-up + {args.reps} timed runs")
+        return {"dry_run": True, "what": what, "tflop": flop["tflop"]}
+    log(f"pidkern bench: {what} on {device}")
+    t0 = time.perf_counter()
+    nparams = sum(p.numel() for p in _meta_net(cfg).parameters())
+    log(f"building random weights ({nparams / 1e9:.2f} B parameters, {str(dtype)[6:]}) ...")
+    dec = random_decoder(cfg, device, dtype)
+    log(f"  built in {time.perf_counter() - t0:.1f} s")
+    latent, sigma, text = decode_inputs(cfg, batch, size, size, device)
+    ceiling = gemm_ceiling(device) if device.type == "cuda" else None
+    with ablation(off, args.attention_backend):
+        def fn():
+            return dec.decode(latent, sigma, text, steps=args.steps, seed=0, backend=args.backend)
+        log(f"first call (includes any compile / autotune / graph capture) then {args.warmup} warm-up "
+            f"and {args.reps} timed runs ...")
+        res = measure(fn, device, reps=args.reps, warmup=args.warmup)
+    res.update(tflop=flop["tflop"], tflops=tflops(flop["total"], res["median_ms"]),
+               flop_breakdown=flop["breakdown"], what=what, preset=cfg.name, size=size, batch=batch,
+               steps=args.steps, dtype=str(dtype), backend=args.backend, backend_used=dec.backend_for(args.backend),
+               disabled=off, attention_backend=args.attention_backend)
+    if ceiling:
+        res["gemm_ceiling"] = ceiling
+        res["pct_of_gemm_ceiling"] = 100 * res["tflops"] / ceiling["tflops"]
+    log(f"first call   {res['first_call_ms']:10.1f} ms")
+    log(f"median       {res['median_ms']:10.1f} ms  (min {res['min_ms']:.1f}, max {res['max_ms']:.1f}, {res['reps']} runs)")
+    if "peak_alloc_gib" in res:
+        log(f"peak memory  {res['peak_alloc_gib']:10.2f} GiB allocated, {res['peak_reserved_gib']:.2f} GiB reserved; "
+            f"NVML used {res['nvml'].get('nvml_mem_used_gib', '?')} GiB")
+    log(f"work         {res['tflop']:10.2f} TFLOP -> {res['tflops']:.1f} TFLOP/s"
+        + (f" ({res['pct_of_gemm_ceiling']:.0f}% of the {ceiling['tflops']:.0f} TFLOP/s bf16 GEMM ceiling)" if ceiling else ""))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"env": environment(), "result": res}, indent=1, default=str))
+        log(f"wrote {args.json}")
+    return res
+
+
+def _meta_net(cfg):
+    from .reference import PiDNet
+    with torch.device("meta"):
+        return PiDNet(cfg)
+
+
+def _import_suite():
+    try:
+        import bench.suite as suite
+        return suite
+    except ImportError:
+        root = Path(__file__).resolve().parent.parent
+        if (root / "bench" / "suite.py").is_file():
+            sys.path.insert(0, str(root))
+            import bench.suite as suite
+            return suite
+    raise SystemExit("pidkern bench --suite full needs the repository's bench/ package: run it from a pidkern "
+                     "checkout (git clone ...; cd pidkern; pidkern bench --suite full) or use `python -m bench`")
+
+
+def main(args) -> int:
+    if args.suite == "full":
+        return _import_suite().run(args)
+    run_default(args)
+    return 0
+
+
+if __name__ == "__main__":  # python -m pidkern.benchmark
+    raise SystemExit(main(add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args()))
