@@ -94,8 +94,9 @@ def band_rows(total_rows: int, row_bytes: int, limit_bytes: int = 256 * 2**20) -
 
 
 def _pixel_views(p, e, m):
+    """e as [R, P2, Dp]; m as [R, P2, 96] (six chunks) or [R, P2, 64] (the post-attention four)."""
     R, P2, Dp = p.shape
-    return e.reshape(R, P2, Dp), m.reshape(R, P2, 6 * Dp)
+    return e.reshape(R, P2, Dp), m.reshape(R, P2, -1)
 
 
 def pixel_pre(p, m, norm1_w, eps=1e-6):
@@ -114,12 +115,14 @@ def pixel_pre(p, m, norm1_w, eps=1e-6):
 def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
     """The pixel block's second half, SPEC section 6:
     p1 = p + gate1 * e; p_new = p1 + gate2 * fc2(GELU(fc1(RMSNorm16(p1) * norm2_w * (1 + scale2) + shift2))).
-    p: [R, P2, 16]; e: expand_from_attn output [R, P2*16]; m: modulation [R, P2*96]. Returns p's dtype."""
+    p: [R, P2, 16]; e: expand_from_attn output [R, P2*16]; m: modulation [R, P2*96], or only its
+    post-attention chunks (gate1, shift2, scale2, gate2) as [R, P2*64]. Returns p's dtype."""
     if use_triton("pixel_modulate", p, e, m):
         from pidkern.kernels.pixel_modulate import pixel_post as fused
         return fused(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps)
     e3, m3 = _pixel_views(p, e, m)
-    g1, sh2, sc2, g2 = (m3[..., k * 16:(k + 1) * 16] for k in (2, 3, 4, 5))
+    first = m3.shape[-1] // 16 - 4   # the four chunks are the last four of m's row
+    g1, sh2, sc2, g2 = (m3[..., k * 16:(k + 1) * 16] for k in range(first, first + 4))
     p1 = (p + g1 * e3).to(p.dtype)
     u = _rms_norm_torch(p1, norm2_w, eps) * (1 + sc2) + sh2
     hid = torch.nn.functional.gelu(torch.nn.functional.linear(u.to(fc1_w.dtype), fc1_w, fc1_b))

@@ -47,7 +47,7 @@ HIDDEN = 64   # pixel MLP hidden width
 def _pixel_post_kernel(
     p_ptr, e_ptr, m_ptr, nw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
     M, P2, M_BUCKET,
-    sp0, sp1, se0, se1, sm0, sm1,
+    sp0, sp1, se0, se1, sm0, sm1, m_off,
     eps,
     D: tl.constexpr, H: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_PIX: tl.constexpr,
 ):
@@ -60,11 +60,11 @@ def _pixel_post_kernel(
 
     p = tl.load(p_ptr + (r * sp0 + q * sp1)[:, None] + c, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(e_ptr + (r * se0 + q * se1)[:, None] + c, mask=mask, other=0.0).to(tl.float32)
-    m_row = m_ptr + (r * sm0 + q * sm1)[:, None] + c
-    gate1 = tl.load(m_row + 2 * D, mask=mask, other=0.0).to(tl.float32)
-    shift2 = tl.load(m_row + 3 * D, mask=mask, other=0.0).to(tl.float32)
-    scale2 = tl.load(m_row + 4 * D, mask=mask, other=0.0).to(tl.float32)
-    gate2 = tl.load(m_row + 5 * D, mask=mask, other=0.0).to(tl.float32)
+    m_row = m_ptr + (r * sm0 + q * sm1)[:, None] + c + m_off
+    gate1 = tl.load(m_row, mask=mask, other=0.0).to(tl.float32)
+    shift2 = tl.load(m_row + D, mask=mask, other=0.0).to(tl.float32)
+    scale2 = tl.load(m_row + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    gate2 = tl.load(m_row + 3 * D, mask=mask, other=0.0).to(tl.float32)
 
     # The residual is rounded to p's dtype first: the MLP sees the p the unfused block keeps.
     p1 = (p + gate1 * e).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -148,11 +148,22 @@ def _validate_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b):
     _check("fc2_b", fc2_b, dev, (DP,))
     if fc1_w.dtype != fc2_w.dtype:
         raise ValueError(f"fc1_w and fc2_w must share a dtype, got {fc1_w.dtype} and {fc2_w.dtype}")
-    return [_rows3("p", p, R, P2, DP)[1:], _rows3("e", e, R, P2, DP)[1:], _rows3("m", m, R, P2, 6 * DP)[1:]]
+    return ([_rows3("p", p, R, P2, DP)[1:], _rows3("e", e, R, P2, DP)[1:], _rows3("m", m, R, P2, _m_width(m, R, P2))[1:]],
+            _m_width(m, R, P2) - 4 * DP)
+
+
+def _m_width(m, R, P2):
+    """Per-pixel width of m: 96 (all six chunks) or 64 (gate1, shift2, scale2, gate2 only,
+    the engine's post-attention half of the modulation)."""
+    width = m.shape[-1] // P2 if m.dim() == 2 else m.shape[-1]
+    if width not in (4 * DP, 6 * DP):
+        raise ValueError(f"m must carry {6 * DP} (all six chunks) or {4 * DP} (gate1, shift2, scale2, gate2) "
+                         f"values per pixel, got shape {list(m.shape)} for {P2} pixels")
+    return width
 
 
 def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
-    (sp, se, sm) = _validate_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b)
+    (sp, se, sm), m_off = _validate_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b)
     R, P2, _ = p.shape
     M = R * P2
     out = torch.empty((R, P2, DP), dtype=p.dtype, device=p.device)
@@ -162,7 +173,7 @@ def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
     _pixel_post_tuned[grid](
         p, e, m, norm2_w.contiguous(), fc1_w.contiguous(), fc1_b.contiguous(),
         fc2_w.contiguous(), fc2_b.contiguous(), out,
-        M, P2, M.bit_length(), *sp, *se, *sm, float(eps),
+        M, P2, M.bit_length(), *sp, *se, *sm, m_off, float(eps),
         D=DP, H=HIDDEN, IEEE_DOT=fc1_w.dtype == torch.float32,
     )
     return out

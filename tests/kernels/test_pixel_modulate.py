@@ -80,6 +80,19 @@ def test_pixel_post_strided_inputs():
     check_post(p_wide[..., 8:24], e.view(5, 33, 16), m.view(5, 33, 96), w, "post strided")
 
 
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_pixel_post_takes_the_post_attention_half_of_m(dtype):
+    # The engine computes only (gate1, shift2, scale2, gate2) after attention: a [R, P2*64] m.
+    p, e, m, w = make(7, 64, F32, dtype, seed=4)
+    m_post = m.view(7, 64, 96)[..., 32:].contiguous().view(7, 64 * 64)
+    out = ops.pixel_post(p, e, m_post, **w)
+    with ops.disabled("pixel_modulate"):
+        out_t = ops.pixel_post(p, e, m_post, **w)
+    assert_within_rule(out, out_t, post64(p, e, m, *w.values()), "post with m[..., 32:]")
+    with pytest.raises(ValueError, match="per pixel"):
+        ops.pixel_post(p, e, m.view(7, 64, 96)[..., :80].contiguous(), **w)
+
+
 @pytest.mark.parametrize("p_dtype,dtype", [(F32, F32), (F16, F16), (F32, F16)])
 def test_pixel_pre(p_dtype, dtype):
     p, _, m, w = make(37, 64, p_dtype, dtype, seed=3)
