@@ -6,6 +6,10 @@ import torch.nn.functional as F
 from pidkern import ops
 from tests.tolerance import assert_within_rule
 
+# On a GPU box the CPU-sized tests run on CUDA too (CPU tensors reach the kernels only
+# under the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def sincos_table(n, dp):
     """[n, dp/2] = [sin(pos w_k)]_k<dp/4 ++ [cos(pos w_k)]_k<dp/4, w_k = 10000^(-k/(dp/4)), built in float64."""
@@ -25,7 +29,7 @@ def ref64(x, pw, pb, xw, xb, sc, sr, P):
     return tok, pix
 
 
-def make(B, P, Hs, Ws, D, Dp, x_dtype, dtype, device="cpu", seed=0):
+def make(B, P, Hs, Ws, D, Dp, x_dtype, dtype, device=DEVICE, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     H, W = Hs * P, Ws * P
     x = torch.randn(B, 3, H, W, generator=g).to(device, x_dtype)

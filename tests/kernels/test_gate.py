@@ -5,6 +5,10 @@ import torch
 from pidkern import ops
 from tests.tolerance import assert_within_rule
 
+# On a GPU box the CPU-sized tests run on CUDA too (CPU tensors reach the kernels only
+# under the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 SIGMAS = [0.0, 0.35, 0.9]
 
 
@@ -14,7 +18,7 @@ def ref64(x, lq, w, b, log_alpha, sigma):
     return x.double() + torch.sigmoid(z) * lq.double()
 
 
-def make(B, N, D, out_dim, x_dtype, dtype, device="cpu", seed=0):
+def make(B, N, D, out_dim, x_dtype, dtype, device=DEVICE, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(B, N, D, generator=g).to(device, x_dtype)
     lq = torch.randn(B, N, D, generator=g).to(device, dtype)
