@@ -206,10 +206,9 @@ def _read_safetensors(path: Path, preset_hint):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             keys = clean_keys(list(f.keys()), path)
-            cfg = preset_hint or _config_from_metadata(meta, path)
-            if cfg is None:
-                cfg = detect_preset({n: f.get_slice(k).get_shape() for n, k in keys.items()}, path)
-            check_state_dict({n: f.get_slice(k).get_shape() for n, k in keys.items()}, cfg, path)
+            shapes = {n: tuple(f.get_slice(k).get_shape()) for n, k in keys.items()}
+            cfg = preset_hint or _config_from_metadata(meta, path) or detect_preset(shapes, path)
+            check_state_dict(shapes, cfg, path)  # before reading the weights
             return {n: f.get_tensor(k) for n, k in keys.items()}, cfg
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
@@ -222,7 +221,8 @@ def _config_from_metadata(meta: Mapping[str, str], path) -> PiDConfig | None:
         try:
             fields = json.loads(meta["pidkern_config"])
             known = {f.name for f in dataclasses.fields(PiDConfig)}
-            return PiDConfig(**{k: v for k, v in fields.items() if k in known})
+            cfg = PiDConfig(**{k: v for k, v in fields.items() if k in known})
+            return PRESETS.get(cfg.name) if PRESETS.get(cfg.name) == cfg else cfg
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: unreadable 'pidkern_config' metadata ({e})") from None
     if "pidkern_preset" in meta:

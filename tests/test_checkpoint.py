@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 import pidkern
 from pidkern.api import random_net
-from pidkern.checkpoint import (AmbiguousPresetWarning, check_state_dict, convert, detect_preset, load_checkpoint,
-                                network_key)
+from pidkern.checkpoint import (AmbiguousPresetWarning, _config_from_metadata, check_state_dict, config_metadata,
+                                convert, detect_preset, load_checkpoint, network_key)
 from pidkern.config import PRESETS, RELEASE_DIRS, tiny
 
 SHAPES = json.loads((Path(__file__).parent / "data" / "state_dict_shapes.json").read_text())
@@ -135,6 +135,15 @@ def test_converted_preset_file_needs_no_preset(tmp_path, tiny_net):
     save_file(dict(sd), tmp_path / "w.safetensors", metadata={"pidkern_preset": "flux-2k", "format": "pt"})
     with pytest.raises(ValueError, match="does not match preset flux-2k"):
         load_checkpoint(tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize("name", ["sd3-2k", "qwenimage-2kto4k-v1.5", "siglip-2k"])
+def test_metadata_keeps_the_preset_name(name):
+    """A converted sd3-2k stays sd3-2k although flux-2k is the same network."""
+    assert _config_from_metadata(config_metadata(PRESETS[name]), "x.safetensors") is PRESETS[name]
+    assert _config_from_metadata({"pidkern_preset": name}, "x.safetensors") is PRESETS[name]
+    with pytest.raises(ValueError, match="x.safetensors.*pidkern_config"):
+        _config_from_metadata({"pidkern_config": "{not json"}, "x.safetensors")
 
 
 def test_api_load_uses_checkpoint_config(tmp_path, tiny_net):
