@@ -104,8 +104,8 @@ def detect_preset(shapes: Mapping, path=None) -> PiDConfig:
     if not same:
         known = ", ".join(f"{n} {_fingerprint(expected_shapes(c))[:2]}" for n, c in PRESETS.items())
         raise ValueError(f"cannot detect the preset{where}: its latent adapter takes {fp[0]} channels at width {fp[1]} "
-                         f"({'v1.5' if fp[2] else 'v1'}), which no preset has; presets (in-channels, width): {known}. A custom "
-                         f"network needs its PiDConfig passed as preset=")
+                         f"({'v1.5' if fp[2] else 'v1'}), which no preset has; presets (in-channels, width): "
+                         f"{known}. A custom network needs its PiDConfig passed as preset=")
     named = _release_name_in(path)
     if named in same:
         return PRESETS[named]
@@ -263,7 +263,8 @@ def _read_dcp(path: Path, preset_hint):
     try:
         meta = FileSystemReader(str(path)).read_metadata()
     except Exception as e:
-        raise ValueError(f"{path}: unreadable torch.distributed.checkpoint metadata ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: unreadable torch.distributed.checkpoint metadata "
+                         f"({type(e).__name__}: {e})") from None
     tensors = {k: m for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     keys = clean_keys(list(tensors), path)
     shapes = {n: tuple(tensors[k].size) for n, k in keys.items()}
@@ -373,7 +374,8 @@ def save_safetensors(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst) -> 
     return dst
 
 
-def convert(src, dst, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None) -> tuple[Path, PiDConfig]:
+def convert(src, dst, preset: PiDConfig | str | None = None,
+            dtype: torch.dtype | None = None) -> tuple[Path, PiDConfig]:
     """Convert any checkpoint `load_checkpoint` reads into a plain .safetensors at `dst`.
 
     The output holds the network's keys only, contiguous, with {"pidkern_preset",

@@ -254,7 +254,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help="caption embeddings [B or 1, T<=300, 2304] (tensor 'text_embeds' or the only tensor); "
                         "default: zeros")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    d.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
+    d.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     d.add_argument("--sampler", default="sde", choices=SAMPLERS, help="sde (the release's) or ode (default sde)")
     d.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
     d.set_defaults(func=cmd_decode)
