@@ -487,8 +487,8 @@ def f64_forward(net, x, t, text, latent, sigma):
         up = F.pad(u, (1, 1, 1, 1), mode="replicate" if mode == "replicate" else "constant")
         w = P[name + ".weight"]
         h, wd = u.shape[-2:]
-        out = sum(torch.einsum("bchw,oc->bohw", up[:, :, di:di + h, dj:dj + wd], w[:, :, di, dj])
-                  for di in range(3) for dj in range(3))
+        taps = torch.stack([up[:, :, di:di + h, dj:dj + wd] for di in range(3) for dj in range(3)], -1)
+        out = torch.einsum("bchwk,ock->bohw", taps, w.flatten(2))   # tap k = 3*di + dj
         return out + P[name + ".bias"][None, :, None, None]
 
     def gn(u, name, groups=cfg.adapter_groups):
