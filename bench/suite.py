@@ -80,8 +80,8 @@ class Plan:
         self.steps = args.steps
         self.reps = args.reps or (1 if self.smoke else 5)
         self.warmup = args.warmup or (1 if self.smoke else 2)
-        # cascade: the paper's 64x64 latent (512² VAE image) -> 2048²; smoke: 4x4 -> 128²
-        self.cascade_latent = 4 if self.smoke else 64
+        # cascade: the paper's 64x64 latent (512² VAE image) -> 2048²; smoke: 2x2 -> 64²
+        self.cascade_latent = 2 if self.smoke else 64
         self.cascade_size = self.cascade_latent * 8 * 4
         self.ablation_size = self.sizes[0] if self.smoke else (2048 if 2048 in self.sizes else self.sizes[0])
         self._nets = {}

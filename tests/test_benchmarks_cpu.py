@@ -1,0 +1,44 @@
+"""CPU micro-benchmarks tracked by pytest-benchmark in CI (few rounds: trends, not verdicts)."""
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from pidkern import benchmark as pb
+from pidkern.checkpoint import load_checkpoint, save_safetensors
+from pidkern.config import get_preset, tiny
+from pidkern.flops import decode_flops
+
+ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    return pb.random_net(tiny("flux-2k"), "cpu", torch.float32)
+
+
+def test_load_tiny_safetensors(benchmark, tmp_path, tiny_net):
+    path = save_safetensors(tiny_net.state_dict(), tiny_net.cfg, tmp_path / "tiny.safetensors")
+    state, cfg = benchmark.pedantic(load_checkpoint, args=(path,), **ROUNDS)
+    assert cfg.hidden == tiny_net.cfg.hidden and set(state) == set(tiny_net.state_dict())
+
+
+def test_reference_forward_tiny(benchmark, tiny_net):
+    cfg = tiny_net.cfg
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    args = (x, torch.rand(2, generator=g), torch.randn(2, cfg.max_text, cfg.text_dim, generator=g),
+            torch.randn(2, cfg.latent_channels, 2, 3, generator=g), torch.rand(2, generator=g))
+    with torch.no_grad():
+        out = benchmark.pedantic(tiny_net, args=args, **ROUNDS)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_random_weights_tiny(benchmark):
+    net = benchmark.pedantic(pb.random_net, args=(tiny("flux2-2kto4k-v1.5"), "cpu", torch.bfloat16), **ROUNDS)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_flop_model(benchmark):
+    f = benchmark.pedantic(decode_flops, args=(get_preset("flux-2k"), 1, 2048, 2048), rounds=5, iterations=10)
+    assert f["total"] > 0
