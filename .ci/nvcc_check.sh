@@ -16,7 +16,10 @@ trap 'rm -rf "$out"' EXIT
 for arch in 80 90 120; do
   for src in csrc/*_kernels.cu; do
     echo "nvcc sm_${arch}: ${src}"
+    # the -D flags are the ones torch's CUDAExtension adds: the kernels must build under them
     "$NVCC" -std=c++17 -O3 --fmad=false -Werror all-warnings -Icsrc \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
       -gencode "arch=compute_${arch},code=sm_${arch}" -c "$src" -o "$out/$(basename "$src").sm_${arch}.o"
   done
 done

@@ -2,7 +2,7 @@
 // launch of the torch-free kernels on the current stream. No host sync, no host read of
 // t, t_next, seed or step, so the ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -12,7 +12,7 @@ namespace pk {
 namespace {
 
 void launch(const OutputStageParams& p) {
-  const int err = launch_output_stage(p, at::cuda::getCurrentCUDAStream().stream());
+  const int err = launch_output_stage(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "pidkern output stage: CUDA launch failed: ", cudaGetErrorString((cudaError_t)err));
 }
 
@@ -42,7 +42,7 @@ at::Tensor philox_normal_cuda(const at::Tensor& seed, const at::Tensor& step, at
   check_scalar(step, "step", seed, true);
   at::Tensor out = at::empty(size, seed.options().dtype(at::kFloat));
   const int err = launch_philox_normal(out.data_ptr<float>(), out.numel(), seed.data_ptr<int64_t>(),
-                                       step.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream().stream());
+                                       step.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "pidkern philox_normal: CUDA launch failed: ", cudaGetErrorString((cudaError_t)err));
   return out;
 }

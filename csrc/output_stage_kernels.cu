@@ -20,6 +20,7 @@ namespace pk {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kPixPerThread = 4;  // token loads in flight per thread in phase 1
 
 struct RoundF32 {
   __device__ float operator()(float x) const { return x; }
@@ -31,37 +32,59 @@ struct RoundBF16 {
   __device__ float operator()(float x) const { return __bfloat162float(__float2bfloat16_rn(x)); }
 };
 
+// Token loading is split into a raw 16-byte-vector load and a conversion, so a thread
+// can put the loads of several pixels in flight before it needs any of them.
 template <typename T>
 struct Tok;
 
 template <>
 struct Tok<float> {
   using Round = RoundF32;
-  __device__ static void load(const void* base, long long pix, float x[16]) {
+  struct Raw {
+    float4 v[4];
+  };
+  __device__ static Raw load(const void* base, long long pix) {
     const float4* p = reinterpret_cast<const float4*>(base) + pix * 4;
+    Raw r;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) r.v[k] = __ldcs(p + k);
+    return r;
+  }
+  __device__ static void convert(const Raw& r, float x[16]) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      float4 v = __ldcs(p + k);
-      x[4 * k] = v.x;
-      x[4 * k + 1] = v.y;
-      x[4 * k + 2] = v.z;
-      x[4 * k + 3] = v.w;
+      x[4 * k] = r.v[k].x;
+      x[4 * k + 1] = r.v[k].y;
+      x[4 * k + 2] = r.v[k].z;
+      x[4 * k + 3] = r.v[k].w;
     }
   }
 };
 
+struct Raw16 {
+  uint4 v[2];
+};
+
+__device__ __forceinline__ Raw16 load16(const void* base, long long pix) {
+  const uint4* p = reinterpret_cast<const uint4*>(base) + pix * 2;
+  Raw16 r;
+  r.v[0] = __ldcs(p);
+  r.v[1] = __ldcs(p + 1);
+  return r;
+}
+
 template <>
 struct Tok<__half> {
   using Round = RoundF16;
-  __device__ static void load(const void* base, long long pix, float x[16]) {
-    const uint4* p = reinterpret_cast<const uint4*>(base) + pix * 2;
+  using Raw = Raw16;
+  __device__ static Raw load(const void* base, long long pix) { return load16(base, pix); }
+  __device__ static void convert(const Raw& r, float x[16]) {
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      uint4 v = __ldcs(p + k);
-      uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      uint32_t w[4] = {r.v[k].x, r.v[k].y, r.v[k].z, r.v[k].w};
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
-        __half2 h = *reinterpret_cast<__half2*>(&w[m]);
+        __half2 h = *reinterpret_cast<const __half2*>(&w[m]);
         float2 f = __half22float2(h);
         x[8 * k + 2 * m] = f.x;
         x[8 * k + 2 * m + 1] = f.y;
@@ -73,12 +96,12 @@ struct Tok<__half> {
 template <>
 struct Tok<__nv_bfloat16> {
   using Round = RoundBF16;
-  __device__ static void load(const void* base, long long pix, float x[16]) {
-    const uint4* p = reinterpret_cast<const uint4*>(base) + pix * 2;
+  using Raw = Raw16;
+  __device__ static Raw load(const void* base, long long pix) { return load16(base, pix); }
+  __device__ static void convert(const Raw& r, float x[16]) {
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      uint4 v = __ldcs(p + k);
-      uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      uint32_t w[4] = {r.v[k].x, r.v[k].y, r.v[k].z, r.v[k].w};
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
         x[8 * k + 2 * m] = __uint_as_float(w[m] << 16);  // little endian: low half first
@@ -95,7 +118,8 @@ __device__ __forceinline__ double read_t(const void* p, int is_double) {
 
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) output_stage_kernel(const OutputStageParams p, int span) {
-  extern __shared__ float tile[];  // [3][P][span*P]: the span's outputs as image rows
+  extern __shared__ float4 tile_raw[];  // float4: 16-byte aligned for the vector reads
+  float* tile = reinterpret_cast<float*>(tile_raw);  // [3][P][span*P]: outputs as image rows
   const int P = p.P, P2 = P * P;
   const int Hs = p.H / P, Ws = p.W / P;
   const int ws0 = blockIdx.x * span, hs = blockIdx.y, b = blockIdx.z;
@@ -111,13 +135,24 @@ __global__ void __launch_bounds__(kThreads) output_stage_kernel(const OutputStag
   // Phase 1: tokens -> tile.
   const long long pix0 = ((long long)b * Hs * Ws + (long long)hs * Ws + ws0) * P2;
   const typename Tok<T>::Round round;
-  for (int q = threadIdx.x; q < nspan * P2; q += kThreads) {
-    float x[16], v[3];
-    Tok<T>::load(p.tokens, pix0 + q, x);
-    pixel_head(x, w_s, w_s + 16, w_s + 64, p.eps, round, v);
-    const int wl = q / P2, pp = q - wl * P2, i = pp / P, j = pp - i * P;
+  const int npix = nspan * P2;
+  for (int q0 = threadIdx.x; q0 < npix; q0 += kPixPerThread * kThreads) {
+    typename Tok<T>::Raw raw[kPixPerThread];
 #pragma unroll
-    for (int c = 0; c < 3; ++c) tile[(c * P + i) * stride + wl * P + j] = v[c];
+    for (int u = 0; u < kPixPerThread; ++u)
+      if (q0 + u * kThreads < npix) raw[u] = Tok<T>::load(p.tokens, pix0 + q0 + u * kThreads);
+#pragma unroll
+    for (int u = 0; u < kPixPerThread; ++u) {
+      const int q = q0 + u * kThreads;
+      if (q < npix) {
+      float x[16], v[3];
+      Tok<T>::convert(raw[u], x);
+      pixel_head(x, w_s, w_s + 16, w_s + 64, p.eps, round, v);
+      const int wl = q / P2, pp = q - wl * P2, i = pp / P, j = pp - i * P;
+#pragma unroll
+      for (int c = 0; c < 3; ++c) tile[(c * P + i) * stride + wl * P + j] = v[c];
+      }
+    }
   }
   __syncthreads();
 
