@@ -152,7 +152,7 @@ def tiny(base: str = "flux-2k", **overrides) -> PiDConfig:
     base preset's, so a tiny model exercises the same code paths.
     """
     small = dict(hidden=64, heads=4, patch_blocks=2, pixel_blocks=2, patch=8, pixel_dim=16,
-                 pixel_attn_dim=48, pixel_heads=4, pixel_mlp_hidden=32, mlp_hidden=96,
+                 pixel_attn_dim=64, pixel_heads=4, pixel_mlp_hidden=64, mlp_hidden=96,
                  text_dim=40, max_text=24, time_freq_dim=32, adapter_hidden=32)
     small.update(overrides)
     return replace(get_preset(base), name=f"tiny-{base}", **small)

@@ -1,0 +1,462 @@
+"""The fast decode path: fused kernels, work moved out of the step loop, CUDA graphs.
+
+What it does differently from the reference (same math, same weights):
+- At load: the time embedding and every block's adaLN vectors for the schedule's times
+  (they depend on t alone), w1/w3 of every SwiGLU concatenated into one matrix (the
+  reference's w1/w3 become views of it, so no weight exists twice), the pixel blocks'
+  modulation rows regrouped into the half needed before attention and the half needed
+  after it.
+- Once per decode: the latent adapter's convolutions and all its output heads, the text
+  embedding, the RoPE and sin-cos tables (cached per shape).
+- Per step: patch/pixel embedding, gated residual + RMSNorm + adaLN, the sigma gate,
+  attention with QK-norm + RoPE, SwiGLU through `pidkern.ops` (Triton); the pixel blocks'
+  Linear(1536 -> 24576) modulation in bands of patches (at most 256 MiB at once); the
+  output head + fold + sampler update through `pidkern._C` in one pass. The last patch
+  block's text stream is not updated (nothing reads it).
+- On CUDA the whole decode (adapter, 4 steps, sampler) is one CUDA graph per
+  (batch, height, width, text length, steps, sampler), kept in a small LRU cache.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .config import PiDConfig, get_preset
+from .reference import pixel_sincos, rope_angles_1d, rope_angles_2d, rope_tables
+from .sampler import T_LIST, make_generator, schedule
+
+MODULATION_BAND_BYTES = 256 * 2**20
+
+
+class InsufficientMemoryError(RuntimeError):
+    """A decode that would not fit in the GPU's free memory, refused before it starts."""
+
+
+# ------------------------------------------------------------------------ memory model
+
+def weight_bytes(cfg: PiDConfig, dtype_bytes: int = 2) -> int:
+    with torch.device("meta"):
+        from .reference import PiDNet
+        n = sum(p.numel() for p in PiDNet(cfg).parameters())
+    # the engine adds a regrouped copy of each pixel block's modulation matrix
+    extra = cfg.pixel_blocks * 6 * cfg.pixel_dim * cfg.pixels_per_patch * (cfg.hidden + 1)
+    return (n + extra) * dtype_bytes
+
+
+def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
+                    dtype_bytes: int = 2) -> int:
+    """Predicted peak GPU bytes of a fast decode (weights included).
+
+    A model of the engine's live tensors at its high-water mark (the patch block's SwiGLU
+    hidden state and the pixel block's modulation band), fitted to measurements on H100/
+    H200; `bench/device_check.py` checks it against torch.cuda.max_memory_allocated.
+    """
+    cfg = preset if isinstance(preset, PiDConfig) else get_preset(preset)
+    t = cfg.max_text if text_len is None else text_len
+    L = (height // cfg.patch) * (width // cfg.patch)
+    n = batch * L
+    e = dtype_bytes
+    d = cfg.hidden
+    persistent = (
+        n * cfg.adapter_width * e                             # adapter tokens
+        + (cfg.num_lq_heads + cfg.is_v15) * n * d * e         # the heads' outputs, once per decode
+        + batch * t * d * 4                                   # text stream (float32)
+        + batch * 3 * height * width * 4 * (2 + 4)            # x, output and noise buffers (float32)
+        + n * cfg.pixels_per_patch * cfg.pixel_dim * e        # pixel tokens
+    )
+    m = batch * (L + t)
+    patch_peak = (n * d * 4                                   # image residual stream (float32)
+                  + m * d * e * 2                             # normed input, attention output
+                  + m * 2 * cfg.mlp_hidden * e                # gate-up GEMM output / SwiGLU hidden
+                  + m * 3 * d * e)                            # qkv
+    rows = n * cfg.pixels_per_patch * cfg.pixel_dim
+    band = min(MODULATION_BAND_BYTES, n * 6 * cfg.pixels_per_patch * cfg.pixel_dim * e)
+    pixel_peak = (n * d * e                                   # s, the per-patch condition
+                  + rows * e * 2                              # expand output + new pixel tokens
+                  + n * cfg.pixel_attn_dim * e * 5            # compressed tokens, qkv, attention out
+                  + band)
+    workspace = 64 * 2**20
+    return weight_bytes(cfg, e) + persistent + max(patch_peak, pixel_peak) + workspace
+
+
+def free_device_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+# ------------------------------------------------------------------------------- graphs
+
+class GraphCache:
+    """A bounded LRU of per-shape runners, each with its own lock.
+
+    `factory(key)` builds a runner (a captured CUDA graph with its static buffers); the
+    cache holds at most `capacity` of them and drops the least recently used, which
+    frees its memory pool.
+    """
+
+    def __init__(self, factory, capacity: int = 2):
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}: expected at least 1 cached graph")
+        self.factory = factory
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.builds = 0
+
+    def get(self, key):
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None:
+                self._items.move_to_end(key)
+                return entry
+            entry = _Entry(self.factory(key), threading.Lock())
+            self.builds += 1
+            self._items[key] = entry
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+            return entry
+
+    def keys(self):
+        with self._lock:
+            return list(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+@dataclass
+class _Entry:
+    runner: object
+    lock: threading.Lock
+
+
+# ------------------------------------------------------------------------------ engine
+
+@dataclass
+class _Weights:
+    """Per-t precomputed conditioning."""
+    temb: torch.Tensor          # [1, 1, D] float32, pre-SiLU
+    img: list                   # per patch block: 6 x [1, 1, D] float32
+    txt: list
+
+
+class Engine:
+    """Fast decoding for one Decoder. Build through `Decoder.engine()`."""
+
+    def __init__(self, decoder, attention_backend: str | None = None, graphs: bool | None = None,
+                 graph_capacity: int = 2):
+        self.decoder = decoder
+        self.net = decoder.net
+        self.cfg: PiDConfig = decoder.config
+        self.device = decoder.device
+        self.dtype = decoder.dtype
+        if self.device.type != "cuda" and not ops.interpreting():
+            # Without CUDA the kernels exist only under the Triton interpreter; the ops
+            # fall back to PyTorch math, which is still a valid (slow) engine run.
+            pass
+        self.attention_backend = attention_backend or os.environ.get("PIDKERN_ATTENTION_BACKEND")
+        if self.attention_backend is not None and self.attention_backend not in ops.ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r}: expected one of {ops.ATTENTION_BACKENDS}")
+        disable_graphs = os.environ.get("PIDKERN_DISABLE_GRAPHS") == "1"
+        self.use_graphs = (self.device.type == "cuda" and not disable_graphs) if graphs is None else graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("graphs=True needs a CUDA device")
+        self._attn_choice: dict = {}
+        self._tables: dict = {}
+        self._prepare_weights()
+        self._per_t = {t: self._conditioning(t) for t in sorted(set(T_LIST) | {1.0}) if t > 0}
+        self.graphs = GraphCache(self._build_runner, graph_capacity)
+
+    # -- load-time work ------------------------------------------------------------------
+    @torch.no_grad()
+    def _prepare_weights(self):
+        cfg = self.cfg
+        for blk in self.net.patch_blocks:
+            for mlp in (blk.mlp_x, blk.mlp_y):
+                if not hasattr(mlp, "w13"):
+                    hm = mlp.w1.weight.shape[0]
+                    mlp.w13 = torch.cat([mlp.w1.weight, mlp.w3.weight], 0)
+                    # the reference keeps working on views of the one concatenated matrix
+                    mlp.w1.weight.data = mlp.w13[:hm]
+                    mlp.w3.weight.data = mlp.w13[hm:]
+        dp, p2 = cfg.pixel_dim, cfg.pixels_per_patch
+        self.pixel_mod = []
+        for blk in self.net.pixel_blocks:
+            lin = blk.adaLN_modulation[0]
+            w = lin.weight.view(p2, 6, dp, -1)
+            b = lin.bias.view(p2, 6, dp)
+            # per pixel: (shift1, scale1) before attention, (gate1, shift2, scale2, gate2) after
+            self.pixel_mod.append((w[:, :2].reshape(p2 * 2 * dp, -1).contiguous(), b[:, :2].reshape(-1).contiguous(),
+                                   w[:, 2:].reshape(p2 * 4 * dp, -1).contiguous(), b[:, 2:].reshape(-1).contiguous()))
+
+    @torch.no_grad()
+    def _conditioning(self, t: float) -> _Weights:
+        net = self.net
+        tt = torch.full((1,), t, device=self.device)
+        mlp = net.t_embedder.mlp
+        from .reference import timestep_embedding
+        e = timestep_embedding(tt * 1000, net.t_embedder.freq_dim)
+        h = F.linear(e, mlp[0].weight.float(), mlp[0].bias.float())
+        temb = F.linear(F.silu(h), mlp[2].weight.float(), mlp[2].bias.float())
+        c = F.silu(temb)
+
+        def six(lin):
+            return [m.view(1, 1, -1) for m in F.linear(c, lin.weight.float(), lin.bias.float()).chunk(6, -1)]
+
+        return _Weights(temb.view(1, 1, -1),
+                        [six(b.adaLN_modulation_img[0]) for b in net.patch_blocks],
+                        [six(b.adaLN_modulation_txt[0]) for b in net.patch_blocks])
+
+    def tables(self, h: int, w: int, text_len: int):
+        key = (h, w, text_len)
+        if key not in self._tables:
+            cfg, dev = self.cfg, self.device
+            hs, ws = h // cfg.patch, w // cfg.patch
+            half = cfg.pixel_dim // 2
+            sc = pixel_sincos(1, w, cfg.pixel_dim, dev)[0, :, :half].float()
+            sr = pixel_sincos(h, 1, cfg.pixel_dim, dev)[:, 0, half:].float()
+            self._tables[key] = dict(
+                rope_img=rope_tables(rope_angles_2d(hs, ws, cfg.head_dim, cfg.rope_ref_grid, dev)),
+                rope_txt=rope_tables(rope_angles_1d(text_len, cfg.head_dim, dev)),
+                rope_pix=rope_tables(rope_angles_2d(hs, ws, cfg.pixel_head_dim, cfg.rope_ref_grid, dev)),
+                sincos_col=sc.contiguous(), sincos_row=sr.contiguous())
+        return self._tables[key]
+
+    # -- the network, fused ----------------------------------------------------------------
+    def attention(self, kind: str, qkv, qkv_txt, weights, rope, rope_txt, heads):
+        backend = self.attention_backend or self._attn_choice.get((kind, qkv.shape, None if qkv_txt is None
+                                                                    else qkv_txt.shape), "triton")
+        return ops.attention(qkv, qkv_txt, *weights, rope, rope_txt, heads, backend=backend)
+
+    def choose_attention(self, kind, qkv, qkv_txt, weights, rope, rope_txt, heads):
+        """Time each attention backend once for this shape and keep the fastest."""
+        key = (kind, qkv.shape, None if qkv_txt is None else qkv_txt.shape)
+        if self.attention_backend or key in self._attn_choice or not qkv.is_cuda:
+            return
+        from .timing import time_ms
+        best = None
+        for backend in ("triton", "prep+sdpa", "torch"):
+            try:
+                ms = time_ms(lambda: ops.attention(qkv, qkv_txt, *weights, rope, rope_txt, heads, backend=backend),
+                             warmup=2, reps=5)["median_ms"]
+            except Exception as err:  # a backend that cannot run this shape is skipped, loudly
+                print(f"pidkern: attention backend {backend} failed for {kind} {tuple(qkv.shape)}: {err}")
+                continue
+            if best is None or ms < best[1]:
+                best = (backend, ms)
+        self._attn_choice[key] = best[0] if best else "torch"
+
+    def patch_blocks(self, xs, y, lq, sigma, cond: _Weights, tab, choose=False):
+        net, cfg = self.net, self.cfg
+        n_blocks = len(net.patch_blocks)
+        b, L, d = xs.shape
+        pend_x = pend_y = None
+        for i, blk in enumerate(net.patch_blocks):
+            last = i == n_blocks - 1
+            sh1, sc1, g1, sh2, sc2, g2 = cond.img[i]
+            th1, tc1, tg1, th2, tc2, tg2 = cond.txt[i]
+            if i % cfg.lq_every == 0:
+                if pend_x is not None:
+                    xs = torch.addcmul(xs, pend_x[1], pend_x[0])
+                    pend_x = None
+                gm = net.lq_proj.gate_modules[i // cfg.lq_every]
+                xs = ops.lq_gate(xs, lq[i // cfg.lq_every], gm.content_proj.weight, gm.content_proj.bias,
+                                 gm.log_alpha, sigma)
+            a = blk.attn
+            xs, hx = ops.add_rms_modulate(xs, blk.norm_x1.weight, sh1, sc1, *(pend_x or (None, None)),
+                                          eps=cfg.rms_eps, out_dtype=self.dtype)
+            y, hy = ops.add_rms_modulate(y, blk.norm_y1.weight, th1, tc1, *(pend_y or (None, None)),
+                                         eps=cfg.rms_eps, out_dtype=self.dtype)
+            qkv_x, qkv_y = F.linear(hx, a.qkv_x.weight), F.linear(hy, a.qkv_y.weight)
+            weights = (a.q_norm_x.weight, a.k_norm_x.weight, a.q_norm_y.weight, a.k_norm_y.weight)
+            if choose:
+                self.choose_attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
+            ox, oy = self.attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
+            xs, hx = ops.add_rms_modulate(xs, blk.norm_x2.weight, sh2, sc2, F.linear(ox, a.proj_x.weight, a.proj_x.bias),
+                                          g1, eps=cfg.rms_eps, out_dtype=self.dtype)
+            pend_x = (self._mlp(blk.mlp_x, hx), g2)
+            if not last:  # the last block's text stream is never read
+                y, hy = ops.add_rms_modulate(y, blk.norm_y2.weight, th2, tc2,
+                                             F.linear(oy, a.proj_y.weight, a.proj_y.bias), tg1,
+                                             eps=cfg.rms_eps, out_dtype=self.dtype)
+                pend_y = (self._mlp(blk.mlp_y, hy), tg2)
+        return torch.addcmul(xs, pend_x[1], pend_x[0])
+
+    @staticmethod
+    def _mlp(mlp, h):
+        shape = h.shape
+        hidden = ops.swiglu_gate_up(h.reshape(-1, shape[-1]), mlp.w13)
+        return F.linear(hidden, mlp.w2.weight).view(shape)
+
+    def pixel_blocks(self, p, s, batch, tab, choose=False):
+        cfg = self.cfg
+        rows, p2, dp = p.shape
+        band = max(1, MODULATION_BAND_BYTES // (6 * p2 * dp * s.element_size()))
+        for blk, (w_pre, b_pre, w_post, b_post) in zip(self.net.pixel_blocks, self.pixel_mod):
+            a = torch.empty(rows, cfg.pixel_attn_dim, device=p.device, dtype=self.dtype)
+            for r0 in range(0, rows, band):
+                r1 = min(rows, r0 + band)
+                m = F.linear(s[r0:r1], w_pre, b_pre).view(r1 - r0, p2, 2 * dp)
+                _, u = ops.add_rms_modulate(p[r0:r1], blk.norm1.weight, m[..., :dp], m[..., dp:], eps=cfg.rms_eps,
+                                            out_dtype=self.dtype)
+                a[r0:r1] = F.linear(u.reshape(r1 - r0, p2 * dp), blk.compress_to_attn.weight, blk.compress_to_attn.bias)
+            at = blk.attn
+            qkv = F.linear(a.view(batch, rows // batch, -1), at.qkv.weight)
+            weights = (at.q_norm.weight, at.k_norm.weight, None, None)
+            if choose:
+                self.choose_attention("pixel", qkv, None, weights, tab["rope_pix"], None, cfg.pixel_heads)
+            o, _ = self.attention("pixel", qkv, None, weights, tab["rope_pix"], None, cfg.pixel_heads)
+            a = F.linear(o, at.proj.weight, at.proj.bias).view(rows, -1)
+            new_p = torch.empty_like(p)
+            for r0 in range(0, rows, band):
+                r1 = min(rows, r0 + band)
+                m = F.linear(s[r0:r1], w_post, b_post)
+                e = F.linear(a[r0:r1], blk.expand_from_attn.weight, blk.expand_from_attn.bias)
+                mlp = blk.mlp
+                new_p[r0:r1] = ops.pixel_post(p[r0:r1], e, m, blk.norm2.weight, mlp.fc1.weight, mlp.fc1.bias,
+                                              mlp.fc2.weight, mlp.fc2.bias, eps=cfg.rms_eps)
+            p = new_p
+        return p
+
+    def step(self, x, t, lq, y0, sigma, tab, choose=False):
+        """The network at time t on image x [B, 3, H, W] -> pixel tokens before the output head."""
+        net, cfg = self.net, self.cfg
+        cond = self._per_t[t]
+        b = x.shape[0]
+        xs, p = ops.patch_pixel_embed(x.to(self.dtype), net.s_embedder.proj.weight, net.s_embedder.proj.bias,
+                                      net.pixel_embedder.proj.weight, net.pixel_embedder.proj.bias,
+                                      tab["sincos_col"], tab["sincos_row"], cfg.patch)
+        xs = self.patch_blocks(xs.float(), y0, lq, sigma, cond, tab, choose)
+        s = F.silu(cond.temb + xs)
+        if cfg.is_v15:
+            g = net.pit_lq_gate
+            s = ops.lq_gate(s, lq[-1], g.content_proj.weight, g.content_proj.bias, g.log_alpha, sigma)
+        s = s.to(self.dtype).reshape(b * xs.shape[1], -1)
+        return self.pixel_blocks(p, s, b, tab, choose)
+
+    def prologue(self, latent, text, h, w):
+        """Once per decode: adapter tokens, every head's output, the text embedding."""
+        net = self.net
+        lq = net.lq_proj
+        tokens = net.adapter_tokens(latent.to(self.dtype), h, w)
+        heads = [F.linear(tokens, hd.weight, hd.bias) for hd in lq.output_heads]
+        if self.cfg.is_v15:
+            heads.append(F.linear(tokens, lq.pit_head.weight, lq.pit_head.bias))
+        ye = net.y_embedder
+        y = ye.norm(F.linear(text.to(self.dtype), ye.proj.weight, ye.proj.bias)).float()
+        return heads, y + net.y_pos_embedding[:, :text.shape[1]].float()
+
+    def run(self, latent, sigma, text, noise, steps, sampler, h, w, choose=False):
+        """The whole decode on given noise (noise[0]: initial image, noise[i]: step i's eps)."""
+        from . import _ext
+        cfg = self.cfg
+        times = schedule(steps)
+        tab = self.tables(h, w, text.shape[1])
+        lq, y0 = self.prologue(latent, text, h, w)
+        fl = self.net.final_layer
+        x = noise[0]
+        for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+            p = self.step(x, t, lq, y0, sigma, tab, choose)
+            head = (p, fl.norm.weight, fl.linear.weight, fl.linear.bias, x, self._scalar(t))
+            if sampler == "sde" and t_next > 0:
+                x = _ext.pixel_output_step(*head, self._scalar(t_next), noise=noise[i + 1], patch=cfg.patch,
+                                           eps=cfg.rms_eps)
+            elif sampler == "sde":
+                x, _ = _ext.pixel_output_final(*head, patch=cfg.patch, eps=cfg.rms_eps)
+            else:
+                from .reference import fold_patch_pixels
+                v = fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), x.shape[0], h, w, cfg.patch)
+                x = (x.double() + (t_next - t) * v.double()).float()
+        return x.clamp(-1, 1)
+
+    def _scalar(self, t: float) -> torch.Tensor:
+        key = ("scalar", t)
+        if key not in self._tables:
+            # float64: the extension then reproduces the release's Python-float update exactly
+            self._tables[key] = torch.tensor(t, dtype=torch.float64, device=self.device)
+        return self._tables[key]
+
+    # -- graphs ------------------------------------------------------------------------
+    def _build_runner(self, key):
+        b, c, lh, lw, t_len, steps, sampler = key
+        h, w = self.cfg.output_size(lh, lw)
+        dev = self.device
+        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev), sigma=torch.zeros(b, device=dev),
+                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev),
+                    noise=[torch.zeros(b, 3, h, w, device=dev) for _ in range(steps)])
+        for k in ("latent", "text"):
+            bufs[k].normal_()
+        for nb in bufs["noise"]:
+            nb.normal_()
+        args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps, sampler, h, w)
+        # warm-up on a side stream: autotuning, attention choice, cuBLAS handles, all before capture
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self.run(*args, choose=True)
+            self.run(*args)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.run(*args)
+        return _Runner(graph, bufs, out)
+
+    # -- entry point ---------------------------------------------------------------------
+    def draw_noise(self, shape, steps, sampler, seed):
+        """The release's stream: one generator, initial noise then one eps per re-noising."""
+        gen = make_generator(seed, self.device)
+        n_eps = sum(1 for t in schedule(steps)[1:] if t > 0) if sampler == "sde" else 0
+        return [torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
+                for _ in range(1 + n_eps)]
+
+    def check_memory(self, batch, h, w, text_len):
+        if self.device.type != "cuda":
+            return
+        need = estimate_memory(self.cfg, batch, h, w, text_len) - weight_bytes(self.cfg)
+        free = free_device_bytes(self.device)
+        if need > free:
+            raise InsufficientMemoryError(
+                f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
+                f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {self.device}")
+
+    @torch.inference_mode()
+    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise=None):
+        h, w = size
+        b = latent.shape[0]
+        noise = noise if noise is not None else self.draw_noise((b, 3, h, w), steps, sampler, seed)
+        if not self.use_graphs:
+            self.check_memory(b, h, w, text.shape[1])
+            out = self.run(latent, sigma, text, noise, steps, sampler, h, w, choose=latent.is_cuda)
+            if progress:
+                progress(steps, steps)
+            return out
+        key = (b, latent.shape[1], latent.shape[2], latent.shape[3], text.shape[1], steps, sampler)
+        if key not in self.graphs.keys():
+            self.check_memory(b, h, w, text.shape[1])
+        entry = self.graphs.get(key)
+        with entry.lock:
+            r = entry.runner
+            r.bufs["latent"].copy_(latent)
+            r.bufs["sigma"].copy_(sigma)
+            r.bufs["text"].copy_(text)
+            for dst, src in zip(r.bufs["noise"], noise):
+                dst.copy_(src)
+            r.graph.replay()
+            out = r.out.clone()
+        if progress:
+            progress(steps, steps)
+        return out
+
+
+@dataclass
+class _Runner:
+    graph: object
+    bufs: dict
+    out: torch.Tensor
