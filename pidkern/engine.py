@@ -31,7 +31,7 @@ from .config import PiDConfig, get_preset
 from .reference import pixel_sincos, rope_angles_1d, rope_angles_2d, rope_tables
 from .sampler import T_LIST, make_generator, schedule
 
-MODULATION_BAND_BYTES = 256 * 2**20
+MODULATION_BAND_BYTES = 128 * 2**20   # the bound is 256 MiB; half keeps the peak low
 
 
 class InsufficientMemoryError(RuntimeError):
@@ -71,16 +71,16 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         + n * cfg.pixels_per_patch * cfg.pixel_dim * e        # pixel tokens
     )
     m = batch * (L + t)
-    patch_peak = (n * d * 4                                   # image residual stream (float32)
-                  + m * d * e * 2                             # normed input, attention output
-                  + m * 2 * cfg.mlp_hidden * e                # gate-up GEMM output / SwiGLU hidden
-                  + m * 3 * d * e)                            # qkv
-    rows = n * cfg.pixels_per_patch * cfg.pixel_dim
-    band = min(MODULATION_BAND_BYTES, n * 6 * cfg.pixels_per_patch * cfg.pixel_dim * e)
+    patch_peak = max(n * d * 4                                # image residual stream (float32)
+                     + m * d * e * 2                          # normed input, pending MLP output
+                     + m * cfg.mlp_hidden * e,                # SwiGLU hidden (the fused kernel's only output)
+                     n * d * 4 + m * d * e * 2 + m * 3 * d * e)  # ... or at attention: x, qkv, output
+    per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
+    band_rows = max(1, min(n, MODULATION_BAND_BYTES // (6 * per_pixel * e)))
     pixel_peak = (n * d * e                                   # s, the per-patch condition
-                  + rows * e * 2                              # expand output + new pixel tokens
-                  + n * cfg.pixel_attn_dim * e * 5            # compressed tokens, qkv, attention out
-                  + band)
+                  + max(n * cfg.pixel_attn_dim * e * 5,       # compressed tokens, qkv, attention out
+                        n * cfg.pixel_attn_dim * e            # or, after attention: its projection
+                        + band_rows * per_pixel * e * (4 + 1 + 1)))  # and one band's m, e, new tokens
     workspace = 64 * 2**20
     return weight_bytes(cfg, e) + persistent + max(patch_peak, pixel_peak) + workspace
 
@@ -278,14 +278,21 @@ class Engine:
             if choose:
                 self.choose_attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
             ox, oy = self.attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
-            xs, hx = ops.add_rms_modulate(xs, blk.norm_x2.weight, sh2, sc2, F.linear(ox, a.proj_x.weight, a.proj_x.bias),
-                                          g1, eps=cfg.rms_eps, out_dtype=self.dtype)
+            del qkv_x, qkv_y, hx, hy, pend_x, pend_y   # free before the MLP: it is the peak of the block
+            ax = F.linear(ox, a.proj_x.weight, a.proj_x.bias)
+            ay = F.linear(oy, a.proj_y.weight, a.proj_y.bias) if not last else None
+            del ox, oy
+            xs, hx = ops.add_rms_modulate(xs, blk.norm_x2.weight, sh2, sc2, ax, g1, eps=cfg.rms_eps,
+                                          out_dtype=self.dtype)
+            del ax
             pend_x = (self._mlp(blk.mlp_x, hx), g2)
+            del hx
+            pend_y = None
             if not last:  # the last block's text stream is never read
-                y, hy = ops.add_rms_modulate(y, blk.norm_y2.weight, th2, tc2,
-                                             F.linear(oy, a.proj_y.weight, a.proj_y.bias), tg1,
-                                             eps=cfg.rms_eps, out_dtype=self.dtype)
+                y, hy = ops.add_rms_modulate(y, blk.norm_y2.weight, th2, tc2, ay, tg1, eps=cfg.rms_eps,
+                                             out_dtype=self.dtype)
                 pend_y = (self._mlp(blk.mlp_y, hy), tg2)
+                del hy
         return torch.addcmul(xs, pend_x[1], pend_x[0])
 
     @staticmethod
@@ -312,16 +319,18 @@ class Engine:
             if choose:
                 self.choose_attention("pixel", qkv, None, weights, tab["rope_pix"], None, cfg.pixel_heads)
             o, _ = self.attention("pixel", qkv, None, weights, tab["rope_pix"], None, cfg.pixel_heads)
+            del qkv
             a = F.linear(o, at.proj.weight, at.proj.bias).view(rows, -1)
-            new_p = torch.empty_like(p)
+            del o
             for r0 in range(0, rows, band):
                 r1 = min(rows, r0 + band)
                 m = F.linear(s[r0:r1], w_post, b_post)
                 e = F.linear(a[r0:r1], blk.expand_from_attn.weight, blk.expand_from_attn.bias)
                 mlp = blk.mlp
-                new_p[r0:r1] = ops.pixel_post(p[r0:r1], e, m, blk.norm2.weight, mlp.fc1.weight, mlp.fc1.bias,
-                                              mlp.fc2.weight, mlp.fc2.bias, eps=cfg.rms_eps)
-            p = new_p
+                # a band's new tokens depend on that band alone: update p in place
+                p[r0:r1] = ops.pixel_post(p[r0:r1], e, m, blk.norm2.weight, mlp.fc1.weight, mlp.fc1.bias,
+                                          mlp.fc2.weight, mlp.fc2.bias, eps=cfg.rms_eps)
+                del m, e
         return p
 
     def step(self, x, t, lq, y0, sigma, tab, choose=False):

@@ -1,0 +1,113 @@
+"""Everything pidkern needs a GPU for, in one call: build, test, time.
+
+    python bench/device_check.py --out "$OUT" [--quick] [--budget-s 520]
+
+Stages, in order of what matters most, each in its own process (a crash in one keeps
+the others' results) and each under its own share of the time budget:
+  1. install: `pip install --no-build-isolation --no-deps -e .` (builds pidkern._C with CUDA)
+  2. tests:   every test marked `cuda` (kernels bf16, output stage, engine)
+  3. engine:  fast vs reference images per preset family, peak memory vs estimate_memory
+  4. kernels: bench/kernels.py, every fused op against its PyTorch path
+  5. suite:   end-to-end rows (fast, release way, bf16, cascade baselines)
+Writes its JSON files and log.txt under --out and prints a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
+    ap.add_argument("--quick", action="store_true", help="a short first look: fewer cases, no suite")
+    ap.add_argument("--budget-s", type=float, default=520)
+    ap.add_argument("--skip", default="", help="comma-separated stages to skip")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.txt"
+    t0 = time.perf_counter()
+    summary = {"stages": {}}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    skip = set(filter(None, args.skip.split(",")))
+
+    def left():
+        return args.budget_s - (time.perf_counter() - t0)
+
+    def stage(name, cmd, share):
+        if name in skip:
+            summary["stages"][name] = {"rc": None, "note": "skipped by --skip"}
+            return None
+        limit = max(10.0, min(share, left() - 5))
+        if left() < 15:
+            summary["stages"][name] = {"rc": None, "note": "no time left"}
+            print(f"== {name}: skipped, no time left", flush=True)
+            return None
+        print(f"== {name} (limit {limit:.0f} s): {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        with open(log_path, "a") as log:
+            log.write(f"\n== {name}: {' '.join(cmd)}\n")
+            log.flush()
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, timeout=limit)
+                rc, text = proc.returncode, proc.stdout
+            except subprocess.TimeoutExpired as e:
+                rc, text = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            log.write(text)
+        secs = time.perf_counter() - start
+        tail = text.strip().splitlines()[-12:]
+        summary["stages"][name] = {"rc": rc, "seconds": round(secs, 1), "tail": tail}
+        print("\n".join(tail), flush=True)
+        print(f"== {name}: rc={rc} in {secs:.0f} s", flush=True)
+        return rc
+
+    py = sys.executable
+    q = args.quick
+    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 150)
+    stage("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "--timeout", "90",
+                    "tests"], 90 if q else 150)
+    stage("engine", [py, "-m", "bench.engine_check", "--out", str(out), "--budget-s", "100" if q else "170"] +
+          (["--quick"] if q else []), 130 if q else 200)
+    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10" if q else "20"], 100 if q else 140)
+    if not q:
+        stage("suite", [py, "-m", "bench", "--sizes", "1024,2048", "--batches", "1",
+                        "--rows", "fast,release,bf16,cascade", "--max-row-s", "6", "--budget-s",
+                        str(int(max(30, left() - 40))), "--out", str(out)], left() - 10)
+
+    summary["total_s"] = round(time.perf_counter() - t0, 1)
+    (out / "device_check.json").write_text(json.dumps(summary, indent=1))
+    table(out, summary)
+
+
+def table(out: Path, summary: dict):
+    print("\n======== device_check summary ========")
+    for name, s in summary["stages"].items():
+        print(f"{name:8s} rc={s.get('rc')!s:8s} {s.get('seconds', 0):6.0f} s  {s.get('note', '')}")
+    for path in sorted(glob.glob(str(out / "engine_check_*.json"))):
+        data = json.loads(Path(path).read_text())
+        for r in data.get("parity", []):
+            print(f"parity {r['preset']:20s} {r['batch']}x{r['height']}x{r['width']}: rel L2 {r['rel_l2']:.2e} "
+                  f"{'PASS' if r['passed'] else 'FAIL'}")
+        for r in data.get("memory", []):
+            print(f"fast   {r['preset']:20s} {r['batch']}x{r['height']}x{r['width']}: {r['median_ms']:8.1f} ms  "
+                  f"peak {r['peak_gib']:.2f} GiB est {r['estimate_gib']:.2f}")
+        for e in data.get("errors", []):
+            print("engine error:", e.splitlines()[0][:160])
+    for path in sorted(glob.glob(str(out / "kernels_*.json"))):
+        for r in json.loads(Path(path).read_text()).get("kernels", []):
+            rate = (f"{r['fused_tflops']:6.0f} TF/s" if "fused_tflops" in r else f"{r.get('fused_gbps', 0):6.0f} GB/s")
+            print(f"kernel {r['name']:38s} {r['fused']['median_ms']:8.3f} ms {rate}  x{r['speedup']:.2f} vs torch")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The fast engine: interpreter parity with the reference on the CPU, graph-cache logic with
+a fake runner, the memory model, and (on a GPU) bf16 parity through CUDA graphs."""
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+import pidkern
+from pidkern import ops
+from pidkern.config import get_preset, tiny
+from pidkern.engine import Engine, GraphCache, InsufficientMemoryError, estimate_memory, weight_bytes
+
+warnings.filterwarnings("ignore", message="pidkern.load: no checkpoint")
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def text_for(cfg, b, n=8, seed=5):
+    return torch.randn(b, n, cfg.text_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
+@pytest.mark.parametrize("base,latent_hw,steps,sampler", [
+    ("flux-2k", (1, 2), 4, "sde"),            # v1, non-square grid, batch 2, per-sample sigma
+    ("flux2-2kto4k-v1.5", (1, 1), 2, "sde"),  # v1.5: FLUX.2 unpack, per-token gates, pit gate
+    ("flux-2k", (1, 1), 2, "ode"),
+])
+def test_fast_path_matches_reference_in_float32(base, latent_hw, steps, sampler):
+    """Every fused kernel (interpreted), the extension's CPU twin and the engine's reordering
+    of the work must give the reference's images to float32 rounding."""
+    cfg = tiny(base)
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent = torch.randn(2, cfg.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.0, 0.35])
+    text = text_for(cfg, 2)
+    ref = dec.decode(latent, sigma, text, steps=steps, seed=7, sampler=sampler, backend="reference")
+    fast = dec.decode(latent, sigma, text, steps=steps, seed=7, sampler=sampler, backend="fast")
+    assert fast.shape == ref.shape and torch.isfinite(fast).all()
+    assert rel_l2(fast, ref) < 1e-5, rel_l2(fast, ref)
+    # the engine really dispatched to the kernels (interpreter) and reused one Engine
+    assert dec.engine() is dec.engine()
+
+
+def test_engine_precomputes_conditioning_and_shares_mlp_weights():
+    cfg = tiny("flux-2k")
+    dec = pidkern.load(preset=cfg, device="cpu")
+    eng = Engine(dec, graphs=False)
+    mlp = dec.net.patch_blocks[0].mlp_x
+    # w1/w3 are views of the one concatenated matrix: no weight stored twice
+    assert mlp.w1.weight.data_ptr() == mlp.w13.data_ptr()
+    assert mlp.w3.weight.data_ptr() == mlp.w13[mlp.w1.weight.shape[0]:].data_ptr()
+    # per-t modulation equals the network's own adaLN of SiLU(temb(t))
+    t = 0.634
+    temb = dec.net.t_embedder(torch.full((1,), t * 1000))
+    want = dec.net.patch_blocks[1].adaLN_modulation_img(torch.nn.functional.silu(temb)).chunk(6, -1)
+    got = eng._per_t[t].img[1]
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.view(-1), w.view(-1).float(), rtol=1e-5, atol=1e-6)
+    # the regrouped pixel modulation rows reproduce the original Linear's chunks
+    blk = dec.net.pixel_blocks[0]
+    s = torch.randn(3, cfg.hidden)
+    m = blk.adaLN_modulation(s).view(3, cfg.pixels_per_patch, 6, cfg.pixel_dim)
+    w_pre, b_pre, w_post, b_post = eng.pixel_mod[0]
+    pre = torch.nn.functional.linear(s, w_pre, b_pre).view(3, cfg.pixels_per_patch, 2, cfg.pixel_dim)
+    post = torch.nn.functional.linear(s, w_post, b_post).view(3, cfg.pixels_per_patch, 4, cfg.pixel_dim)
+    torch.testing.assert_close(pre, m[:, :, :2])
+    torch.testing.assert_close(post, m[:, :, 2:])
+
+
+def test_fast_backend_checks_inputs_like_the_reference():
+    dec = pidkern.load(preset=tiny("flux-2k"), device="cpu")
+    with pytest.raises(ValueError, match="sigma"):
+        dec.decode(torch.randn(1, 16, 1, 1), sigma=1.5, backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        dec.decode(torch.randn(1, 16, 1, 1), backend="turbo")
+    with pytest.raises(ValueError, match="attention_backend"):
+        Engine(dec, attention_backend="magic")
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(dec, graphs=True)
+
+
+# ---------------------------------------------------------------- graph cache, fake runner
+
+def test_graph_cache_builds_once_per_key_and_evicts_least_recently_used():
+    built = []
+    cache = GraphCache(lambda key: built.append(key) or f"runner{key}", capacity=2)
+    assert cache.get((1, 64)).runner == "runner(1, 64)"
+    cache.get((2, 64))
+    cache.get((1, 64))              # hit: (1, 64) is now the most recent
+    cache.get((3, 64))              # evicts (2, 64), the least recently used
+    assert built == [(1, 64), (2, 64), (3, 64)]
+    assert cache.keys() == [(1, 64), (3, 64)]
+    cache.get((2, 64))              # rebuilt after eviction
+    assert built[-1] == (2, 64) and len(cache) == 2 and cache.builds == 4
+    with pytest.raises(ValueError, match="capacity"):
+        GraphCache(lambda k: k, capacity=0)
+
+
+def test_graph_cache_is_safe_from_several_threads():
+    calls = []
+
+    def slow_factory(key):
+        calls.append(key)
+        time.sleep(0.05)            # a capture takes a while: others must wait, not build again
+        return object()
+
+    cache = GraphCache(slow_factory, capacity=4)
+    got = []
+    threads = [threading.Thread(target=lambda k=i % 2: got.append(cache.get(k))) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(calls) == [0, 1]
+    assert len({id(e.runner) for e in got}) == 2
+    # each entry carries its own lock, held around a replay
+    assert len({id(e.lock) for e in got}) == 2
+
+
+# ------------------------------------------------------------------------ memory model
+
+def test_estimate_memory_grows_with_work_and_counts_the_weights():
+    cfg = get_preset("flux-2k")
+    w = weight_bytes(cfg)
+    assert 2.6e9 < w < 3.0e9            # ~1.36 B parameters in bf16 plus the regrouped pixel rows
+    e1 = estimate_memory("flux-2k", 1, 1024, 1024)
+    e2 = estimate_memory("flux-2k", 1, 2048, 2048)
+    e4 = estimate_memory("flux-2k", 1, 4096, 4096)
+    eb = estimate_memory("flux-2k", 4, 2048, 2048)
+    assert w < e1 < e2 < e4 and e2 < eb
+    assert e2 < 4 * 2**30, "the 2048² batch-1 decode must fit the 4 GiB target"
+    assert e4 < 8 * 2**30, "the 4096² batch-1 decode must fit the 8 GiB target"
+    with pytest.raises(ValueError, match="preset"):
+        estimate_memory("nope", 1, 64, 64)
+
+
+def test_decode_refuses_what_cannot_fit(monkeypatch):
+    import pidkern.engine as eng_mod
+    dec = pidkern.load(preset=tiny("flux-2k"), device="cpu")
+    eng = Engine(dec, graphs=False)
+    eng.device = torch.device("cuda")            # pretend: the check only reads numbers
+    monkeypatch.setattr(eng_mod, "free_device_bytes", lambda device: 1024)
+    with pytest.raises(InsufficientMemoryError, match=r"GiB.*free"):
+        eng.check_memory(1, 4096, 4096, 300)
+
+
+# ------------------------------------------------------------------------------ GPU
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("base", ["flux-2k", "flux-2kto4k-v1.5"])
+def test_cuda_fast_bf16_matches_float32_reference(base):
+    cfg = tiny(base, hidden=128, heads=2, patch=16)      # head dim 64, the real patch size
+    dec32 = pidkern.load(preset=cfg, device="cuda", dtype=torch.float32)
+    latent = torch.randn(2, cfg.latent_channels, 3, 5, device="cuda")
+    sigma = torch.tensor([0.0, 0.35], device="cuda")
+    text = text_for(cfg, 2, n=cfg.max_text).cuda()
+    ref = dec32.decode(latent, sigma, text, seed=3, backend="reference")
+    dec16 = pidkern.Decoder(dec32.net.to(torch.bfloat16), dec32.device, torch.bfloat16, "random")
+    fast = dec16.decode(latent, sigma, text, seed=3, backend="fast")
+    again = dec16.decode(latent, sigma, text, seed=3, backend="fast")      # graph replay
+    assert torch.isfinite(fast).all()
+    assert rel_l2(fast, ref) < 2e-2
+    assert torch.equal(fast, again)
+    other = dec16.decode(latent, sigma, text, seed=4, backend="fast")
+    assert not torch.equal(fast, other), "a new seed must reach the captured graph"
+    assert len(dec16.engine().graphs) == 1
