@@ -73,16 +73,16 @@ def main():
 
     py = sys.executable
     q = args.quick
-    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 150)
-    stage("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "--timeout", "90",
-                    "tests"], 90 if q else 150)
+    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 120)
     stage("engine", [py, "-m", "bench.engine_check", "--out", str(out), "--budget-s", "100" if q else "170"] +
           (["--quick"] if q else []), 130 if q else 200)
-    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10" if q else "20"], 100 if q else 140)
+    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10" if q else "20"], 100 if q else 110)
+    stage("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "--timeout", "60",
+                    "--durations", "15", "tests"], 90 if q else 120)
     if not q:
-        stage("suite", [py, "-m", "bench", "--sizes", "1024,2048", "--batches", "1",
-                        "--rows", "fast,release,bf16,cascade", "--max-row-s", "6", "--budget-s",
-                        str(int(max(30, left() - 40))), "--out", str(out)], left() - 10)
+        stage("suite", [py, "-m", "bench", "--sizes", "2048", "--batches", "1", "--rows", "bf16,cascade",
+                        "--max-row-s", "5", "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)],
+              left() - 5)
 
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "device_check.json").write_text(json.dumps(summary, indent=1))
@@ -99,8 +99,9 @@ def table(out: Path, summary: dict):
             print(f"parity {r['preset']:20s} {r['batch']}x{r['height']}x{r['width']}: rel L2 {r['rel_l2']:.2e} "
                   f"{'PASS' if r['passed'] else 'FAIL'}")
         for r in data.get("memory", []):
+            rel = f"  release {r['release_ms']:7.1f} ms x{r['speedup_vs_release']:.2f}" if "release_ms" in r else ""
             print(f"fast   {r['preset']:20s} {r['batch']}x{r['height']}x{r['width']}: {r['median_ms']:8.1f} ms  "
-                  f"peak {r['peak_gib']:.2f} GiB est {r['estimate_gib']:.2f}")
+                  f"peak {r['peak_gib']:.2f} GiB resident {r['resident_gib']:.2f} est {r['estimate_gib']:.2f}{rel}")
         for e in data.get("errors", []):
             print("engine error:", e.splitlines()[0][:160])
     for path in sorted(glob.glob(str(out / "kernels_*.json"))):

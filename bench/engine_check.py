@@ -83,7 +83,7 @@ def parity(preset, b, h, w, sigma, dev, log=print):
     return rec
 
 
-def memory(preset, b, h, w, dev, log=print):
+def memory(preset, b, h, w, dev, release=True, log=print):
     cfg = get_preset(preset)
     dec = pb.random_decoder(cfg, dev, torch.bfloat16)
     latent, s, text = inputs(cfg, b, h, w, [0.1] * b, dev)
@@ -91,17 +91,81 @@ def memory(preset, b, h, w, dev, log=print):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     m = pb.measure(lambda: dec.decode(latent, s, text, seed=0, backend="fast"), dev, reps=5, warmup=2, max_s=20)
-    est = estimate_memory(cfg, b, h, w)
+    first_peak = torch.cuda.max_memory_allocated(dev)
+    # What the warm engine holds: weights, the graph's private pool, the static buffers.
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_reserved(dev)
+    # The decode's working set: the same kernels run eagerly, peak allocated after warm-up.
+    # (Replaying a graph allocates nothing, so its peak is only visible this way.) The
+    # first call's peak also holds Triton's 256 MB autotuning buffer and the warm-up races.
+    eng = dec.engine()
+    eng.use_graphs = False
+    dec.decode(latent, s, text, seed=1, backend="fast")
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    dec.decode(latent, s, text, seed=1, backend="fast")
+    torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev)
+    eng.use_graphs = True
+    est = estimate_memory(cfg, b, h, w)
     rec = dict(preset=preset, batch=b, height=h, width=w, median_ms=m["median_ms"], first_call_ms=m["first_call_ms"],
-               peak_gib=peak / 2**30, estimate_gib=est / 2**30, estimate_error=(est - peak) / peak,
-               images_per_s=b * 1e3 / m["median_ms"])
+               runs_ms=m["runs_ms"], peak_gib=peak / 2**30, first_call_peak_gib=first_peak / 2**30,
+               resident_gib=resident / 2**30,
+               estimate_gib=est / 2**30, estimate_error=(est - peak) / peak, images_per_s=b * 1e3 / m["median_ms"],
+               attention_choice={str(k): v for k, v in eng._attn_choice.items()},
+               op_choice={str(k): v for k, v in eng._op_choice.items()}, op_choice_ms=eng.choice_ms)
+    if release and b == 1 and h <= 2048:
+        # the release's way in the same process: float32 weights, bf16 autocast, eager, adapter per step
+        from bench.suite import release_decode
+        del dec, eng
+        gc.collect()
+        torch.cuda.empty_cache()
+        net32 = pb.random_net(cfg, dev, torch.float32)
+        r = pb.measure(lambda: release_decode(net32, latent, s, text, 4, h, w), dev, reps=3, warmup=1, max_s=12)
+        rec.update(release_ms=r["median_ms"], release_peak_gib=r["peak_alloc_gib"],
+                   speedup_vs_release=r["median_ms"] / m["median_ms"])
+        log(f"release way {preset} {b}x{h}x{w}: {r['median_ms']:.1f} ms, peak {r['peak_alloc_gib']:.2f} GiB; "
+            f"fast is x{rec['speedup_vs_release']:.2f}")
+        del net32
     log(f"fast {preset} {b}x{h}x{w}: {m['median_ms']:.1f} ms (first {m['first_call_ms'] / 1e3:.1f} s), peak "
-        f"{rec['peak_gib']:.2f} GiB, estimate {rec['estimate_gib']:.2f} GiB ({100 * rec['estimate_error']:+.1f}%)")
-    del dec
+        f"{rec['peak_gib']:.2f} GiB (first call {rec['first_call_peak_gib']:.2f}, resident {rec['resident_gib']:.2f}), "
+        f"estimate {rec['estimate_gib']:.2f} "
+        f"GiB ({100 * rec['estimate_error']:+.1f}%); ops {rec['op_choice']}")
     gc.collect()
     torch.cuda.empty_cache()
     return rec
+
+
+def profile(preset, b, h, w, dev, log=print, top=25):
+    """Where a warm 4-step decode spends GPU time (eager engine, no graph, so kernels show)."""
+    from pidkern.engine import Engine
+    cfg = get_preset(preset)
+    dec = pb.random_decoder(cfg, dev, torch.bfloat16)
+    eng = Engine(dec, graphs=False)
+    dec._engine = eng
+    latent, s, text = inputs(cfg, b, h, w, [0.1] * b, dev)
+    for _ in range(2):
+        dec.decode(latent, s, text, seed=0, backend="fast")
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile as prof
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        dec.decode(latent, s, text, seed=0, backend="fast")
+        torch.cuda.synchronize()
+    rows = []
+    for evt in p.key_averages():
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if us:
+            rows.append((evt.key, us / 1e3, evt.count))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    log(f"profile {preset} {b}x{h}x{w}: {total:.1f} ms of GPU time (eager, no graph)")
+    for name, ms, count in rows[:12]:
+        log(f"  {ms:8.2f} ms {100 * ms / total:5.1f}%  x{count:<4d} {name[:90]}")
+    del dec, eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(preset=preset, batch=b, height=h, width=w, gpu_ms=total,
+                top=[dict(kernel=n, ms=ms, calls=c) for n, ms, c in rows[:top]])
 
 
 def main(argv=None):
@@ -112,16 +176,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     start = time.perf_counter()
-    payload = {"env": environment(), "parity": [], "memory": [], "errors": []}
+    payload = {"env": environment(), "parity": [], "memory": [], "profile": [], "errors": []}
     cases = QUICK_CASES if args.quick else FULL_CASES
     mem_cases = MEMORY_CASES[:2] if args.quick else MEMORY_CASES
-    for kind, fn, todo in (("parity", parity, cases), ("memory", memory, mem_cases)):
+    prof_cases = [] if args.quick else [("flux-2k", 1, 2048, 2048)]
+    for kind, fn, todo in (("memory", memory, mem_cases), ("parity", parity, cases), ("profile", profile, prof_cases)):
         for case in todo:
             if time.perf_counter() - start > args.budget_s:
                 payload["errors"].append(f"{kind} {case}: skipped, budget reached")
                 continue
             try:
-                payload[kind].append(fn(*case, dev) if kind == "memory" else fn(*case, dev))
+                payload[kind].append(fn(*case, dev))
             except Exception as e:  # keep the other cases' numbers
                 payload["errors"].append(f"{kind} {case}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
                 print(payload["errors"][-1], flush=True)

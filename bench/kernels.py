@@ -37,7 +37,8 @@ def collect(device: str, only: str | None = None) -> list[Case]:
     return cases
 
 
-def run(device: str, only: str | None = None, warmup: int = 5, reps: int = 20) -> list[dict]:
+def run(device: str, only: str | None = None, warmup: int = 5, reps: int = 20, save=None) -> list[dict]:
+    """Time every case; `save(rows)` is called after each one so a cut-off run keeps its numbers."""
     rows = []
     for case in collect(device, only):
         fused = time_ms(case.fused, warmup=warmup, reps=reps, device=device)
@@ -54,6 +55,8 @@ def run(device: str, only: str | None = None, warmup: int = 5, reps: int = 20) -
         print(f"{case.name:40s} {fused['median_ms']:8.3f} ms  {rate}  torch {base['median_ms']:8.3f} ms  x{row['speedup']:.2f}",
               flush=True)
         del case
+        if save:
+            save(rows)
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -69,9 +72,14 @@ def main(argv=None):
     if device == "cpu":
         print("no CUDA device: kernel benchmarks need a GPU (the interpreter times nothing useful)")
         return 0
-    rows = run(device, args.only, reps=args.reps)
-    path = write_result({"env": environment(), "kernels": rows}, "kernels", args.out)
-    print(f"wrote {path}")
+    env = environment()
+    paths = []
+
+    def save(rows):
+        paths[:] = [write_result({"env": env, "kernels": rows}, "kernels", args.out)]
+
+    run(device, args.only, reps=args.reps, save=save)
+    print(f"wrote {paths[0] if paths else 'nothing'}")
     return 0
 
 

@@ -51,11 +51,13 @@ def weight_bytes(cfg: PiDConfig, dtype_bytes: int = 2) -> int:
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
                     dtype_bytes: int = 2) -> int:
-    """Predicted peak GPU bytes of a fast decode (weights included).
+    """Predicted peak GPU bytes (torch.cuda.max_memory_allocated) of a fast decode.
 
-    A model of the engine's live tensors at its high-water mark (the patch block's SwiGLU
-    hidden state and the pixel block's modulation band), fitted to measurements on H100/
-    H200; `bench/device_check.py` checks it against torch.cuda.max_memory_allocated.
+    The sum of what the engine keeps for the whole decode (weights, graph buffers, adapter
+    tokens and heads, pixel tokens, the float32 residual stream) and the larger of the
+    two transient peaks: patch attention (qkv, its normed/roped copy, the output) and the
+    pixel block (attention of the compressed tokens, or one modulation band). Checked
+    against measurements by bench/engine_check.py.
     """
     cfg = preset if isinstance(preset, PiDConfig) else get_preset(preset)
     t = cfg.max_text if text_len is None else text_len
@@ -63,25 +65,24 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     n = batch * L
     e = dtype_bytes
     d = cfg.hidden
+    image = batch * 3 * height * width * 4                    # one float32 image
+    n_heads = cfg.num_lq_heads + cfg.is_v15
+    heads = n_heads * n * d * e if heads_fit(cfg, n, e) else n * d * e
+    per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
     persistent = (
         n * cfg.adapter_width * e                             # adapter tokens
-        + (cfg.num_lq_heads + cfg.is_v15) * n * d * e         # the heads' outputs, once per decode
+        + heads                                               # heads' outputs (or the one in use)
         + batch * t * d * 4                                   # text stream (float32)
-        + batch * 3 * height * width * 4 * (2 + 4)            # x, output and noise buffers (float32)
-        + n * cfg.pixels_per_patch * cfg.pixel_dim * e        # pixel tokens
+        + image * (4 + 3)                                     # 4 noise buffers; x, x_next, the returned copy
+        + n * per_pixel * e                                   # pixel tokens
     )
     m = batch * (L + t)
-    patch_peak = max(n * d * 4                                # image residual stream (float32)
-                     + m * d * e * 2                          # normed input, pending MLP output
-                     + m * cfg.mlp_hidden * e,                # SwiGLU hidden (the fused kernel's only output)
-                     n * d * 4 + m * d * e * 2 + m * 3 * d * e)  # ... or at attention: x, qkv, output
-    per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
+    patch_peak = n * d * 4 + m * 3 * d * e * 2 + m * d * e    # residual, qkv + its roped copy, output
+    pa = n * cfg.pixel_attn_dim * e
     band_rows = max(1, min(n, MODULATION_BAND_BYTES // (6 * per_pixel * e)))
-    pixel_peak = (n * d * e                                   # s, the per-patch condition
-                  + max(n * cfg.pixel_attn_dim * e * 5,       # compressed tokens, qkv, attention out
-                        n * cfg.pixel_attn_dim * e            # or, after attention: its projection
-                        + band_rows * per_pixel * e * (4 + 1 + 1)))  # and one band's m, e, new tokens
-    workspace = 64 * 2**20
+    pixel_peak = n * d * e + max(pa * 8,                      # s; compressed tokens, qkv x2, output
+                                 pa + band_rows * per_pixel * e * (4 + 1 + 1))  # or a band's m, e, tokens
+    workspace = 48 * 2**20                                    # cuBLAS / cuDNN workspaces
     return weight_bytes(cfg, e) + persistent + max(patch_peak, pixel_peak) + workspace
 
 
@@ -168,6 +169,8 @@ class Engine:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("graphs=True needs a CUDA device")
         self._attn_choice: dict = {}
+        self._op_choice: dict = {}      # op -> "triton" | "torch", measured at warm-up on CUDA
+        self.choice_ms: dict = {}
         self._tables: dict = {}
         self._prepare_weights()
         self._per_t = {t: self._conditioning(t) for t in sorted(set(T_LIST) | {1.0}) if t > 0}
@@ -241,7 +244,9 @@ class Engine:
             return
         from .timing import time_ms
         best = None
-        for backend in ("triton", "prep+sdpa", "torch"):
+        # the unfused chain is left out: it never wins and its float32 temporaries would
+        # set the decode's memory peak during this race
+        for backend in ("triton", "prep+sdpa", "prep+triton"):
             try:
                 ms = time_ms(lambda: ops.attention(qkv, qkv_txt, *weights, rope, rope_txt, heads, backend=backend),
                              warmup=2, reps=5)["median_ms"]
@@ -265,41 +270,63 @@ class Engine:
                 if pend_x is not None:
                     xs = torch.addcmul(xs, pend_x[1], pend_x[0])
                     pend_x = None
-                gm = net.lq_proj.gate_modules[i // cfg.lq_every]
-                xs = ops.lq_gate(xs, lq[i // cfg.lq_every], gm.content_proj.weight, gm.content_proj.bias,
-                                 gm.log_alpha, sigma)
+                j = i // cfg.lq_every
+                gm = net.lq_proj.gate_modules[j]
+                head = lq.head(j)
+                xs = self.fastest("gate", xs.shape, choose, lambda: ops.lq_gate(xs, head, gm.content_proj.weight,
+                                                                     gm.content_proj.bias, gm.log_alpha, sigma))
+                del head
             a = blk.attn
             xs, hx = ops.add_rms_modulate(xs, blk.norm_x1.weight, sh1, sc1, *(pend_x or (None, None)),
                                           eps=cfg.rms_eps, out_dtype=self.dtype)
             y, hy = ops.add_rms_modulate(y, blk.norm_y1.weight, th1, tc1, *(pend_y or (None, None)),
                                          eps=cfg.rms_eps, out_dtype=self.dtype)
+            pend_x = pend_y = None
             qkv_x, qkv_y = F.linear(hx, a.qkv_x.weight), F.linear(hy, a.qkv_y.weight)
+            del hx, hy  # every temporary is dropped as soon as it is read: the peak is the sum
             weights = (a.q_norm_x.weight, a.k_norm_x.weight, a.q_norm_y.weight, a.k_norm_y.weight)
             if choose:
                 self.choose_attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
             ox, oy = self.attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
-            del qkv_x, qkv_y, hx, hy, pend_x, pend_y   # free before the MLP: it is the peak of the block
+            del qkv_x, qkv_y
             ax = F.linear(ox, a.proj_x.weight, a.proj_x.bias)
             ay = F.linear(oy, a.proj_y.weight, a.proj_y.bias) if not last else None
             del ox, oy
             xs, hx = ops.add_rms_modulate(xs, blk.norm_x2.weight, sh2, sc2, ax, g1, eps=cfg.rms_eps,
                                           out_dtype=self.dtype)
             del ax
-            pend_x = (self._mlp(blk.mlp_x, hx), g2)
+            pend_x = (self._mlp(blk.mlp_x, hx, choose), g2)
             del hx
-            pend_y = None
             if not last:  # the last block's text stream is never read
                 y, hy = ops.add_rms_modulate(y, blk.norm_y2.weight, th2, tc2, ay, tg1, eps=cfg.rms_eps,
                                              out_dtype=self.dtype)
-                pend_y = (self._mlp(blk.mlp_y, hy), tg2)
+                pend_y = (self._mlp(blk.mlp_y, hy, choose), tg2)
                 del hy
         return torch.addcmul(xs, pend_x[1], pend_x[0])
 
-    @staticmethod
-    def _mlp(mlp, h):
+    def _mlp(self, mlp, h, choose=False):
         shape = h.shape
-        hidden = ops.swiglu_gate_up(h.reshape(-1, shape[-1]), mlp.w13)
+        u = h.reshape(-1, shape[-1])
+        hidden = self.fastest("swiglu", u.shape, choose, lambda: ops.swiglu_gate_up(u, mlp.w13))
         return F.linear(hidden, mlp.w2.weight).view(shape)
+
+    def fastest(self, op: str, shape, choose: bool, call):
+        """Run `call` with op's kernel or its PyTorch math, whichever measured faster here.
+
+        GEMM-shaped fusions race cuBLAS: the winner depends on the card and the shape, so
+        the engine times both once at warm-up (choose=True, before any graph capture)."""
+        key = (op, tuple(shape))
+        if choose and self.device.type == "cuda" and key not in self._op_choice:
+            from .timing import time_ms
+            fused = time_ms(call, warmup=2, reps=5)["median_ms"]
+            with ops.disabled(op):
+                plain = time_ms(call, warmup=2, reps=5)["median_ms"]
+            self._op_choice[key] = "torch" if plain < fused else "triton"
+            self.choice_ms[str(key)] = {"triton": fused, "torch": plain}
+        if self._op_choice.get(key) == "torch":
+            with ops.disabled(op):
+                return call()
+        return call()
 
     def pixel_blocks(self, p, s, batch, tab, choose=False):
         cfg = self.cfg
@@ -338,25 +365,26 @@ class Engine:
         net, cfg = self.net, self.cfg
         cond = self._per_t[t]
         b = x.shape[0]
-        xs, p = ops.patch_pixel_embed(x.to(self.dtype), net.s_embedder.proj.weight, net.s_embedder.proj.bias,
-                                      net.pixel_embedder.proj.weight, net.pixel_embedder.proj.bias,
-                                      tab["sincos_col"], tab["sincos_row"], cfg.patch)
+        xin = x.to(self.dtype)
+        xs, p = self.fastest("embed", xin.shape, choose, lambda: ops.patch_pixel_embed(
+            xin, net.s_embedder.proj.weight, net.s_embedder.proj.bias, net.pixel_embedder.proj.weight,
+            net.pixel_embedder.proj.bias, tab["sincos_col"], tab["sincos_row"], cfg.patch))
+        del xin
         xs = self.patch_blocks(xs.float(), y0, lq, sigma, cond, tab, choose)
         s = F.silu(cond.temb + xs)
         if cfg.is_v15:
             g = net.pit_lq_gate
-            s = ops.lq_gate(s, lq[-1], g.content_proj.weight, g.content_proj.bias, g.log_alpha, sigma)
+            head = lq.head(len(net.lq_proj.output_heads))
+            s = ops.lq_gate(s, head, g.content_proj.weight, g.content_proj.bias, g.log_alpha, sigma)
+            del head
         s = s.to(self.dtype).reshape(b * xs.shape[1], -1)
         return self.pixel_blocks(p, s, b, tab, choose)
 
     def prologue(self, latent, text, h, w):
-        """Once per decode: adapter tokens, every head's output, the text embedding."""
+        """Once per decode: adapter tokens, the heads' outputs (see _Heads), the text embedding."""
         net = self.net
-        lq = net.lq_proj
         tokens = net.adapter_tokens(latent.to(self.dtype), h, w)
-        heads = [F.linear(tokens, hd.weight, hd.bias) for hd in lq.output_heads]
-        if self.cfg.is_v15:
-            heads.append(F.linear(tokens, lq.pit_head.weight, lq.pit_head.bias))
+        heads = _Heads(net.lq_proj, tokens, keep=heads_fit(self.cfg, tokens.shape[0] * tokens.shape[1]))
         ye = net.y_embedder
         y = ye.norm(F.linear(text.to(self.dtype), ye.proj.weight, ye.proj.bias)).float()
         return heads, y + net.y_pos_embedding[:, :text.shape[1]].float()
@@ -415,6 +443,8 @@ class Engine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self.run(*args)
+        # the warm-up's blocks are free now; hand them back so only the graph's pool stays
+        torch.cuda.empty_cache()
         return _Runner(graph, bufs, out)
 
     # -- entry point ---------------------------------------------------------------------
@@ -462,6 +492,34 @@ class Engine:
         if progress:
             progress(steps, steps)
         return out
+
+
+HEADS_KEEP_BYTES = 256 * 2**20
+
+
+def heads_fit(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> bool:
+    """Whether all adapter heads' outputs, kept for the whole decode, take <= 256 MiB."""
+    return (cfg.num_lq_heads + cfg.is_v15) * rows * cfg.hidden * dtype_bytes <= HEADS_KEEP_BYTES
+
+
+class _Heads:
+    """The adapter heads' outputs [B, L, D] (j = 0..6, and pit_head last in v1.5).
+
+    Computed once per decode while they take at most 256 MiB (1024² and below). Beyond
+    that (352 MiB at 2048², 1.4 GiB at 4096²) each is recomputed from the adapter tokens
+    where it is used: 0.3% more FLOPs, and the decode stays within its memory target.
+    """
+
+    def __init__(self, lq_proj, tokens, keep: bool):
+        self.lins = list(lq_proj.output_heads) + ([lq_proj.pit_head] if hasattr(lq_proj, "pit_head") else [])
+        self.tokens = tokens
+        self.kept = [self._compute(j) for j in range(len(self.lins))] if keep else None
+
+    def _compute(self, j):
+        return F.linear(self.tokens, self.lins[j].weight, self.lins[j].bias)
+
+    def head(self, j):
+        return self.kept[j] if self.kept is not None else self._compute(j)
 
 
 @dataclass
