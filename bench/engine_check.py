@@ -111,7 +111,7 @@ def memory(preset, b, h, w, dev, release=True, log=print):
     rec = dict(preset=preset, batch=b, height=h, width=w, median_ms=m["median_ms"], first_call_ms=m["first_call_ms"],
                runs_ms=m["runs_ms"], peak_gib=peak / 2**30, first_call_peak_gib=first_peak / 2**30,
                resident_gib=resident / 2**30,
-               estimate_gib=est / 2**30, estimate_error=(est - peak) / peak, images_per_s=b * 1e3 / m["median_ms"],
+               estimate_gib=est / 2**30, estimate_error=(est - resident) / resident, images_per_s=b * 1e3 / m["median_ms"],
                attention_choice={str(k): v for k, v in eng._attn_choice.items()},
                op_choice={str(k): v for k, v in eng._op_choice.items()}, op_choice_ms=eng.choice_ms)
     if release and b == 1 and h <= 2048:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import ops
+from .api import fill_random_, random_net  # noqa: F401  (re-exported for bench/)
 from .config import get_preset
 from .flops import decode_flops, tflops
 from .timing import environment, nvml_snapshot, time_ms
@@ -29,51 +29,6 @@ OPTIMISATIONS = ("graphs",) + tuple(ops.OPS)
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-# -- random weights, fast -----------------------------------------------------------------
-
-@torch.no_grad()
-def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values quickly, in place.
-
-    nn.init on a 1.35B-parameter model takes ~20 s on a CPU; copying a 1M-number Gaussian
-    pool (rotated per tensor) into each weight is memory-bound. Matrices are scaled by
-    1/sqrt(fan_in) so activations stay O(1); 1-D norm weights are 1, other vectors 0.02.
-    The values only have to be finite and unstructured enough for timing.
-    """
-    params = list(module.named_parameters())
-    if not params or params[0][1].device.type == "meta":
-        return module
-    dev = params[0][1].device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    pool = torch.randn(1 << 20, generator=gen, device=dev, dtype=torch.float32)
-    for i, (name, p) in enumerate(params):
-        flat = p.view(-1)
-        if p.dim() >= 2:
-            src = pool * (1.0 / math.sqrt(p[0].numel()))
-        elif "norm" in name.lower() and name.endswith("weight"):
-            flat.fill_(1.0)
-            continue
-        else:
-            src = pool * 0.02
-        src = torch.roll(src, (i * 7919) % pool.numel()).to(p.dtype)
-        k, n = src.numel(), flat.numel()
-        for start in range(0, n, k):
-            m = min(k, n - start)
-            flat[start:start + m].copy_(src[:m])
-    return module
-
-
-def random_net(config, device, dtype: torch.dtype, seed: int = 0):
-    """PiDNet with random weights allocated straight in `dtype` on `device` (no nn.init pass)."""
-    from .reference import PiDNet
-    with torch.device("meta"):
-        net = PiDNet(config)
-    net = net.to(dtype).to_empty(device=device)
-    for name, buf in net.named_buffers():  # the reference keeps none today; refuse silently-garbage ones
-        raise RuntimeError(f"PiDNet buffer {name} would be left uninitialised by to_empty; build it another way")
-    return fill_random_(net, seed).eval().requires_grad_(False)
 
 
 def random_decoder(config, device, dtype: torch.dtype, autocast=None, net=None):

@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from .reference import apply_rope, rms_norm
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Names of the ops that have a Triton kernel; each maps to PIDKERN_DISABLE_<NAME upper>.
@@ -56,11 +58,6 @@ def disabled(*ops: str):
 
 # --- rms_modulate / pixel_modulate (memory-bound fusions; SPEC sections 4 and 6) ---
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
 def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_dtype=None):
     """(x_new, h): x_new = x + gate * y (x itself when y is None), keeping x's dtype;
     h = RMSNorm(x_new) * weight * (1 + scale) + shift in out_dtype (default y's, else x's dtype).
@@ -75,7 +72,7 @@ def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_d
     if (y is None) != (gate is None):
         raise ValueError("y and gate must be given together (the residual update is x + gate * y)")
     x_new = x if y is None else (x + gate * y).to(x.dtype)
-    h = _rms_norm_torch(x_new, weight, eps) * (1 + scale) + shift
+    h = rms_norm(x_new, weight, eps) * (1 + scale) + shift
     return x_new, h.to(out_dtype)
 
 
@@ -108,7 +105,7 @@ def pixel_pre(p, m, norm1_w, eps=1e-6):
         return fused(p, m, norm1_w, eps)
     R, P2, Dp = p.shape
     m3 = m.reshape(R, P2, 6 * Dp)
-    u = _rms_norm_torch(p, norm1_w, eps) * (1 + m3[..., Dp:2 * Dp]) + m3[..., 0:Dp]
+    u = rms_norm(p, norm1_w, eps) * (1 + m3[..., Dp:2 * Dp]) + m3[..., 0:Dp]
     return u.to(m.dtype).reshape(R, P2 * Dp)
 
 
@@ -124,7 +121,7 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
     first = m3.shape[-1] // 16 - 4   # the four chunks are the last four of m's row
     g1, sh2, sc2, g2 = (m3[..., k * 16:(k + 1) * 16] for k in range(first, first + 4))
     p1 = (p + g1 * e3).to(p.dtype)
-    u = _rms_norm_torch(p1, norm2_w, eps) * (1 + sc2) + sh2
+    u = rms_norm(p1, norm2_w, eps) * (1 + sc2) + sh2
     hid = torch.nn.functional.gelu(torch.nn.functional.linear(u.to(fc1_w.dtype), fc1_w, fc1_b))
     mlp = torch.nn.functional.linear(hid.to(fc2_w.dtype), fc2_w, fc2_b)
     return (p1 + g2 * mlp).to(p.dtype)
@@ -133,18 +130,6 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
 # --------------------------------------------------------------------------- attention
 
 ATTENTION_BACKENDS = ("triton", "prep+sdpa", "prep+triton", "torch")
-
-
-def _rms_norm_heads(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
-
-def _rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [B, N, H, hd]; cos, sin [N, hd/2]; pairs (2m, 2m+1) rotated in float32."""
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2).to(dtype)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -168,12 +153,13 @@ def _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_nor
     """The unfused chain: RMSNorm + RoPE per source, concatenate [text; image], SDPA."""
     B, L, C = qkv_img.shape
     hd = C // (3 * heads)
-    dt = qkv_img.dtype
 
     def prep(qkv, wq, wk, rope):
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, hd).unbind(2)
-        return (_rope_heads(_rms_norm_heads(q, wq, eps), *rope, dt),
-                _rope_heads(_rms_norm_heads(k, wk, eps), *rope, dt), v)
+        cos, sin = (r[:, None, :] for r in rope)          # [N, 1, hd/2]: q, k are [B, N, H, hd]
+        # the norm weights may be wider than q (float32 weights, half activations): keep q's dtype
+        return (apply_rope(rms_norm(q, wq, eps).to(q.dtype), cos, sin),
+                apply_rope(rms_norm(k, wk, eps).to(k.dtype), cos, sin), v)
 
     q, k, v = prep(qkv_img, q_norm_img, k_norm_img, rope_img)
     T = 0
