@@ -23,13 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.ops import interpreting
-
-if interpreting():
-    try:  # NumPy >= 2.3 breaks the 3.6 interpreter's loop bounds; the shim fixes that.
-        from pidkern.kernels import _interp_compat  # noqa: F401
-    except ImportError:
-        pass
+from pidkern.kernels._common import INTERPRET
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -276,7 +270,7 @@ def _prep_one(src, dst, w_ptr, cos_ptr, sin_ptr, rows, s_t, n, eps, NORM: tl.con
 # ------------------------------------------------------------------------- launchers
 
 def _configs():
-    if interpreting():
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # Hopper flash-attention forward shapes, checked by compiling offline for sm_90: the
     # 8-warp ones do not spill (hd 72 fused at BLOCK_N 128: a few bytes); the 4-warp one
@@ -471,7 +465,7 @@ def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_
     if B == 0:
         return q, k, v
     hd_a, hd_b = _chunks(hd)
-    block = 32 if interpreting() else 64
+    block = 32 if INTERPRET else 64
     srcs = [(qkv_img, q_norm_img, k_norm_img, cos_img, sin_img, L, T)]
     if T:
         srcs.append((qkv_txt, q_norm_txt, k_norm_txt, cos_txt, sin_txt, T, 0))

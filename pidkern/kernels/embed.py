@@ -10,15 +10,12 @@ Everything accumulates in float32; outputs take the weights' dtype.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if _INTERPRET:
-    from pidkern.kernels import _interp_compat  # noqa: F401
+from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile
 
 
 def _configs():
@@ -42,14 +39,8 @@ def _embed_kernel(x_ptr, w_ptr, b_ptr, pw_ptr, pb_ptr, col_ptr, row_ptr, tok_ptr
                   GROUP_M: tl.constexpr, PIX_M: tl.constexpr, DOT_PREC: tl.constexpr):
     K: tl.constexpr = 3 * P * P
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(D, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = grouped_tile(pid, M, D, BLOCK_M, BLOCK_N, GROUP_M)
 
     # ---- patch tokens: GEMM with the im2col in the A loads ----
     rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)

@@ -12,15 +12,12 @@ log_alpha stays a 0-d tensor, read in the kernel, so CUDA graphs do not freeze i
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if _INTERPRET:
-    from pidkern.kernels import _interp_compat  # noqa: F401
+from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile
 
 
 def _gemm_configs():
@@ -45,14 +42,7 @@ def _gate_gemm_kernel(x_ptr, lq_ptr, w_ptr, b_ptr, la_ptr, sig_ptr, out_ptr, M, 
     # M = B*N token rows, D channels (the GEMM's N and half its K); x etc. are [B, N, D]
     # with a unit channel stride.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(D, BLOCK_N)
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = grouped_tile(pid, M, D, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % D

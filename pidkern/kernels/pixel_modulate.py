@@ -29,7 +29,6 @@ runs both matmuls with tl.dot, so the [R, 256, 64] hidden activation never reach
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -37,7 +36,7 @@ import triton.language as tl
 
 from pidkern.ops import band_rows  # noqa: F401  (lives in ops so the engine needs no Triton for it)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from pidkern.kernels._common import INTERPRET as _INTERPRET
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 DP = 16       # pixel width
 HIDDEN = 64   # pixel MLP hidden width

@@ -15,13 +15,12 @@ that h is the norm of exactly the residual the caller keeps.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from pidkern.kernels._common import INTERPRET as _INTERPRET
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -7,15 +7,12 @@ SiLU-product happens in float32 in the epilogue. The w2 GEMM stays with cuBLAS.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if _INTERPRET:
-    from pidkern.kernels import _interp_compat  # noqa: F401
+from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile
 
 
 def _configs():
@@ -39,15 +36,7 @@ def _swiglu_kernel(u_ptr, w_ptr, h_ptr, M, Hm, D,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr):
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(Hm, BLOCK_N)
-    # Grouped ordering: GROUP_M row blocks sweep the columns together so w13 stays in L2.
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = grouped_tile(pid, M, Hm, BLOCK_M, BLOCK_N, GROUP_M)
 
     # Out-of-range rows/columns wrap onto valid ones so the loads need no M/N masks;
     # the store is masked.
