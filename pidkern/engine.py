@@ -6,11 +6,14 @@ What it does differently from the reference (same math, same weights):
   reference's w1/w3 become views of it, so no weight exists twice), the pixel blocks'
   modulation rows regrouped into the half needed before attention and the half needed
   after it.
-- Once per decode: the latent adapter's convolutions and all its output heads, the text
-  embedding, the RoPE and sin-cos tables (cached per shape).
+- Once per decode: the latent adapter's convolutions and, while they take at most
+  256 MiB, all its output heads (beyond that each head is recomputed where it is used,
+  0.3% of the FLOPs, to hold the memory target); the text embedding; the RoPE and sin-cos
+  tables (cached per shape).
 - Per step: patch/pixel embedding, gated residual + RMSNorm + adaLN, the sigma gate,
-  attention with QK-norm + RoPE, SwiGLU through `pidkern.ops` (Triton); the pixel blocks'
-  Linear(1536 -> 24576) modulation in bands of patches (at most 256 MiB at once); the
+  attention with QK-norm + RoPE, SwiGLU through `pidkern.ops` (Triton, or cuBLAS where a
+  one-time race at warm-up finds it faster); the pixel blocks'
+  Linear(1536 -> 24576) modulation in bands of patches (at most 128 MiB at once); the
   output head + fold + sampler update through `pidkern._C` in one pass. The last patch
   block's text stream is not updated (nothing reads it).
 - On CUDA the whole decode (adapter, 4 steps, sampler) is one CUDA graph per
@@ -171,10 +174,6 @@ class Engine:
         self.cfg: PiDConfig = decoder.config
         self.device = decoder.device
         self.dtype = decoder.dtype
-        if self.device.type != "cuda" and not ops.interpreting():
-            # Without CUDA the kernels exist only under the Triton interpreter; the ops
-            # fall back to PyTorch math, which is still a valid (slow) engine run.
-            pass
         self.attention_backend = attention_backend or os.environ.get("PIDKERN_ATTENTION_BACKEND")
         if self.attention_backend is not None and self.attention_backend not in ops.ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}: expected one of {ops.ATTENTION_BACKENDS}")
