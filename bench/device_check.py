@@ -1,6 +1,6 @@
 """Everything pidkern needs a GPU for, in one call: build, test, time.
 
-    python bench/device_check.py --out "$OUT" [--quick] [--budget-s 520]
+    python bench/device_check.py --out "$OUT" [--quick] [--budget-s 345]
 
 Stages, in order of what matters most, each in its own process (a crash in one keeps
 the others' results) and each under its own share of the time budget:
@@ -29,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
     ap.add_argument("--quick", action="store_true", help="a short first look: fewer cases, no suite")
-    ap.add_argument("--budget-s", type=float, default=520)
+    ap.add_argument("--budget-s", type=float, default=345, help="whole-run limit (default: under 6 minutes)")
     ap.add_argument("--skip", default="", help="comma-separated stages to skip")
     args = ap.parse_args()
     out = Path(args.out)
@@ -73,10 +73,10 @@ def main():
 
     py = sys.executable
     q = args.quick
-    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 120)
-    stage("engine", [py, "-m", "bench.engine_check", "--out", str(out), "--budget-s", "100" if q else "170"] +
-          (["--quick"] if q else []), 130 if q else 200)
-    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10" if q else "20"], 100 if q else 110)
+    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 90)
+    stage("engine", [py, "-m", "bench.engine_check", "--out", str(out), "--budget-s", "80" if q else "100"] +
+          (["--quick"] if q else []), 110 if q else 130)
+    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10"], 70 if q else 80)
     # one pytest process per file: an illegal memory access poisons the CUDA context for
     # every later test of its process (seen on H200, 2026-11-26: one attention test took 24
     # others down with it)
@@ -84,7 +84,7 @@ def main():
                    if "pytest.mark.cuda" in p.read_text())
     stage("tests", ["bash", "-c", " ; ".join(
         f"echo '-- {f}'; {py} -m pytest -q -rfE -m cuda -p no:cacheprovider --timeout 60 {f} 2>&1 | tail -n 25"
-        for f in files)], 90 if q else 150)
+        for f in files)], 90 if q else 110)
     if not q:
         stage("suite", [py, "-m", "bench", "--sizes", "2048", "--batches", "1", "--rows", "bf16,cascade",
                         "--max-row-s", "5", "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)],
