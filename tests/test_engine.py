@@ -26,15 +26,16 @@ def text_for(cfg, b, n=8, seed=5):
 
 
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
-@pytest.mark.parametrize("base,latent_hw,steps,sampler", [
-    ("flux-2k", (1, 2), 4, "sde"),            # v1, non-square grid, batch 2, per-sample sigma
-    ("flux2-2kto4k-v1.5", (1, 1), 2, "sde"),  # v1.5: FLUX.2 unpack, per-token gates, pit gate
-    ("flux-2k", (1, 1), 2, "ode"),
+@pytest.mark.parametrize("base,latent_hw,steps,sampler,overrides", [
+    ("flux-2k", (1, 2), 4, "sde", {}),            # v1, non-square grid, batch 2, per-sample sigma
+    ("flux2-2kto4k-v1.5", (1, 1), 2, "sde", {}),  # v1.5: FLUX.2 unpack, per-token gates, pit gate
+    ("siglip-2k", (1, 1), 1, "sde", {"patch": 16}),  # 8x: the adapter upsamples 8x to the grid
+    ("flux-2k", (1, 1), 2, "ode", {}),
 ])
-def test_fast_path_matches_reference_in_float32(base, latent_hw, steps, sampler):
+def test_fast_path_matches_reference_in_float32(base, latent_hw, steps, sampler, overrides):
     """Every fused kernel (interpreted), the extension's CPU twin and the engine's reordering
     of the work must give the reference's images to float32 rounding."""
-    cfg = tiny(base)
+    cfg = tiny(base, **overrides)
     dec = pidkern.load(preset=cfg, device="cpu")
     latent = torch.randn(2, cfg.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.0, 0.35])
