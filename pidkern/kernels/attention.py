@@ -48,6 +48,19 @@ def _load_tile(base, rows, stride, cols, n_rows, n_cols, MASK_R: tl.constexpr, M
 
 
 @triton.jit
+def _load_head(base, rows, stride, n_rows, HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
+               MASK_R: tl.constexpr):
+    """One head's vectors for `rows` as two chunks: [R, HD_A] and [R, HD_B] (columns past HD
+    masked; hd 72 = 64 + 16 with 8 masked). With HD_B == 0 the second chunk is a stand-in."""
+    x_a = _load_tile(base, rows, stride, tl.arange(0, HD_A), n_rows, HD, MASK_R, False)
+    if HD_B > 0:
+        x_b = _load_tile(base, rows, stride, HD_A + tl.arange(0, HD_B), n_rows, HD, MASK_R, HD_A + HD_B != HD)
+    else:
+        x_b = x_a
+    return x_a, x_b
+
+
+@triton.jit
 def _rope(x, c, s):
     # x [R, W] holds pairs (2m, 2m+1) side by side; c, s [R, W/2]
     a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
@@ -95,15 +108,8 @@ def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, 
              start_n, n_k, eps,
              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
              MASK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    MASK_C: tl.constexpr = HD_A + HD_B != HD
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    da = tl.arange(0, HD_A)
-    k_a = _load_tile(k_base, offs_n, stride, da, n_k, HD, MASK, False)
-    if HD_B > 0:
-        db = HD_A + tl.arange(0, HD_B)
-        k_b = _load_tile(k_base, offs_n, stride, db, n_k, HD, MASK, MASK_C)
-    else:
-        k_b = k_a
+    k_a, k_b = _load_head(k_base, offs_n, stride, n_k, HD, HD_A, HD_B, MASK)
     if NORM:
         ka32, kb32 = _norm_rope(k_a, k_b, wk_a, wk_b, cos_ptr, sin_ptr, offs_n, n_k, eps, MASK, HD, HD_A, HD_B)
         k_a = ka32.to(q_a.dtype)
@@ -119,10 +125,9 @@ def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, 
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(q_a.dtype)
-    v_a = _load_tile(v_base, offs_n, stride, da, n_k, HD, MASK, False)
+    v_a, v_b = _load_head(v_base, offs_n, stride, n_k, HD, HD_A, HD_B, MASK)
     acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PREC)
     if HD_B > 0:
-        v_b = _load_tile(v_base, offs_n, stride, db, n_k, HD, MASK, MASK_C)
         acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PREC)
     return acc_a, acc_b, m_new, l_i
 
@@ -138,7 +143,6 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
     """Grid: (query tiles of the image then of the text, B*H). Strides are in elements;
     within a token the heads are packed (head stride = HD), which keeps the alignment
     of every row visible to the compiler (hd 72 rows are 16-byte aligned)."""
-    MASK_C: tl.constexpr = HD_A + HD_B != HD
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -168,13 +172,7 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
             wq_ptr = WQt
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    da = tl.arange(0, HD_A)
-    q_a = _load_tile(q_base, offs_m, q_stride, da, n_q, HD, True, False)
-    if HD_B > 0:
-        db = HD_A + tl.arange(0, HD_B)
-        q_b = _load_tile(q_base, offs_m, q_stride, db, n_q, HD, True, MASK_C)
-    else:
-        q_b = q_a
+    q_a, q_b = _load_head(q_base, offs_m, q_stride, n_q, HD, HD_A, HD_B, True)
     # q is prepared once: normalised, roped, and pre-multiplied by scale*log2(e)
     if NORM:
         wq_a, wq_b = _load_w(wq_ptr, HD, HD_A, HD_B)
@@ -222,9 +220,11 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
 
     inv_l = 1.0 / l_i
     row_ok = offs_m[:, None] < n_q
+    da = tl.arange(0, HD_A)
     tl.store(o_base + offs_m[:, None] * o_stride + da[None, :],
              (acc_a * inv_l[:, None]).to(Oi.dtype.element_ty), mask=row_ok)
     if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
         tl.store(o_base + offs_m[:, None] * o_stride + db[None, :],
                  (acc_b * inv_l[:, None]).to(Oi.dtype.element_ty), mask=row_ok & (db[None, :] < HD))
 
@@ -249,21 +249,16 @@ def _prep(QKV, Q, K, V, Cos, Sin, WQ, WK, s_b, s_t, s_ob, n, tok0, H, eps,
 @triton.jit
 def _prep_one(src, dst, w_ptr, cos_ptr, sin_ptr, rows, s_t, n, eps, NORM: tl.constexpr, H,
               HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr):
-    MASK_C: tl.constexpr = HD_A + HD_B != HD
-    da = tl.arange(0, HD_A)
-    x_a = _load_tile(src, rows, s_t, da, n, HD, True, False)
-    if HD_B > 0:
-        db = HD_A + tl.arange(0, HD_B)
-        x_b = _load_tile(src, rows, s_t, db, n, HD, True, MASK_C)
-    else:
-        x_b = x_a
+    x_a, x_b = _load_head(src, rows, s_t, n, HD, HD_A, HD_B, True)
     if NORM:
         w_a, w_b = _load_w(w_ptr, HD, HD_A, HD_B)
         x_a, x_b = _norm_rope(x_a, x_b, w_a, w_b, cos_ptr, sin_ptr, rows, n, eps, True, HD, HD_A, HD_B)
     ok = rows[:, None] < n
     ptr = dst + rows[:, None] * (H * HD)
+    da = tl.arange(0, HD_A)
     tl.store(ptr + da[None, :], x_a.to(dst.dtype.element_ty), mask=ok)
     if HD_B > 0:
+        db = HD_A + tl.arange(0, HD_B)
         tl.store(ptr + db[None, :], x_b.to(dst.dtype.element_ty), mask=ok & (db[None, :] < HD))
 
 
