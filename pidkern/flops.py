@@ -38,7 +38,6 @@ def _step_parts(config: PiDConfig, height: int, width: int, text_tokens: int) ->
     L = Hs * Ws
     P2 = config.pixels_per_patch
     A, Dp = config.pixel_attn_dim, config.pixel_dim
-    Hd = config.adapter_width
 
     per_token = 2 * (3 * D * D + D * D + 3 * D * config.mlp_hidden)  # qkv, proj, SwiGLU
     patch_gemm = config.patch_blocks * ((L + Ly) * per_token + 2 * 2 * D * 6 * D)  # + adaLN img/txt

@@ -186,7 +186,7 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     if backend == "torch" or not use_triton("attention", qkv_img):
         return _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
                                 rope_img, rope_txt, heads, eps)
-    from pidkern.kernels import attention as K  # noqa: F401  (registers the ops)
+    import pidkern.kernels.attention  # noqa: F401  (registers the torch.ops.pidkern attention ops)
     cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
     args = (qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, *rope_img, cos_t, sin_t,
             heads, float(eps))
