@@ -171,6 +171,13 @@ def _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_nor
     return o[:, T:], (o[:, :T] if qkv_txt is not None else None)
 
 
+def _attention_rows_aligned(qkv_img, qkv_txt, heads) -> bool:
+    if not qkv_img.is_cuda or not isinstance(heads, int) or heads <= 0 or qkv_img.dim() != 3:
+        return True  # the interpreter has no alignment rule; bad arguments get the kernel's errors
+    from pidkern.kernels.attention import rows_aligned
+    return rows_aligned(qkv_img, heads) and (qkv_txt is None or rows_aligned(qkv_txt, heads))
+
+
 def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt, heads,
               eps=1e-6, backend: str = "triton"):
     """Joint [text; image] attention with q/k RMSNorm and RoPE, from the QKV Linear outputs.
@@ -179,11 +186,14 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     rope_* = (cos, sin) float32 [N, hd/2]. Returns (o_img [B, L, heads*hd],
     o_txt [B, T, heads*hd] or None). backend: "triton" (fully fused flash kernel),
     "prep+sdpa" (fused QK-norm/RoPE kernel, then SDPA/cuDNN), "prep+triton" (the same
-    prep, then the Triton attention core), "torch" (the unfused chain).
+    prep, then the Triton attention core), "torch" (the unfused chain). On CUDA, rows that
+    do not start 16-byte aligned (a head dim that is not a multiple of 8 in 16-bit types,
+    or odd views) take the unfused chain whatever the backend.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {ATTENTION_BACKENDS}")
-    if backend == "torch" or not use_triton("attention", qkv_img):
+    fused = use_triton("attention", qkv_img) and _attention_rows_aligned(qkv_img, qkv_txt, heads)
+    if backend == "torch" or not fused:
         return _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
                                 rope_img, rope_txt, heads, eps)
     import pidkern.kernels.attention  # noqa: F401  (registers the torch.ops.pidkern attention ops)

@@ -12,6 +12,21 @@ if INTERPRET:
     from pidkern.kernels import _interp_compat  # noqa: F401
 
 
+def row_align(elem_size: int, *strides: int) -> int:
+    """Largest power of two, at most 16 bytes' worth of elements, dividing every stride.
+
+    Triton only learns an integer argument's alignment when it is a multiple of 16, so a
+    row stride like 3 heads x 72 = 216 elements (432 bytes, 16-byte aligned) would be taken
+    as unaligned: no vector loads, no async copies into shared memory, and on sm_90 a
+    separate, register-starved code path. Launchers pass strides divided by this unit and
+    kernels multiply them back by it as a constexpr, which the compiler can see.
+    (tl.multiple_of cannot carry it: on a kernel argument the hint is dropped.)"""
+    unit = max(1, 16 // elem_size)
+    while unit > 1 and any(s % unit for s in strides):
+        unit //= 2
+    return unit
+
+
 @triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a GEMM program in grouped order: GROUP_M row blocks sweep the

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET
+from pidkern.kernels._common import INTERPRET, row_align
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -138,11 +138,18 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
               s_ib, s_it, s_tb, s_tt, s_oib, s_oit, s_otb, s_ott,
               L, T, H, qk_scale, eps,
               HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
-              HAS_TXT: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+              HAS_TXT: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid: (query tiles of the image then of the text, B*H). Strides are in elements;
-    within a token the heads are packed (head stride = HD), which keeps the alignment
-    of every row visible to the compiler (hd 72 rows are 16-byte aligned)."""
+    """Grid: (query tiles of the image then of the text, B*H). Strides come in units of
+    ALIGN elements (see row_align); within a token the heads are packed (head stride HD)."""
+    s_ib = s_ib * ALIGN
+    s_it = s_it * ALIGN
+    s_tb = s_tb * ALIGN
+    s_tt = s_tt * ALIGN
+    s_oib = s_oib * ALIGN
+    s_oit = s_oit * ALIGN
+    s_otb = s_otb * ALIGN
+    s_ott = s_ott * ALIGN
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -231,9 +238,12 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
 
 @triton.jit
 def _prep(QKV, Q, K, V, Cos, Sin, WQ, WK, s_b, s_t, s_ob, n, tok0, H, eps,
-          HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, BLOCK: tl.constexpr):
+          HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """One token block of one (batch, head): q, k normalised + roped, v copied, written
-    to rows tok0.. of the [B, N, H, hd] outputs."""
+    to rows tok0.. of the [B, N, H, hd] outputs. Strides in units of ALIGN elements."""
+    s_b = s_b * ALIGN
+    s_t = s_t * ALIGN
+    s_ob = s_ob * ALIGN
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -278,7 +288,7 @@ def _configs():
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM"])(_attn_fwd)
+_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN"])(_attn_fwd)
 
 
 def _chunks(hd: int) -> tuple[int, int]:
@@ -363,6 +373,36 @@ def check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_tx
     return B, L, T, hd
 
 
+def _aligned(tensors, strides, hd: int) -> tuple[int, bool]:
+    """(stride unit, whether every row of every tensor starts 16-byte aligned).
+
+    On CUDA the launchers refuse unaligned rows: Triton then builds a different sm_90
+    program (no async copies, every register in use), and the one case that took it on
+    an H200 (3 heads x 72, rows of 216 elements, before strides were passed in aligned
+    units) ended in an illegal memory access. ops.attention sends such inputs to the
+    PyTorch chain instead."""
+    size = tensors[0].element_size()
+    unit = row_align(size, *strides, hd)
+    ok = unit * size >= 16 and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return unit, ok
+
+
+def _require_aligned(what: str, tensors, strides, hd: int) -> int:
+    unit, ok = _aligned(tensors, strides, hd)
+    if tensors[0].is_cuda and not ok:
+        raise ValueError(f"{what}: on CUDA every q/k/v row must start 16-byte aligned (head dim {hd}, strides "
+                         f"{tuple(strides)}, {tensors[0].dtype}); use a head dim that is a multiple of "
+                         f"{16 // tensors[0].element_size()} and contiguous inputs, or ops.attention, which "
+                         f"falls back to PyTorch")
+    return unit
+
+
+def rows_aligned(qkv: torch.Tensor, heads: int) -> bool:
+    """Whether the CUDA kernels accept this QKV Linear output (see _aligned)."""
+    hd = qkv.shape[-1] // (3 * heads)
+    return _aligned([qkv], (qkv.stride(0), qkv.stride(1)), hd)[1]
+
+
 def _prec(dtype):
     # fp32 inputs must not silently drop to tf32 on the GPU
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -431,15 +471,18 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
             raise ValueError(f"{name}: strides {s} differ from q's {s_i}")
     hd_a, hd_b = _chunks(hd)
     qk_scale = LOG2E / math.sqrt(hd)
+    strides = (*s_i, *s_t, oi.stride(0), oi.stride(1), ot.stride(0), ot.stride(1))
+    # the head offset h*hd is part of every row address too
+    align = _require_aligned("attention", (qi, ki, vi, oi, qt, kt, vt, ot), strides, hd)
 
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]) + triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
     with torch.cuda.device(qi.device) if qi.is_cuda else _nullctx():
         _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
-                              s_i[0], s_i[1], s_t[0], s_t[1], oi.stride(0), oi.stride(1), ot.stride(0), ot.stride(1),
-                              L, T, H, qk_scale, eps,
-                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=_prec(qi.dtype))
+                              *(s // align for s in strides), L, T, H, qk_scale, eps,
+                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=_prec(qi.dtype),
+                              ALIGN=align)
 
 
 class _nullctx:
@@ -466,9 +509,11 @@ def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_
         srcs.append((qkv_txt, q_norm_txt, k_norm_txt, cos_txt, sin_txt, T, 0))
     with torch.cuda.device(qkv_img.device) if qkv_img.is_cuda else _nullctx():
         for qkv, wq, wk, cos, sin, n, tok0 in srcs:
+            align = _require_aligned("attention_prep", (qkv, q), (qkv.stride(0), qkv.stride(1), q.stride(0)), hd)
             _prep[(triton.cdiv(n, block), B * heads)](
-                qkv, q, k, v, cos, sin, wq, wk, qkv.stride(0), qkv.stride(1), q.stride(0), n, tok0, heads, eps,
-                HD=hd, HD_A=hd_a, HD_B=hd_b, BLOCK=block, num_warps=4)
+                qkv, q, k, v, cos, sin, wq, wk, qkv.stride(0) // align, qkv.stride(1) // align, q.stride(0) // align,
+                n, tok0, heads, eps,
+                HD=hd, HD_A=hd_a, HD_B=hd_b, ALIGN=align, BLOCK=block, num_warps=4)
     return q, k, v
 
 

@@ -104,6 +104,36 @@ def test_pixel_hd72_no_text(dtype):
     check(2, 5, 7, 0, 2, 72, dtype, BACKENDS)
 
 
+@pytest.mark.parametrize("heads,hd", [(3, 72), (1, 20)])
+def test_rows_not_16_element_multiples(heads, hd):
+    # 3 x 72 = 216-element rows: the kernels get their strides in 8-element units;
+    # 20-wide rows (60 in qkv): in 4-element units; hd 20 also masks 12 of the 16-wide chunk
+    from pidkern.kernels._common import row_align
+    assert row_align(2, 3 * heads * hd, heads * hd, hd) == (8 if hd == 72 else 4)
+    check(2, 3, 7, 5, heads, hd, torch.float16, BACKENDS)
+
+
+def test_row_align():
+    from pidkern.kernels._common import row_align
+    assert row_align(2, 1536, 4608) == 8      # 16 bytes of bf16
+    assert row_align(4, 1536) == 4            # 16 bytes of float32
+    assert row_align(2, 216, 72) == 8
+    assert row_align(2, 60, 20) == 4
+    assert row_align(2, 18) == 2
+    assert row_align(2, 7) == 1
+    assert row_align(1, 48) == 16
+
+
+def test_rows_aligned_rule():
+    from pidkern.kernels.attention import rows_aligned
+    base = torch.empty(2, 5, 3 * 3 * 72 + 8, dtype=torch.float16)
+    assert rows_aligned(base[..., :3 * 3 * 72], 3)            # 648 + 8 = 656-element rows: aligned
+    assert not rows_aligned(base[..., 1:3 * 3 * 72 + 1], 3)   # starts one element in
+    assert not rows_aligned(torch.empty(2, 5, 3 * 18, dtype=torch.float16), 1)  # 54-element rows
+    assert not rows_aligned(torch.empty(2, 5, 3 * 18, dtype=torch.float32)[..., :3 * 16], 1)  # 216-byte rows
+    assert rows_aligned(torch.empty(2, 5, 3 * 16, dtype=torch.float32), 1)
+
+
 def test_text_changes_image_output():
     # every image query must attend the text keys: perturbing only text v changes o_img
     qkv_img, qkv_txt, w, tabs = make(1, 3, 5, 7, 1, 64, torch.float32)
@@ -186,6 +216,17 @@ def test_opcheck():
                                               (45, 37, 300, 4, 64), (37, 45, 0, 4, 72)])
 def test_cuda_real_shapes(dtype, hs, ws, T, heads, hd):
     check(1, hs, ws, T, heads, hd, dtype, BACKENDS, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_unaligned_rows_fall_back():
+    # hd 20 in fp16: 60-element qkv rows (120 bytes) are not 16-byte aligned, so every backend
+    # runs the chain
+    check(2, 3, 5, 4, 1, 20, torch.float16, BACKENDS, device="cuda")
+    from pidkern.kernels.attention import attention_core
+    q = torch.randn(1, 9, 1, 20, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        attention_core(q, q, q)
 
 
 @pytest.mark.cuda
