@@ -40,6 +40,33 @@ def time_ms(fn, *, warmup: int = 3, reps: int = 10, device: str | None = None) -
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs_ms": times}
 
 
+def time_graph_ms(fn, *, warmup: int = 3, reps: int = 10, device: str | None = None) -> dict:
+    """Like time_ms, but on CUDA `fn` is captured once in a CUDA graph and the replays are
+    timed: the device time of its kernels without the host's dispatch, which is how the
+    engine runs them. Warm-up (autotuning included) runs eagerly before capture. Where
+    capture fails the eager timing is returned; "mode" says which one was taken."""
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda":
+        return {**time_ms(fn, warmup=warmup, reps=reps, device=device), "mode": "host"}
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - any capture failure means: time it eagerly, and say so
+        torch.cuda.synchronize(dev)
+        return {**time_ms(fn, warmup=warmup, reps=reps, device=device), "mode": f"eager ({type(err).__name__})"}
+    result = time_ms(graph.replay, warmup=2, reps=reps, device=device)
+    del graph
+    return {**result, "mode": "cuda-graph"}
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

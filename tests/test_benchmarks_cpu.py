@@ -42,3 +42,10 @@ def test_random_weights_tiny(benchmark):
 def test_flop_model(benchmark):
     f = benchmark.pedantic(decode_flops, args=(get_preset("flux-2k"), 1, 2048, 2048), rounds=5, iterations=10)
     assert f["total"] > 0
+
+
+def test_time_graph_ms_times_on_the_host_without_cuda():
+    from pidkern.timing import time_graph_ms
+    calls = []
+    r = time_graph_ms(lambda: calls.append(1), warmup=2, reps=4, device="cpu")
+    assert r["mode"] == "host" and len(r["runs_ms"]) == 4 and len(calls) == 6
