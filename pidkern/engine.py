@@ -58,7 +58,8 @@ def weight_bytes(cfg: PiDConfig, dtype_bytes: int = 2) -> int:
 
 
 # Fitted on NVIDIA H200 measurements (bench/results/engine_check_nvidia-h200_2026-11-26.json,
-# flux-2k at 1024², 2048², 4096² batch 1 and 2048² batch 4): the CUDA graph's private
+# flux-2k at 1024², 2048², 4096² batch 1 and 2048² batch 4; the image term has since lost
+# the four noise images decode no longer draws outside the graph's buffers): the CUDA graph's private
 # pool holds about 1.9x the largest transient working set (the four steps are unrolled in
 # one capture and freed blocks of one size rarely fit the next request), and about
 # 0.3 GiB more stays with cuBLAS/cuDNN workspaces and allocator rounding.
@@ -90,7 +91,7 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         n * cfg.adapter_width * e                             # adapter tokens
         + heads                                               # heads' outputs (or the one in use)
         + batch * t * d * 4                                   # text stream (float32)
-        + image * 8                                           # 4 noise buffers, output, x, x_next, returned copy
+        + image * 4                                           # the graph's noise buffers, x in flight, the copy returned
         + n * per_pixel * e                                   # pixel tokens
     )
     m = batch * (L + t)
@@ -459,12 +460,18 @@ class Engine:
         return _Runner(graph, bufs, out)
 
     # -- entry point ---------------------------------------------------------------------
-    def draw_noise(self, shape, steps, sampler, seed):
-        """The release's stream: one generator, initial noise then one eps per re-noising."""
+    def draw_noise(self, shape, steps, sampler, seed, out=None):
+        """The release's stream: one generator, initial noise then one eps per re-noising.
+
+        With `out` (a graph's static buffers) the draws go straight into them: a separate
+        set would hold as many more image-sized float32 buffers at the decode's peak."""
         gen = make_generator(seed, self.device)
         n_eps = sum(1 for t in schedule(steps)[1:] if t > 0) if sampler == "sde" else 0
-        return [torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32)
-                for _ in range(1 + n_eps)]
+        if out is None:
+            out = [torch.empty(shape, device=self.device, dtype=torch.float32) for _ in range(1 + n_eps)]
+        for buf in out[:1 + n_eps]:
+            torch.randn(shape, generator=gen, out=buf)
+        return out[:1 + n_eps]
 
     def check_memory(self, batch, h, w, text_len):
         if self.device.type != "cuda":
@@ -480,9 +487,9 @@ class Engine:
     def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise=None):
         h, w = size
         b = latent.shape[0]
-        noise = noise if noise is not None else self.draw_noise((b, 3, h, w), steps, sampler, seed)
         if not self.use_graphs:
             self.check_memory(b, h, w, text.shape[1])
+            noise = noise if noise is not None else self.draw_noise((b, 3, h, w), steps, sampler, seed)
             out = self.run(latent, sigma, text, noise, steps, sampler, h, w, choose=latent.is_cuda)
             if progress:
                 progress(steps, steps)
@@ -496,8 +503,11 @@ class Engine:
             r.bufs["latent"].copy_(latent)
             r.bufs["sigma"].copy_(sigma)
             r.bufs["text"].copy_(text)
-            for dst, src in zip(r.bufs["noise"], noise):
-                dst.copy_(src)
+            if noise is None:
+                self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
+            else:
+                for dst, src in zip(r.bufs["noise"], noise):
+                    dst.copy_(src)
             r.graph.replay()
             out = r.out.clone()
         if progress:
