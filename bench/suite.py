@@ -118,7 +118,7 @@ class Plan:
                     for opt in pb.OPTIMISATIONS:
                         rows.append(self._pid_row(f"fast -{opt}", size, batch, self._fast,
                                                   context=lambda o=opt: pb.ablation([o])))
-                    for backend in getattr(pb.ops, "ATTENTION_BACKENDS", ()):
+                    for backend in pb.ATTENTION_BACKENDS:
                         rows.append(self._pid_row(f"fast attention={backend}", size, batch, self._fast,
                                                   context=lambda b=backend: pb.ablation((), b)))
                 if "release" in self.rows_on:

@@ -21,6 +21,7 @@ import torch
 from . import ops
 from .api import fill_random_, random_net  # noqa: F401  (re-exported for bench/)
 from .config import get_preset
+from .engine import ATTENTION_BACKENDS  # noqa: F401  (the --attention-backend choices; bench/ reads it here)
 from .flops import decode_flops, tflops
 from .timing import environment, nvml_snapshot, time_ms
 
@@ -148,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="quick: this one decode; full: the repo's bench/ suite (needs a checkout)")
     g.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the suite runs")
     g.add_argument("--dry-run", action="store_true", help="print what would be measured and exit")
-    g.add_argument("--attention-backend", default=None, choices=getattr(ops, "ATTENTION_BACKENDS", None),
+    g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="attention backend of the fast engine")
     for opt in OPTIMISATIONS:
         g.add_argument(f"--disable-{opt.replace('_', '-')}", dest=f"disable_{opt}", action="store_true",

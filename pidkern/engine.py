@@ -34,11 +34,18 @@ from .config import PiDConfig, get_preset
 from .reference import pixel_sincos, rope_angles_1d, rope_angles_2d, rope_tables
 from .sampler import T_LIST, make_generator, schedule
 
-# Attention backends raced at warm-up. Left out: the unfused chain (never wins, and its
-# float32 temporaries would set the decode's memory peak during the race) and
-# "prep+triton" (its core failed a batch-2, 1000-token, head-dim-72 GPU test on H200,
-# 2026-11-26; it stays selectable by hand for debugging).
-AUTO_ATTENTION = ("prep+sdpa", "triton")
+# "qkv_rope+sdpa": the patch blocks' QKV Linear with QK-norm + RoPE in its epilogue
+# (ops.qkv_rope), then SDPA; an engine route, since it starts from the block's normalised
+# input rather than from the QKV output. The pixel blocks (head dim 72) take "prep+sdpa"
+# when it is forced.
+QKV_ROPE = "qkv_rope+sdpa"
+ATTENTION_BACKENDS = ops.ATTENTION_BACKENDS + (QKV_ROPE,)
+# Raced at warm-up (the patch routes with their QKV GEMMs, so the race is fair). Left out:
+# the unfused chain (never wins, and its float32 temporaries would set the decode's
+# memory peak during the race) and "prep+triton" (its core hit an illegal memory access
+# on H200, 2026-11-26, in the one shape whose rows Triton could not see were aligned,
+# since fixed but not yet rerun on a GPU; selectable by hand).
+AUTO_ATTENTION = ("prep+sdpa", "triton", QKV_ROPE)
 MODULATION_BAND_BYTES = 128 * 2**20   # the issue's bound is 256 MiB; half keeps the peak low
 
 
@@ -176,8 +183,8 @@ class Engine:
         self.device = decoder.device
         self.dtype = decoder.dtype
         self.attention_backend = attention_backend or os.environ.get("PIDKERN_ATTENTION_BACKEND")
-        if self.attention_backend is not None and self.attention_backend not in ops.ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend={self.attention_backend!r}: expected one of {ops.ATTENTION_BACKENDS}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r}: expected one of {ATTENTION_BACKENDS}")
         disable_graphs = os.environ.get("PIDKERN_DISABLE_GRAPHS") == "1"
         self.use_graphs = (self.device.type == "cuda" and not disable_graphs) if graphs is None else graphs
         if self.use_graphs and self.device.type != "cuda":
@@ -202,6 +209,11 @@ class Engine:
                     # the reference keeps working on views of the one concatenated matrix
                     mlp.w1.weight.data = mlp.w13[:hm]
                     mlp.w3.weight.data = mlp.w13[hm:]
+        for blk in self.net.patch_blocks:
+            a = blk.attn
+            # q and k norm weights side by side, as ops.qkv_rope reads them
+            a.qk_norms_x = torch.stack([a.q_norm_x.weight, a.k_norm_x.weight])
+            a.qk_norms_y = torch.stack([a.q_norm_y.weight, a.k_norm_y.weight])
         dp, p2 = cfg.pixel_dim, cfg.pixels_per_patch
         self.pixel_mod = []
         for blk in self.net.pixel_blocks:
@@ -246,25 +258,51 @@ class Engine:
         return self._tables[key]
 
     # -- the network, fused ----------------------------------------------------------------
-    def attention(self, kind: str, qkv, qkv_txt, weights, rope, rope_txt, heads):
-        backend = self.attention_backend or self._attn_choice.get((kind, qkv.shape, None if qkv_txt is None
-                                                                    else qkv_txt.shape), "triton")
-        return ops.attention(qkv, qkv_txt, *weights, rope, rope_txt, heads, backend=backend)
+    def patch_attention(self, a, hx, hy, tab, choose=False):
+        """The patch block's joint attention from its normalised inputs: (o_img, o_txt)."""
+        heads = self.cfg.heads
 
-    def choose_attention(self, kind, qkv, qkv_txt, weights, rope, rope_txt, heads):
-        """Time each attention backend once for this shape and keep the fastest."""
-        key = (kind, qkv.shape, None if qkv_txt is None else qkv_txt.shape)
-        if self.attention_backend or key in self._attn_choice or not qkv.is_cuda:
+        def run(backend):
+            if backend == QKV_ROPE:
+                q, k, v = ops.qkv_rope(hx, a.qkv_x.weight, a.qk_norms_x, tab["rope_img"], hy, a.qkv_y.weight,
+                                       a.qk_norms_y, tab["rope_txt"], heads=heads)
+                return ops.attend(q, k, v, hy.shape[1], True)
+            qkv_x, qkv_y = F.linear(hx, a.qkv_x.weight), F.linear(hy, a.qkv_y.weight)
+            return ops.attention(qkv_x, qkv_y, a.q_norm_x.weight, a.k_norm_x.weight, a.q_norm_y.weight,
+                                 a.k_norm_y.weight, tab["rope_img"], tab["rope_txt"], heads, backend=backend)
+
+        key = ("patch", hx.shape, hy.shape)
+        if choose:
+            self._choose(key, run, AUTO_ATTENTION, hx)
+        return run(self.attention_backend or self._attn_choice.get(key, "triton"))
+
+    def pixel_attention(self, qkv, at, tab, choose=False):
+        """The pixel block's attention over its compressed tokens (no text)."""
+        weights = (at.q_norm.weight, at.k_norm.weight, None, None)
+
+        def run(backend):
+            return ops.attention(qkv, None, *weights, tab["rope_pix"], None, self.cfg.pixel_heads,
+                                 backend=backend)[0]
+
+        key = ("pixel", qkv.shape)
+        if choose:
+            self._choose(key, run, tuple(b for b in AUTO_ATTENTION if b != QKV_ROPE), qkv)
+        forced = "prep+sdpa" if self.attention_backend == QKV_ROPE else self.attention_backend
+        return run(forced or self._attn_choice.get(key, "triton"))
+
+    def _choose(self, key, run, backends, t):
+        """Time each backend once for this shape and keep the fastest."""
+        if self.attention_backend or key in self._attn_choice or not t.is_cuda:
             return
         from .timing import time_ms
         best = None
-        for backend in AUTO_ATTENTION:
+        for backend in backends:
             try:
-                ms = time_ms(lambda: ops.attention(qkv, qkv_txt, *weights, rope, rope_txt, heads, backend=backend),
-                             warmup=2, reps=5)["median_ms"]
+                ms = time_ms(lambda: run(backend), warmup=2, reps=5)["median_ms"]
             except Exception as err:  # a backend that cannot run this shape is skipped, loudly
-                print(f"pidkern: attention backend {backend} failed for {kind} {tuple(qkv.shape)}: {err}")
+                print(f"pidkern: attention backend {backend} failed for {key[0]} {tuple(t.shape)}: {err}")
                 continue
+            self.choice_ms.setdefault(str(key), {})[backend] = ms
             if best is None or ms < best[1]:
                 best = (backend, ms)
         self._attn_choice[key] = best[0] if best else "torch"
@@ -294,13 +332,8 @@ class Engine:
             y, hy = ops.add_rms_modulate(y, blk.norm_y1.weight, th1, tc1, *(pend_y or (None, None)),
                                          eps=cfg.rms_eps, out_dtype=self.dtype)
             pend_x = pend_y = None
-            qkv_x, qkv_y = F.linear(hx, a.qkv_x.weight), F.linear(hy, a.qkv_y.weight)
+            ox, oy = self.patch_attention(a, hx, hy, tab, choose)
             del hx, hy  # every temporary is dropped as soon as it is read: the peak is the sum
-            weights = (a.q_norm_x.weight, a.k_norm_x.weight, a.q_norm_y.weight, a.k_norm_y.weight)
-            if choose:
-                self.choose_attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
-            ox, oy = self.attention("patch", qkv_x, qkv_y, weights, tab["rope_img"], tab["rope_txt"], cfg.heads)
-            del qkv_x, qkv_y
             ax = F.linear(ox, a.proj_x.weight, a.proj_x.bias)
             ay = F.linear(oy, a.proj_y.weight, a.proj_y.bias) if not last else None
             del ox, oy
@@ -354,10 +387,7 @@ class Engine:
                 a[r0:r1] = F.linear(u.reshape(r1 - r0, p2 * dp), blk.compress_to_attn.weight, blk.compress_to_attn.bias)
             at = blk.attn
             qkv = F.linear(a.view(batch, rows // batch, -1), at.qkv.weight)
-            weights = (at.q_norm.weight, at.k_norm.weight, None, None)
-            if choose:
-                self.choose_attention("pixel", qkv, None, weights, tab["rope_pix"], None, cfg.pixel_heads)
-            o, _ = self.attention("pixel", qkv, None, weights, tab["rope_pix"], None, cfg.pixel_heads)
+            o = self.pixel_attention(qkv, at, tab, choose)
             del qkv
             a = F.linear(o, at.proj.weight, at.proj.bias).view(rows, -1)
             del o

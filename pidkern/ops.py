@@ -22,7 +22,7 @@ from .reference import apply_rope, rms_norm
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Names of the ops that have a Triton kernel; each maps to PIDKERN_DISABLE_<NAME upper>.
-OPS = ("embed", "rms_modulate", "gate", "attention", "pixel_modulate", "swiglu")
+OPS = ("embed", "rms_modulate", "gate", "attention", "qkv_rope", "pixel_modulate", "swiglu")
 
 _local = threading.local()
 
@@ -148,11 +148,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt,
-                     heads, eps):
-    """The unfused chain: RMSNorm + RoPE per source, concatenate [text; image], SDPA."""
-    B, L, C = qkv_img.shape
-    hd = C // (3 * heads)
+def _prep_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt,
+                heads, eps):
+    """RMSNorm + RoPE of q, k per source and [text; image] concatenation: q, k, v [B, T+L, H, hd]."""
+    hd = qkv_img.shape[2] // (3 * heads)
 
     def prep(qkv, wq, wk, rope):
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, hd).unbind(2)
@@ -162,13 +161,25 @@ def _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_nor
                 apply_rope(rms_norm(k, wk, eps).to(k.dtype), cos, sin), v)
 
     q, k, v = prep(qkv_img, q_norm_img, k_norm_img, rope_img)
-    T = 0
     if qkv_txt is not None:
-        T = qkv_txt.shape[1]
         qt, kt, vt = prep(qkv_txt, q_norm_txt, k_norm_txt, rope_txt)
         q, k, v = torch.cat((qt, q), 1), torch.cat((kt, k), 1), torch.cat((vt, v), 1)
-    o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(B, T + L, C // 3)
-    return o[:, T:], (o[:, :T] if qkv_txt is not None else None)
+    return q, k, v
+
+
+def attend(q, k, v, text_len: int, has_text: bool):
+    """SDPA over prepared q, k, v [B, T+L, H, hd] -> (o_img [B, L, H*hd], o_txt [B, T, H*hd] or None)."""
+    B, N, H, hd = q.shape
+    o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(B, N, H * hd)
+    return o[:, text_len:], (o[:, :text_len] if has_text else None)
+
+
+def _attention_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt,
+                     heads, eps):
+    """The unfused chain: RMSNorm + RoPE per source, concatenate [text; image], SDPA."""
+    q, k, v = _prep_torch(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, rope_img, rope_txt,
+                          heads, eps)
+    return attend(q, k, v, 0 if qkv_txt is None else qkv_txt.shape[1], qkv_txt is not None)
 
 
 def _attention_rows_aligned(qkv_img, qkv_txt, heads) -> bool:
@@ -204,13 +215,38 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
         o_img, o_txt = torch.ops.pidkern.attention(*args)
         return o_img, (o_txt if qkv_txt is not None else None)
     q, k, v = torch.ops.pidkern.attention_prep(*args)
-    B, N, H, hd = q.shape
+    T = q.shape[1] - qkv_img.shape[1]
     if backend == "prep+sdpa":
-        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(B, N, H * hd)
-    else:
-        o = torch.ops.pidkern.attention_core(q, k, v)
-    T = N - qkv_img.shape[1]
+        return attend(q, k, v, T, qkv_txt is not None)
+    o = torch.ops.pidkern.attention_core(q, k, v)
     return o[:, T:], (o[:, :T] if qkv_txt is not None else None)
+
+
+def qkv_rope(h_img, w_img, norms_img, rope_img, h_txt=None, w_txt=None, norms_txt=None, rope_txt=None, *,
+             heads: int, eps: float = 1e-6):
+    """The attention's QKV Linear (no bias) and its QK-norm + RoPE: q, k, v [B, T+L, H, hd],
+    text first, ready for `attend`.
+
+    h_img [B, L, D] and h_txt [B, T, D] (or None) are the normalised block inputs,
+    w_* [3*heads*hd, D] the QKV weights, norms_* [2, hd] the q and k RMSNorm weights
+    stacked, rope_* (cos, sin) float32 [N, hd/2]. The Triton kernel does the norm and
+    RoPE in the GEMM's epilogue (power-of-two head dims, 16-byte aligned rows on CUDA);
+    otherwise cuBLAS + the PyTorch chain, rounding the Linear's output the same way."""
+    hd = w_img.shape[0] // (3 * heads) if isinstance(heads, int) and heads > 0 else 0
+    fused = use_triton("qkv_rope", h_img, w_img) and hd >= 16 and hd & (hd - 1) == 0
+    if fused and h_img.is_cuda:
+        from pidkern.kernels.qkv_rope import rows_aligned
+        fused = rows_aligned(h_img, w_img) and (h_txt is None or rows_aligned(h_txt, w_txt))
+    if fused:
+        import pidkern.kernels.qkv_rope  # noqa: F401  (registers torch.ops.pidkern.qkv_rope)
+        cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
+        return tuple(torch.ops.pidkern.qkv_rope(h_img, w_img, norms_img, *rope_img, h_txt, w_txt, norms_txt,
+                                                cos_t, sin_t, heads, float(eps)))
+    import torch.nn.functional as F
+    qkv_txt = F.linear(h_txt, w_txt) if h_txt is not None else None
+    return _prep_torch(F.linear(h_img, w_img), qkv_txt, norms_img[0], norms_img[1],
+                       *((None, None) if norms_txt is None else (norms_txt[0], norms_txt[1])),
+                       rope_img, rope_txt, heads, eps)
 
 
 # ------------------------------------------------- GEMMs with fused prologues/epilogues

@@ -33,6 +33,10 @@ def text_for(cfg, b, n=8, seed=5):
     ("flux-2k", (1, 1), 2, "ode", {}),
 ])
 def test_fast_path_matches_reference_in_float32(base, latent_hw, steps, sampler, overrides):
+    check_parity(base, latent_hw, steps, sampler, overrides)
+
+
+def check_parity(base, latent_hw, steps, sampler, overrides):
     """Every fused kernel (interpreted), the extension's CPU twin and the engine's reordering
     of the work must give the reference's images to float32 rounding."""
     cfg = tiny(base, **overrides)
@@ -46,6 +50,20 @@ def test_fast_path_matches_reference_in_float32(base, latent_hw, steps, sampler,
     assert rel_l2(fast, ref) < 1e-5, rel_l2(fast, ref)
     # the engine really dispatched to the kernels (interpreter) and reused one Engine
     assert dec.engine() is dec.engine()
+
+
+@pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
+@pytest.mark.parametrize("attention", ["qkv_rope+sdpa", "prep+sdpa"])
+def test_fast_path_attention_routes_match_reference(monkeypatch, attention):
+    from pidkern.kernels import qkv_rope
+    calls = []
+    real = qkv_rope._launch
+    monkeypatch.setattr(qkv_rope, "_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("PIDKERN_ATTENTION_BACKEND", attention)
+    check_parity("flux-2k", (1, 2), 2, "sde", {"hidden": 64, "heads": 2})      # head dim 32
+    # two sources (text, image) per patch block per step, only on the GEMM route
+    cfg = tiny("flux-2k")
+    assert len(calls) == (2 * cfg.patch_blocks * 2 if attention == "qkv_rope+sdpa" else 0)
 
 
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")

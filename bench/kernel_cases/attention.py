@@ -4,7 +4,9 @@ L = 16384 image + T = 300 text tokens) and pixel blocks (16 heads x 72, L = 1638
 (a) fully fused Triton kernel vs the unfused chain (RMSNorm + RoPE + cat + SDPA, cuDNN
     preferred); (b) prep kernel + SDPA, and prep + Triton core, vs the same chain;
 (c) the attention core alone on prepared q, k, v: the Triton kernel vs SDPA with cuDNN
-    (default SDPA where cuDNN is unavailable).
+    (default SDPA where cuDNN is unavailable);
+(d) patch blocks only: the QKV GEMM with QK-norm + RoPE in its epilogue, then SDPA, vs
+    cuBLAS QKV + prep kernel + SDPA (both from the normalised block input: GEMMs timed too).
 flops = 4 * B * H * N_q * N_k * hd over the joint sequence (PERF.md's attention count).
 """
 from __future__ import annotations
@@ -70,4 +72,22 @@ def cases(device: str) -> list[Case]:
             base = lambda t=(qt, kt, vt): torch.nn.functional.scaled_dot_product_attention(*t)  # noqa: E731
         out.append(Case(f"attention/{tag}-core-vs-sdpa", lambda t=(q, k, v): attention_core(*t), base, flops=flops,
                         note=note))
+
+        if T:  # (d)
+            import torch.nn.functional as F
+            D = 1536
+            h_img, h_txt = rnd(B, L, D), rnd(B, T, D)
+            w_img, w_txt = rnd(3 * heads * hd, D) / D ** 0.5, rnd(3 * heads * hd, D) / D ** 0.5
+            n_img, n_txt = torch.stack(w[:2]), torch.stack(w[2:])
+
+            def gemm_route():
+                q, k, v = ops.qkv_rope(h_img, w_img, n_img, rope_img, h_txt, w_txt, n_txt, rope_txt, heads=heads)
+                return ops.attend(q, k, v, T, True)
+
+            def prep_route():
+                return ops.attention(F.linear(h_img, w_img), F.linear(h_txt, w_txt), *w, rope_img, rope_txt, heads,
+                                     backend="prep+sdpa")
+            gemm_flops = 2 * B * N * D * 3 * heads * hd
+            out.append(Case(f"attention/{tag}-qkv_rope+sdpa-vs-prep+sdpa", gemm_route, prep_route,
+                            flops=flops + gemm_flops, note=f"{shape}; D={D}; QKV GEMMs included on both sides"))
     return out
