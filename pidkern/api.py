@@ -231,7 +231,17 @@ class Decoder:
             return self.engine().decode(**args, progress=progress)
         return self._decode_reference(**args, progress=progress)
 
+    def reference_weights_on_device(self) -> None:
+        """Bring back the weights a CUDA fast engine parked in host memory (the patch and
+        pixel blocks' adaLN Linears and the timestep embedder, which it needs only while it
+        loads). Reference decodes call this; call it before using `net` directly."""
+        if getattr(self.net, "_pidkern_parked", False):
+            from .engine import unpark
+            with self._lock:
+                unpark(self.net, self.device)
+
     def _decode_reference(self, latent, sigma, text, steps, seed, size, sampler, progress=None):
+        self.reference_weights_on_device()
         b = latent.shape[0]
         h, w = size
         net = self.net
