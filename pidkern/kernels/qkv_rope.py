@@ -40,7 +40,10 @@ def _configs():
 
 def _prune(configs, named_args, **kwargs):
     hd, hhd = kwargs["HD"], kwargs["HHD"]
-    return [c for c in configs if c.kwargs["BLOCK_N"] % hd == 0 and hhd % c.kwargs["BLOCK_N"] == 0]
+    fit = [c for c in configs if c.kwargs["BLOCK_N"] % hd == 0 and hhd % c.kwargs["BLOCK_N"] == 0]
+    # small models (few heads of 16 or 32): one head per tile always fits
+    return fit or [triton.Config({"BLOCK_M": 64, "BLOCK_N": hd, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
+                                 num_stages=3)]
 
 
 @triton.jit
@@ -131,9 +134,11 @@ def _check(name, h, w, nw, cos, sin, heads):
     if hd & (hd - 1) or hd < 16:
         raise ValueError(f"{name} weight: head dim {hd} must be a power of two >= 16 (the pixel blocks' 72 use "
                          f"attention_prep)")
-    if not isinstance(nw, torch.Tensor) or tuple(nw.shape) != (2, hd):
-        raise ValueError(f"{name} norms: expected the q and k RMSNorm weights stacked as [2, {hd}], got "
-                         f"{tuple(nw.shape) if isinstance(nw, torch.Tensor) else nw!r}")
+    if not isinstance(nw, torch.Tensor) or tuple(nw.shape) != (2, hd) or not nw.is_contiguous() \
+            or nw.device != h.device or not nw.is_floating_point():
+        raise ValueError(f"{name} norms: expected the q and k RMSNorm weights stacked as a contiguous float [2, {hd}] "
+                         f"on {h.device}, got "
+                         f"{(tuple(nw.shape), nw.dtype, nw.device) if isinstance(nw, torch.Tensor) else nw!r}")
     for tname, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (N, hd // 2) or t.dtype != torch.float32 \
                 or not t.is_contiguous() or t.device != h.device:

@@ -57,6 +57,14 @@ def test_head_dim_16_and_three_heads():
     check(2, 13, 5, 32, 3, 16, torch.float16)
 
 
+def test_autotune_prune_keeps_whole_heads_per_tile():
+    from pidkern.kernels.qkv_rope import _configs, _prune
+    for hd, hhd in ((64, 1536), (64, 64 * 3), (32, 96), (16, 48)):
+        kept = _prune(_configs(), {}, HD=hd, HHD=hhd)
+        assert kept and all(c.kwargs["BLOCK_N"] % hd == 0 and hhd % c.kwargs["BLOCK_N"] == 0 for c in kept)
+    assert len(_prune(_configs(), {}, HD=64, HHD=1536)) == len(_configs())
+
+
 def test_disable_env_runs_cublas_and_the_chain(monkeypatch):
     from pidkern.kernels import qkv_rope as K
     g = torch.Generator().manual_seed(1)
@@ -79,6 +87,7 @@ def test_non_power_of_two_head_dim_takes_the_chain(monkeypatch):
 @pytest.mark.parametrize("bad,match", [
     (lambda a: dict(w_img=a["w_img"][:, :-1]), "h_img weight"),
     (lambda a: dict(norms_img=a["norms_img"][0]), "h_img norms"),
+    (lambda a: dict(norms_img=a["norms_img"].T.contiguous().T), "h_img norms"),
     (lambda a: dict(rope_img=(a["rope_img"][0][:-1], a["rope_img"][1])), "h_img rope cos"),
     (lambda a: dict(w_img=a["w_img"].half()), "h_img weight"),
     (lambda a: dict(heads=0), "heads"),
