@@ -26,15 +26,18 @@ from pidkern.timing import environment, write_result
 
 PARITY_BAR = 2e-2
 
-# (preset, batch, height, width, sigma per sample)
+# (preset, batch, height, width, sigma per sample, noise stream)
 FULL_CASES = [
-    ("flux-2k", 1, 2048, 2048, [0.0]),
-    ("flux-2k", 2, 1040, 1552, [0.0, 0.35]),
-    ("flux-2kto4k-v1.5", 1, 1024, 1024, [0.2]),
-    ("flux2-2kto4k-v1.5", 1, 1024, 1024, [0.35]),
-    ("siglip-2k", 1, 1024, 1024, [0.0]),
+    ("flux-2k", 1, 2048, 2048, [0.0], "release"),
+    ("flux-2k", 2, 1040, 1552, [0.0, 0.35], "release"),
+    ("flux-2kto4k-v1.5", 1, 1024, 1024, [0.2], "release"),
+    ("flux2-2kto4k-v1.5", 1, 1024, 1024, [0.35], "release"),
+    ("siglip-2k", 1, 1024, 1024, [0.0], "release"),
+    ("flux-2k", 1, 1024, 1024, [0.1], "philox"),
 ]
-QUICK_CASES = [("flux-2k", 2, 1040, 1552, [0.0, 0.35]), ("flux-2kto4k-v1.5", 1, 1024, 1024, [0.2])]
+QUICK_CASES = [("flux-2k", 2, 1040, 1552, [0.0, 0.35], "release"),
+               ("flux-2kto4k-v1.5", 1, 1024, 1024, [0.2], "release"),
+               ("flux-2k", 1, 1024, 1024, [0.1], "philox")]
 MEMORY_CASES = [("flux-2k", 1, 1024, 1024), ("flux-2k", 1, 2048, 2048), ("flux-2k", 1, 4096, 4096),
                 ("flux-2k", 4, 2048, 2048)]
 
@@ -46,7 +49,7 @@ def inputs(cfg, b, h, w, sigma, dev):
     return latent, torch.tensor(sigma, device=dev), text
 
 
-def parity(preset, b, h, w, sigma, dev, log=print):
+def parity(preset, b, h, w, sigma, noise, dev, log=print):
     cfg = get_preset(preset)
     net32 = pb.random_net(cfg, dev, torch.float32, seed=3)
     latent, s, text = inputs(cfg, b, h, w, sigma, dev)
@@ -54,7 +57,7 @@ def parity(preset, b, h, w, sigma, dev, log=print):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     t0 = time.perf_counter()
-    ref = ref_dec.decode(latent, s, text, seed=11, backend="reference")
+    ref = ref_dec.decode(latent, s, text, seed=11, backend="reference", noise=noise)
     t_ref = time.perf_counter() - t0
     net16 = copy.deepcopy(net32).to(torch.bfloat16)
     del ref_dec, net32
@@ -62,20 +65,21 @@ def parity(preset, b, h, w, sigma, dev, log=print):
     torch.cuda.empty_cache()
     fast_dec = Decoder(net16, dev, torch.bfloat16, "random")
     t0 = time.perf_counter()
-    fast = fast_dec.decode(latent, s, text, seed=11, backend="fast")
+    fast = fast_dec.decode(latent, s, text, seed=11, backend="fast", noise=noise)
     torch.cuda.synchronize()
     t_first = time.perf_counter() - t0
-    fast2 = fast_dec.decode(latent, s, text, seed=11, backend="fast")  # graph replay
-    bf16_ref = fast_dec.decode(latent, s, text, seed=11, backend="reference")  # the release's own bf16 error
+    fast2 = fast_dec.decode(latent, s, text, seed=11, backend="fast", noise=noise)  # graph replay
+    bf16_ref = fast_dec.decode(latent, s, text, seed=11, backend="reference", noise=noise)  # the release's bf16 error
     rel = ((fast - ref).norm() / ref.norm()).item()
-    rec = dict(preset=preset, batch=b, height=h, width=w, sigma=sigma, rel_l2=rel,
+    rec = dict(preset=preset, batch=b, height=h, width=w, sigma=sigma, noise=noise, rel_l2=rel,
                rel_l2_replay=((fast2 - ref).norm() / ref.norm()).item(),
                rel_l2_reference_bf16=((bf16_ref - ref).norm() / ref.norm()).item(),
                replay_bitwise_equal=bool(torch.equal(fast, fast2)),
                finite=bool(torch.isfinite(fast).all()), passed=rel <= PARITY_BAR and bool(torch.isfinite(fast).all()),
                reference_fp32_s=t_ref, fast_first_call_s=t_first,
                attention_choice={str(k): v for k, v in fast_dec.engine()._attn_choice.items()})
-    log(f"parity {preset} {b}x{h}x{w} sigma={sigma}: rel L2 {rel:.2e} (bf16 reference {rec['rel_l2_reference_bf16']:.2e}) "
+    log(f"parity {preset} {b}x{h}x{w} sigma={sigma} noise={noise}: rel L2 {rel:.2e} "
+        f"(bf16 reference {rec['rel_l2_reference_bf16']:.2e}) "
         f"{'PASS' if rec['passed'] else 'FAIL'}; first call {t_first:.1f} s")
     del fast_dec, net16
     gc.collect()

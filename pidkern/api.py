@@ -17,7 +17,7 @@ import torch
 
 from .config import PRESETS, PiDConfig, get_preset
 from .reference import PiDNet
-from .sampler import SAMPLERS, make_generator, sample, schedule
+from .sampler import SAMPLERS, check_noise, philox_draws, release_draws, sample, schedule, seed_int64
 
 log = logging.getLogger("pidkern")
 
@@ -186,7 +186,7 @@ class Decoder:
                              f"of {cfg.name} decodes to {natural[0]}x{natural[1]} ({cfg.upscale}x)")
         return natural
 
-    def prepare(self, latent, sigma=0.0, text=None, steps=4, seed=None, size=None, sampler="sde"):
+    def prepare(self, latent, sigma=0.0, text=None, steps=4, seed=None, size=None, sampler="sde", noise="release"):
         """Check and move every input; returns the validated pieces of a decode."""
         latent = self._check_latent(latent)
         b = latent.shape[0]
@@ -197,8 +197,11 @@ class Decoder:
         schedule(steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+        check_noise(noise)
+        if noise == "philox":
+            seed_int64(seed)     # a bad seed fails here, before any work
         return dict(latent=latent, sigma=self._check_sigma(sigma, b), text=self._check_text(text, b),
-                    steps=steps, seed=seed, size=(h, w), sampler=sampler)
+                    steps=steps, seed=seed, size=(h, w), sampler=sampler, noise=noise)
 
     # -- decoding ----------------------------------------------------------------------
     def _autocast(self):
@@ -215,7 +218,7 @@ class Decoder:
 
     @torch.inference_mode()
     def decode(self, latent, sigma=0.0, text=None, steps: int = 4, seed: int | None = None, size=None,
-               sampler: str = "sde", backend: str = "auto", progress=None) -> torch.Tensor:
+               sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release") -> torch.Tensor:
         """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
 
         sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
@@ -224,8 +227,12 @@ class Decoder:
         size: optional (H, W) check against the latent's natural output size.
         backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto".
         progress: optional callable(step, steps).
+        noise: "release" (the release's torch.Generator stream: its images for a seed) or
+        "philox" (a counter-based stream the fast engine draws inside its CUDA graph: no
+        noise buffers, nothing on the host for a new seed; other images for the same seed,
+        the same on every backend and device).
         """
-        args = self.prepare(latent, sigma, text, steps, seed, size, sampler)
+        args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise)
         which = self.backend_for(backend)
         if which == "fast":
             return self.engine().decode(**args, progress=progress)
@@ -240,7 +247,7 @@ class Decoder:
             with self._lock:
                 unpark(self.net, self.device)
 
-    def _decode_reference(self, latent, sigma, text, steps, seed, size, sampler, progress=None):
+    def _decode_reference(self, latent, sigma, text, steps, seed, size, sampler, noise="release", progress=None):
         self.reference_weights_on_device()
         b = latent.shape[0]
         h, w = size
@@ -253,8 +260,8 @@ class Decoder:
                 tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
                 return net(x, tt, text, None, sigma, lq_tokens=tokens)
 
-            gen = make_generator(seed, self.device)
-            return sample(velocity, (b, 3, h, w), steps=steps, sampler=sampler, generator=gen,
+            draws = philox_draws if noise == "philox" else release_draws
+            return sample(velocity, (b, 3, h, w), steps=steps, sampler=sampler, draw=draws(seed, self.device),
                           device=self.device, progress=progress)
 
     def engine(self):

@@ -121,7 +121,7 @@ def cmd_decode(args) -> int:
     seed = None if args.seed < 0 else args.seed
     try:
         images = dec.decode(latent, args.sigma, text=text, steps=args.steps, seed=seed, sampler=args.sampler,
-                            backend=args.backend, progress=progress)
+                            backend=args.backend, progress=progress, noise=args.noise)
     except (ValueError, TypeError) as e:
         # The API names its own arguments; say which file on the command line they came from.
         msg = str(e)
@@ -230,7 +230,7 @@ def _err(msg: str) -> None:
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     from .api import BACKENDS, DTYPES
     from .config import PRESETS
-    from .sampler import SAMPLERS
+    from .sampler import NOISE_STREAMS, SAMPLERS
     parser = argparse.ArgumentParser(prog="pidkern", description="Fast inference for PiD, the pixel-diffusion decoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and decoding do")
     sub = parser.add_subparsers(dest="command", metavar="{decode,convert,info,bench}")
@@ -258,6 +258,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     d.add_argument("--sampler", default="sde", choices=SAMPLERS, help="sde (the release's) or ode (default sde)")
     d.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
+    d.add_argument("--noise", default="release", choices=NOISE_STREAMS,
+                   help="release: the release's torch.Generator stream, its images for a seed (default); philox: "
+                        "a counter-based stream drawn inside the fast path's CUDA graph (less memory, other images)")
     d.set_defaults(func=cmd_decode)
 
     c = sub.add_parser("convert", help="convert released weights into one fast-loading .safetensors",

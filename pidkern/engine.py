@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import PiDConfig, get_preset
 from .reference import pixel_sincos, rope_angles_1d, rope_angles_2d, rope_tables
-from .sampler import T_LIST, make_generator, schedule
+from .sampler import T_LIST, check_noise, make_generator, schedule, seed_int64
 
 # "qkv_rope+sdpa": the patch blocks' QKV Linear with QK-norm + RoPE in its epilogue
 # (ops.qkv_rope), then SDPA; an engine route, since it starts from the block's normalised
@@ -105,7 +105,7 @@ FIXED_OVERHEAD = int(0.30 * 2**30)
 
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
-                    dtype_bytes: int = 2) -> int:
+                    dtype_bytes: int = 2, noise: str = "release") -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the engine keeps for the whole decode (weights, the graph's static buffers,
@@ -113,8 +113,10 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     pool, sized from the larger of the two transient peaks: patch attention (qkv, its
     normed/roped copy, the output) and the pixel block (attention of the compressed
     tokens, or one modulation band). Checked against measurements by bench/engine_check.py.
+    noise: the decode's noise stream ("release" or "philox", see Decoder.decode).
     """
     cfg = preset if isinstance(preset, PiDConfig) else get_preset(preset)
+    check_noise(noise)
     t = cfg.max_text if text_len is None else text_len
     L = (height // cfg.patch) * (width // cfg.patch)
     n = batch * L
@@ -128,7 +130,9 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         n * cfg.adapter_width * e                             # adapter tokens
         + heads                                               # heads' outputs (or the one in use)
         + batch * t * d * 4                                   # text stream (float32)
-        + image * 4                                           # the graph's noise buffers, x in flight, the copy returned
+        # the graph's noise buffers, x in flight, the copy returned; Philox noise needs no
+        # buffers, only the initial image, which the graph makes itself
+        + image * (4 if noise == "release" else 1)
         + n * per_pixel * e                                   # pixel tokens
     )
     m = batch * (L + t)
@@ -468,20 +472,23 @@ class Engine:
         return heads, y + net.y_pos_embedding[:, :text.shape[1]].float()
 
     def run(self, latent, sigma, text, noise, steps, sampler, h, w, choose=False):
-        """The whole decode on given noise (noise[0]: initial image, noise[i]: step i's eps)."""
+        """The whole decode. noise: the release stream's draws (noise[0] the initial image,
+        noise[k] the k-th eps), or a 0-d int64 Philox key, whose draw k is made here, in
+        the graph (the initial image by philox_normal, the eps inside the output stage)."""
         from . import _ext
         cfg = self.cfg
         times = schedule(steps)
         tab = self.tables(h, w, text.shape[1])
         lq, y0 = self.prologue(latent, text, h, w)
         fl = self.net.final_layer
-        x = noise[0]
+        philox = isinstance(noise, torch.Tensor)
+        x = _ext.philox_normal(noise, self._counter(0), (latent.shape[0], 3, h, w)) if philox else noise[0]
         for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
             p = self.step(x, t, lq, y0, sigma, tab, choose)
             head = (p, fl.norm.weight, fl.linear.weight, fl.linear.bias, x, self._scalar(t))
             if sampler == "sde" and t_next > 0:
-                x = _ext.pixel_output_step(*head, self._scalar(t_next), noise=noise[i + 1], patch=cfg.patch,
-                                           eps=cfg.rms_eps)
+                eps = dict(seed=noise, step=self._counter(i + 1)) if philox else dict(noise=noise[i + 1])
+                x = _ext.pixel_output_step(*head, self._scalar(t_next), **eps, patch=cfg.patch, eps=cfg.rms_eps)
             elif sampler == "sde":
                 x, _ = _ext.pixel_output_final(*head, patch=cfg.patch, eps=cfg.rms_eps)
             else:
@@ -489,6 +496,12 @@ class Engine:
                 v = fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), x.shape[0], h, w, cfg.patch)
                 x = (x.double() + (t_next - t) * v.double()).float()
         return x.clamp(-1, 1)
+
+    def _counter(self, k: int) -> torch.Tensor:
+        key = ("philox step", k)
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(k, dtype=torch.int64, device=self.device)
+        return self._tables[key]
 
     def _scalar(self, t: float) -> torch.Tensor:
         key = ("scalar", t)
@@ -499,16 +512,17 @@ class Engine:
 
     # -- graphs ------------------------------------------------------------------------
     def _build_runner(self, key):
-        b, c, lh, lw, t_len, steps, sampler = key
+        b, c, lh, lw, t_len, steps, sampler, noise = key
         h, w = self.cfg.output_size(lh, lw)
         dev = self.device
         bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev), sigma=torch.zeros(b, device=dev),
-                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev),
-                    noise=[torch.zeros(b, 3, h, w, device=dev) for _ in range(steps)])
+                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev))
+        if noise == "philox":
+            bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
+        else:
+            bufs["noise"] = [torch.zeros(b, 3, h, w, device=dev).normal_() for _ in range(steps)]
         for k in ("latent", "text"):
             bufs[k].normal_()
-        for nb in bufs["noise"]:
-            nb.normal_()
         args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps, sampler, h, w)
         # warm-up on a side stream: autotuning, attention choice, cuBLAS handles, all before capture
         side = torch.cuda.Stream(dev)
@@ -539,10 +553,10 @@ class Engine:
             torch.randn(shape, generator=gen, out=buf)
         return out[:1 + n_eps]
 
-    def check_memory(self, batch, h, w, text_len):
+    def check_memory(self, batch, h, w, text_len, noise="release"):
         if self.device.type != "cuda":
             return
-        need = estimate_memory(self.cfg, batch, h, w, text_len) - weight_bytes(self.cfg)
+        need = estimate_memory(self.cfg, batch, h, w, text_len, noise=noise) - weight_bytes(self.cfg)
         free = free_device_bytes(self.device)
         if need > free:
             raise InsufficientMemoryError(
@@ -550,30 +564,32 @@ class Engine:
                 f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {self.device}")
 
     @torch.inference_mode()
-    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise=None):
+    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise="release"):
         h, w = size
         b = latent.shape[0]
         if not self.use_graphs:
-            self.check_memory(b, h, w, text.shape[1])
-            noise = noise if noise is not None else self.draw_noise((b, 3, h, w), steps, sampler, seed)
-            out = self.run(latent, sigma, text, noise, steps, sampler, h, w, choose=latent.is_cuda)
+            self.check_memory(b, h, w, text.shape[1], noise)
+            if noise == "philox":
+                draws = torch.tensor(seed_int64(seed), dtype=torch.int64, device=self.device)
+            else:
+                draws = self.draw_noise((b, 3, h, w), steps, sampler, seed)
+            out = self.run(latent, sigma, text, draws, steps, sampler, h, w, choose=latent.is_cuda)
             if progress:
                 progress(steps, steps)
             return out
-        key = (b, latent.shape[1], latent.shape[2], latent.shape[3], text.shape[1], steps, sampler)
+        key = (b, latent.shape[1], latent.shape[2], latent.shape[3], text.shape[1], steps, sampler, noise)
         if key not in self.graphs.keys():
-            self.check_memory(b, h, w, text.shape[1])
+            self.check_memory(b, h, w, text.shape[1], noise)
         entry = self.graphs.get(key)
         with entry.lock:
             r = entry.runner
             r.bufs["latent"].copy_(latent)
             r.bufs["sigma"].copy_(sigma)
             r.bufs["text"].copy_(text)
-            if noise is None:
-                self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
+            if noise == "philox":
+                r.bufs["noise"].fill_(seed_int64(seed))      # the whole stream follows on the device
             else:
-                for dst, src in zip(r.bufs["noise"], noise):
-                    dst.copy_(src)
+                self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
             r.graph.replay()
             out = r.out.clone()
         if progress:

@@ -4,6 +4,11 @@
 estimate x0 with fresh Gaussian noise at every intermediate time; the ODE sampler takes
 an Euler step along the velocity instead. Seeds follow the release: one generator,
 seeded once, draws the initial noise and then one eps per re-noising step, in order.
+
+Two noise streams (`noise=`): "release" is that torch.Generator stream, the release's
+exact numbers; "philox" is the output-stage extension's counter-based stream, draw k
+being Philox(seed, step=k), which the fast engine generates inside its CUDA graph (no
+noise buffers, no host work for a new seed). The two give different images for one seed.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 
 T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
 SAMPLERS = ("sde", "ode")
+NOISE_STREAMS = ("release", "philox")
 
 
 def schedule(steps: int) -> list[float]:
@@ -37,13 +43,53 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def check_noise(noise: str) -> str:
+    if noise not in NOISE_STREAMS:
+        raise ValueError(f"noise={noise!r}: expected one of {NOISE_STREAMS}")
+    return noise
+
+
+def seed_int64(seed: int | None) -> int:
+    """The seed as the int64 the Philox stream keys on: None draws one (as make_generator
+    does); values in [2**63, 2**64) wrap to negative, as torch.Generator accepts them."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r}: expected an int or None")
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed={seed}: expected a value in [-2**63, 2**64)")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def philox_draws(seed: int | None, device) -> Callable[[int, tuple], torch.Tensor]:
+    """draw(k, shape): the k-th standard normal tensor of the Philox stream of `seed`."""
+    from . import _ext
+    key = torch.tensor(seed_int64(seed), dtype=torch.int64, device=device)
+    return lambda k, shape: _ext.philox_normal(key, torch.tensor(k, dtype=torch.int64, device=device), shape)
+
+
+def release_draws(seed: int | None, device) -> Callable[[int, tuple], torch.Tensor]:
+    """draw(k, shape): the release's stream; draws must be taken in order k = 0, 1, ..."""
+    gen = make_generator(seed, device)
+    return lambda k, shape: torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
 def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, steps: int = 4,
-           sampler: str = "sde", generator: torch.Generator, device, progress=None) -> torch.Tensor:
-    """Run the sampler; `velocity(x, t)` is the network at time t. Returns float32 in [-1, 1]."""
+           sampler: str = "sde", generator: torch.Generator | None = None, draw=None, device,
+           progress=None) -> torch.Tensor:
+    """Run the sampler; `velocity(x, t)` is the network at time t. Returns float32 in [-1, 1].
+
+    Noise: `generator` (the release's stream) or `draw(k, shape)` (release_draws,
+    philox_draws): k = 0 is the initial noise, k = 1, 2, ... the re-noising eps in order."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+    if (generator is None) == (draw is None):
+        raise ValueError("sample: give exactly one of generator= and draw=")
+    if draw is None:
+        def draw(k, shp):
+            return torch.randn(shp, generator=generator, device=device, dtype=torch.float32)
     times = schedule(steps)
-    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    x = draw(0, shape)
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         v = velocity(x, t)
         if sampler == "ode":
@@ -51,7 +97,7 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
         else:
             x0 = x.double() - t * v.double()   # float64, as the release does
             if t_next > 0:
-                eps = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                eps = draw(i + 1, shape)
                 x = ((1 - t_next) * x0 + t_next * eps.double()).float()
             else:
                 x = x0.float()

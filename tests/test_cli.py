@@ -88,6 +88,16 @@ def test_decode_writes_the_api_image(files, capsys):
     assert torch.equal(png_pixels(out_png), want)
 
 
+def test_decode_philox_noise(files, capsys):
+    out_png = files["dir"] / "philox.png"
+    rc, out, err = run(["decode", files["dir"] / "lat_dict.pt", "-o", out_png, "--checkpoint", files["ckpt"],
+                        "--steps", 2, "--seed", 3, "--noise", "philox"], capsys)
+    assert rc == 0, err
+    want = api_images(files, files["latent"][None], steps=2, seed=3, noise="philox")[0]
+    assert torch.equal(png_pixels(out_png), want)
+    assert not torch.equal(want, api_images(files, files["latent"][None], steps=2, seed=3)[0])
+
+
 def test_decode_batch_text_and_progress(files, capsys):
     out_png = files["dir"] / "batch.png"
     rc, out, err = run(["decode", files["dir"] / "lat2.pt", "-o", out_png, "--checkpoint", files["ckpt"],

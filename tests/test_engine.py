@@ -215,6 +215,7 @@ def test_cuda_fast_bf16_matches_float32_reference(base):
     sigma = torch.tensor([0.0, 0.35], device="cuda")
     text = text_for(cfg, 2, n=cfg.max_text).cuda()
     ref = dec32.decode(latent, sigma, text, seed=3, backend="reference")
+    ph_ref = {s: dec32.decode(latent, sigma, text, seed=s, backend="reference", noise="philox") for s in (3, 5)}
     dec16 = pidkern.Decoder(dec32.net.to(torch.bfloat16), dec32.device, torch.bfloat16, "random")
     fast = dec16.decode(latent, sigma, text, seed=3, backend="fast")
     again = dec16.decode(latent, sigma, text, seed=3, backend="fast")      # graph replay
@@ -224,6 +225,11 @@ def test_cuda_fast_bf16_matches_float32_reference(base):
     other = dec16.decode(latent, sigma, text, seed=4, backend="fast")
     assert not torch.equal(fast, other), "a new seed must reach the captured graph"
     assert len(dec16.engine().graphs) == 1
+    # Philox noise: drawn inside a second graph; the reference draws the same stream
+    for s in (3, 5):     # the second seed replays the same graph with a new key
+        ph = dec16.decode(latent, sigma, text, seed=s, backend="fast", noise="philox")
+        assert rel_l2(ph, ph_ref[s]) < 2e-2
+    assert len(dec16.engine().graphs) == 2
 
 
 def test_noise_drawn_into_graph_buffers_is_the_release_stream():
@@ -266,3 +272,45 @@ def test_parked_weights_come_back_for_a_reference_decode(monkeypatch):
     eng_mod.park(dec.net)
     assert torch.equal(dec.decode(latent, 0.1, steps=1, seed=2, backend="reference"), before)
     assert calls == [dec.device] and not dec.net._pidkern_parked
+
+
+@pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
+@pytest.mark.parametrize("steps,sampler", [(4, "sde"), (2, "ode")])
+def test_philox_noise_matches_across_backends(steps, sampler):
+    """noise="philox": the fast path draws the stream itself (initial image + in-kernel eps);
+    the reference draws the same numbers through philox_normal: same images."""
+    cfg = tiny("flux-2k")
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent = torch.randn(2, cfg.latent_channels, 1, 2, generator=torch.Generator().manual_seed(6))
+    sigma = torch.tensor([0.1, 0.5])
+    kw = dict(steps=steps, sampler=sampler, seed=2**63 + 5)        # wraps to a negative int64 key
+    ref = dec.decode(latent, sigma, backend="reference", noise="philox", **kw)
+    fast = dec.decode(latent, sigma, backend="fast", noise="philox", **kw)
+    assert rel_l2(fast, ref) < 1e-5, rel_l2(fast, ref)
+    release = dec.decode(latent, sigma, backend="reference", **kw)
+    assert rel_l2(release, ref) > 1e-2              # another stream: other images
+    other = dec.decode(latent, sigma, backend="reference", noise="philox", steps=steps, sampler=sampler, seed=6)
+    assert rel_l2(other, ref) > 1e-2
+
+
+def test_philox_draws_are_the_output_stage_stream():
+    from pidkern import _ext
+    from pidkern.sampler import philox_draws, seed_int64
+    draw = philox_draws(2**64 - 1, "cpu")
+    key = torch.tensor(-1, dtype=torch.int64)
+    assert seed_int64(2**64 - 1) == -1
+    for k in range(3):
+        assert torch.equal(draw(k, (1, 3, 4, 8)), _ext.philox_normal_torch(key, torch.tensor(k), (1, 3, 4, 8)))
+    assert not torch.equal(draw(0, (2, 5)), draw(1, (2, 5)))
+
+
+def test_noise_argument_is_checked():
+    dec = pidkern.load(preset=tiny("flux-2k"), device="cpu")
+    latent = torch.randn(1, 16, 1, 1)
+    with pytest.raises(ValueError, match="noise"):
+        dec.decode(latent, noise="torch")
+    with pytest.raises(ValueError, match="seed"):
+        dec.decode(latent, noise="philox", seed=2**64)
+    with pytest.raises(ValueError, match="noise"):
+        estimate_memory("flux-2k", 1, 1024, 1024, noise="gauss")
+    assert estimate_memory("flux-2k", 1, 2048, 2048, noise="philox") < estimate_memory("flux-2k", 1, 2048, 2048)
