@@ -228,7 +228,7 @@ class Engine:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("graphs=True needs a CUDA device")
         self._attn_choice: dict = {}
-        self._op_choice: dict = {}      # op -> "triton" | "torch", measured at warm-up on CUDA
+        self._op_choice: dict = {}      # (op, shape) -> "triton" | "torch" | a variant, measured on CUDA
         self.choice_ms: dict = {}
         self._tables: dict = {}
         self._prepare_weights()
@@ -392,26 +392,28 @@ class Engine:
     def _mlp(self, mlp, h, choose=False):
         shape = h.shape
         u = h.reshape(-1, shape[-1])
-        hidden = self.fastest("swiglu", u.shape, choose, lambda: ops.swiglu_gate_up(u, mlp.w13))
+        hidden = self.fastest("swiglu", u.shape, choose, lambda: ops.swiglu_gate_up(u, mlp.w13),
+                              split=lambda: ops.swiglu_gate_up(u, mlp.w13, split=True))
         return F.linear(hidden, mlp.w2.weight).view(shape)
 
-    def fastest(self, op: str, shape, choose: bool, call):
-        """Run `call` with op's kernel or its PyTorch math, whichever measured faster here.
+    def fastest(self, op: str, shape, choose: bool, call, **variants):
+        """Run `call` with op's kernel, its PyTorch math (`ops.disabled`), or one of the
+        other Triton variants given by name, whichever measured fastest here.
 
         GEMM-shaped fusions race cuBLAS: the winner depends on the card and the shape, so
-        the engine times both once at warm-up (choose=True, before any graph capture)."""
+        the engine times each once at warm-up (choose=True, before any graph capture)."""
         key = (op, tuple(shape))
-        if choose and self.device.type == "cuda" and key not in self._op_choice:
-            from .timing import time_ms
-            fused = time_ms(call, warmup=2, reps=5)["median_ms"]
-            with ops.disabled(op):
-                plain = time_ms(call, warmup=2, reps=5)["median_ms"]
-            self._op_choice[key] = "torch" if plain < fused else "triton"
-            self.choice_ms[str(key)] = {"triton": fused, "torch": plain}
-        if self._op_choice.get(key) == "torch":
+
+        def plain():
             with ops.disabled(op):
                 return call()
-        return call()
+        runs = {"triton": call, "torch": plain, **variants}
+        if choose and self.device.type == "cuda" and key not in self._op_choice:
+            from .timing import time_ms
+            ms = {name: time_ms(fn, warmup=2, reps=5)["median_ms"] for name, fn in runs.items()}
+            self._op_choice[key] = min(ms, key=ms.get)
+            self.choice_ms[str(key)] = ms
+        return runs[self._op_choice.get(key, "triton")]()
 
     def pixel_blocks(self, p, s, batch, tab, choose=False):
         cfg = self.cfg

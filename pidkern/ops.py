@@ -284,11 +284,12 @@ def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch
     return (x.float() + g * lq.float()).to(x.dtype)
 
 
-def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor, split: bool = False) -> torch.Tensor:
     """SiLU(u w1^T) * (u w3^T) for u [M, D] and w13 = cat([w1, w3]) [2*Hm, D]; the w2
-    GEMM that follows stays a plain matmul."""
+    GEMM that follows stays a plain matmul. The Triton path is one GEMM with the product
+    in its epilogue, or with split=True a cuBLAS GEMM against w13 and one silu_mul pass."""
     if use_triton("swiglu", u, w13):
-        from pidkern.kernels.swiglu import swiglu_gate_up as fused
-        return fused(u, w13)
+        from pidkern.kernels.swiglu import silu_mul, swiglu_gate_up as fused
+        return silu_mul(u @ w13.T) if split else fused(u, w13)
     w1, w3 = w13.chunk(2, 0)
     return torch.nn.functional.silu(u @ w1.T) * (u @ w3.T)

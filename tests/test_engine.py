@@ -314,3 +314,22 @@ def test_noise_argument_is_checked():
     with pytest.raises(ValueError, match="noise"):
         estimate_memory("flux-2k", 1, 1024, 1024, noise="gauss")
     assert estimate_memory("flux-2k", 1, 2048, 2048, noise="philox") < estimate_memory("flux-2k", 1, 2048, 2048)
+
+
+@pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
+def test_every_raced_variant_gives_the_reference_images(monkeypatch):
+    """On CUDA `fastest` may pick the split SwiGLU (cuBLAS + silu_mul) or any op's PyTorch
+    math: force each choice here and check the images."""
+    cfg = tiny("flux-2k")
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent = torch.randn(1, cfg.latent_channels, 1, 2, generator=torch.Generator().manual_seed(8))
+    ref = dec.decode(latent, 0.3, steps=2, seed=1, backend="reference")
+    for pick in ("split", "torch"):
+        class Forced(dict):
+            def get(self, key, default=None):
+                return pick if key[0] == "swiglu" or pick == "torch" else default
+        eng = Engine(dec, graphs=False)
+        eng._op_choice = Forced()
+        dec._engine = eng
+        fast = dec.decode(latent, 0.3, steps=2, seed=1, backend="fast")
+        assert rel_l2(fast, ref) < 1e-5, (pick, rel_l2(fast, ref))

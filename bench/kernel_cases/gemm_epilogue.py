@@ -71,4 +71,8 @@ def cases(device: str) -> list[Case]:
     out.append(Case("swiglu/gate-up-16684x1536x4096", _repeat(fn, n), _repeat(fn, n, "swiglu"),
                     flops=n * 2 * M * D * 2 * Hm,
                     note=f"bf16; baseline = two cuBLAS linears + silu*mul; x{n} per timing"))
+    split = lambda: ops.swiglu_gate_up(u, w13, split=True)  # noqa: E731
+    out.append(Case("swiglu/split-16684x1536x4096", _repeat(split, n), _repeat(fn, n, "swiglu"),
+                    flops=n * 2 * M * D * 2 * Hm,
+                    note=f"bf16; one cuBLAS GEMM vs w13 + silu_mul pass; baseline as above; x{n} per timing"))
     return out

@@ -75,3 +75,30 @@ def test_bf16_real_shape():
     with ops.disabled("swiglu"):
         torch_out = ops.swiglu_gate_up(u, w13)
     assert_within_rule(out, torch_out, ref64(u, w13), "swiglu bf16 real")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,D,Hm", [(111, 70, 45), (5, 32, 600)])
+def test_split_gemm_then_silu_mul(dtype, M, D, Hm):
+    # cuBLAS (here: torch) GEMM against w13, then one silu_mul pass; Hm 600 spans two column blocks
+    u, w13 = make(M, D, Hm, dtype, seed=M)
+    out = ops.swiglu_gate_up(u, w13, split=True)
+    with ops.disabled("swiglu"):
+        torch_out = ops.swiglu_gate_up(u, w13, split=True)
+    assert out.dtype == dtype and out.shape == (M, Hm)
+    assert_within_rule(out, torch_out, ref64(u, w13), f"swiglu split {dtype} {M}x{D}->{Hm}")
+
+
+def test_silu_mul_strided_rows_and_checks():
+    from pidkern.kernels.swiglu import silu_mul
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(13, 2 * 40 + 6, generator=g).to(DEVICE)
+    ab = base[:, 3:3 + 80]                            # rows 86 apart
+    a, b = ab[:, :40].double(), ab[:, 40:].double()
+    torch_out = (torch.nn.functional.silu(ab[:, :40]) * ab[:, 40:])
+    assert_within_rule(silu_mul(ab), torch_out, a * torch.sigmoid(a) * b, "silu_mul strided")
+    for bad, match in ((ab[:, :79], "ab: expected a 2-D"), (ab.int(), "ab: dtype"),
+                       (ab.t().contiguous().t(), "ab: last dim")):
+        with pytest.raises(ValueError, match=match):
+            silu_mul(bad)
+    torch.library.opcheck(torch.ops.pidkern.silu_mul.default, (ab.contiguous(),))
