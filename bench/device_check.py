@@ -5,10 +5,10 @@
 Stages, in order of what matters most, each in its own process (a crash in one keeps
 the others' results) and each under its own share of the time budget:
   1. install: `pip install --no-build-isolation --no-deps -e .` (builds pidkern._C with CUDA)
-  2. tests:   every test marked `cuda` (kernels bf16, output stage, engine)
-  3. engine:  fast vs reference images per preset family, peak memory vs estimate_memory
-  4. kernels: bench/kernels.py, every fused op against its PyTorch path
-  5. suite:   end-to-end rows (fast, release way, bf16, cascade baselines)
+  2. engine:  fast vs reference images, speed and memory vs the release way, a profile
+  3. tests:   every test marked `cuda`, one process per file
+  4. kernels: bench/kernels.py, every fused op against its PyTorch path (CUDA-graph timed)
+  5. suite:   end-to-end rows (bf16, cascade baselines), only with time left
 Writes its JSON files and log.txt under --out and prints a short table last.
 """
 from __future__ import annotations
@@ -73,10 +73,9 @@ def main():
 
     py = sys.executable
     q = args.quick
-    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 90)
+    stage("install", [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], 60)
     stage("engine", [py, "-m", "bench.engine_check", "--out", str(out), "--budget-s", "80" if q else "100"] +
-          (["--quick"] if q else []), 110 if q else 130)
-    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10"], 70 if q else 80)
+          (["--quick"] if q else []), 100 if q else 120)
     # one pytest process per file: an illegal memory access poisons the CUDA context for
     # every later test of its process (seen on H200, 2026-11-26: one attention test took 24
     # others down with it)
@@ -84,7 +83,8 @@ def main():
                    if "pytest.mark.cuda" in p.read_text())
     stage("tests", ["bash", "-c", " ; ".join(
         f"echo '-- {f}'; {py} -m pytest -q -rfE -m cuda -p no:cacheprovider --timeout 60 {f} 2>&1 | tail -n 25"
-        for f in files)], 90 if q else 110)
+        for f in files)], 90)
+    stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10"], 70)
     if not q:
         stage("suite", [py, "-m", "bench", "--sizes", "2048", "--batches", "1", "--rows", "bf16,cascade",
                         "--max-row-s", "5", "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)],

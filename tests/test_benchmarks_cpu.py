@@ -49,3 +49,14 @@ def test_time_graph_ms_times_on_the_host_without_cuda():
     calls = []
     r = time_graph_ms(lambda: calls.append(1), warmup=2, reps=4, device="cpu")
     assert r["mode"] == "host" and len(r["runs_ms"]) == 4 and len(calls) == 6
+
+
+def test_engine_check_plan_runs_every_case_once():
+    from bench import engine_check as ec
+    want = ([("parity", c) for c in ec.FULL_CASES] + [("memory", c) for c in ec.MEMORY_CASES]
+            + [("profile", ("flux-2k", 1, 2048, 2048))])
+    got = ec.plan(quick=False)
+    assert sorted(map(str, got)) == sorted(map(str, want))
+    assert got[:3] == [("parity", ec.FULL_CASES[1]), ("memory", ec.MEMORY_CASES[1]),
+                       ("profile", ("flux-2k", 1, 2048, 2048))]     # the bars' numbers first
+    assert all(k in ("parity", "memory") for k, _ in ec.plan(quick=True))
