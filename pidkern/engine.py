@@ -231,6 +231,7 @@ class Engine:
         self._op_choice: dict = {}      # (op, shape) -> "triton" | "torch" | a variant, measured on CUDA
         self.choice_ms: dict = {}
         self._tables: dict = {}
+        unpark(self.net, self.device)     # a second engine on a network the first one parked
         self._prepare_weights()
         self._per_t = {t: self._conditioning(t) for t in sorted(set(T_LIST) | {1.0}) if t > 0}
         if self.device.type == "cuda" and park_weights:
