@@ -75,6 +75,8 @@ def test_bf16_real_shape():
     with ops.disabled("swiglu"):
         torch_out = ops.swiglu_gate_up(u, w13)
     assert_within_rule(out, torch_out, ref64(u, w13), "swiglu bf16 real")
+    split = ops.swiglu_gate_up(u, w13, split=True)
+    assert_within_rule(split, torch_out, ref64(u, w13), "swiglu split bf16 real")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
