@@ -1,4 +1,5 @@
-"""What every kernel file shares: the interpreter switch and the grouped tile order."""
+"""What every kernel file shares: the interpreter switch, the grouped tile order, stride
+alignment and the GEMM K loop."""
 from __future__ import annotations
 
 import os
@@ -36,3 +37,22 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // width) * GROUP_M
     group_size = min(num_pid_m - first_m, GROUP_M)
     return first_m + (pid % width) % group_size, (pid % width) // group_size
+
+
+@triton.jit
+def gemm_k_loop(acc, a_ptrs, b_ptrs, rk, K, s_bk, dot_dtype, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """acc += A[:, :K] @ B[:K, :]: a_ptrs walk A's K (unit stride), b_ptrs B's K (stride
+    s_bk); A is cast to dot_dtype (B's), the K tail masked unless EVEN_K."""
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = rk < K - k
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
+        acc = tl.dot(a.to(dot_dtype), b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * s_bk
+    return acc

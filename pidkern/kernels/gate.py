@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile
+from pidkern.kernels._common import INTERPRET as _INTERPRET, gemm_k_loop, grouped_tile
 
 
 def _gemm_configs():
@@ -30,24 +30,6 @@ def _gemm_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
-
-
-@triton.jit
-def _k_half(acc, a_ptrs, b_ptrs, rk, D, s_wk, wdt, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-            DOT_PREC: tl.constexpr):
-    """acc += A[:, :D] @ B[:D, :] for one of the two sources of the gate's K = 2D."""
-    for k in range(0, D, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kmask = rk < D - k
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-        acc = tl.dot(a.to(wdt), b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * s_wk
-    return acc
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M", "D"])
@@ -72,9 +54,9 @@ def _gate_gemm_kernel(x_ptr, lq_ptr, w_ptr, b_ptr, la_ptr, sig_ptr, out_ptr, M, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_cols = w_ptr + rn.to(tl.int64)[None, :] * s_wn
     # K half 1: x against W[:, :D]; K half 2: lq against W[:, D:].
-    acc = _k_half(acc, x_ptr + x_rows[:, None] + rk[None, :], w_cols + rk[:, None] * s_wk, rk, D, s_wk, wdt,
+    acc = gemm_k_loop(acc, x_ptr + x_rows[:, None] + rk[None, :], w_cols + rk[:, None] * s_wk, rk, D, s_wk, wdt,
                   BLOCK_K, EVEN_K, DOT_PREC)
-    acc = _k_half(acc, lq_ptr + l_rows[:, None] + rk[None, :], w_cols + (rk[:, None] + D) * s_wk, rk, D, s_wk, wdt,
+    acc = gemm_k_loop(acc, lq_ptr + l_rows[:, None] + rk[None, :], w_cols + (rk[:, None] + D) * s_wk, rk, D, s_wk, wdt,
                   BLOCK_K, EVEN_K, DOT_PREC)
 
     # Epilogue on the true (unwrapped) rows and channels.

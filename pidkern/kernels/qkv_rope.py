@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile, row_align
+from pidkern.kernels._common import INTERPRET as _INTERPRET, gemm_k_loop, grouped_tile, row_align
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -63,18 +63,8 @@ def _qkv_rope_kernel(h_ptr, w_ptr, q_ptr, k_ptr, v_ptr, nw_ptr, cos_ptr, sin_ptr
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rm.to(tl.int64)[:, None] * s_hm + rk[None, :]
     b_ptrs = w_ptr + rn.to(tl.int64)[None, :] * s_wn + rk[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, D, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kmask = rk < D - k
-            a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    acc = gemm_k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, b_ptrs, rk, D, 1,
+                      w_ptr.dtype.element_ty, BLOCK_K, EVEN_K, DOT_PREC)
 
     x = acc.to(q_ptr.dtype.element_ty).to(tl.float32)
     region = (pid_n * BLOCK_N) // HHD           # 0: q, 1: k, 2: v
