@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET, row_align
+from pidkern.kernels._common import INTERPRET, aligned_rows, on_device
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,7 +141,7 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
               HAS_TXT: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (query tiles of the image then of the text, B*H). Strides come in units of
-    ALIGN elements (see row_align); within a token the heads are packed (head stride HD)."""
+    ALIGN elements (see _common.row_align); within a token the heads are packed (head stride HD)."""
     s_ib = s_ib * ALIGN
     s_it = s_it * ALIGN
     s_tb = s_tb * ALIGN
@@ -373,22 +373,8 @@ def check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_tx
     return B, L, T, hd
 
 
-def _aligned(tensors, strides, hd: int) -> tuple[int, bool]:
-    """(stride unit, whether every row of every tensor starts 16-byte aligned).
-
-    On CUDA the launchers refuse unaligned rows: Triton then builds a different sm_90
-    program (no async copies, every register in use), and the one case that took it on
-    an H200 (3 heads x 72, rows of 216 elements, before strides were passed in aligned
-    units) ended in an illegal memory access. ops.attention sends such inputs to the
-    PyTorch chain instead."""
-    size = tensors[0].element_size()
-    unit = row_align(size, *strides, hd)
-    ok = unit * size >= 16 and all(t.data_ptr() % 16 == 0 for t in tensors)
-    return unit, ok
-
-
 def _require_aligned(what: str, tensors, strides, hd: int) -> int:
-    unit, ok = _aligned(tensors, strides, hd)
+    unit, ok = aligned_rows(tensors, *strides, hd)   # the head offset h*hd starts rows too
     if tensors[0].is_cuda and not ok:
         raise ValueError(f"{what}: on CUDA every q/k/v row must start 16-byte aligned (head dim {hd}, strides "
                          f"{tuple(strides)}, {tensors[0].dtype}); use a head dim that is a multiple of "
@@ -398,9 +384,10 @@ def _require_aligned(what: str, tensors, strides, hd: int) -> int:
 
 
 def rows_aligned(qkv: torch.Tensor, heads: int) -> bool:
-    """Whether the CUDA kernels accept this QKV Linear output (see _aligned)."""
+    """Whether the CUDA kernels accept this QKV Linear output (see _common.aligned_rows);
+    ops.attention sends the others to the PyTorch chain."""
     hd = qkv.shape[-1] // (3 * heads)
-    return _aligned([qkv], (qkv.stride(0), qkv.stride(1)), hd)[1]
+    return aligned_rows([qkv], qkv.stride(0), qkv.stride(1), hd)[1]
 
 
 def _prec(dtype):
@@ -472,25 +459,16 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
     hd_a, hd_b = _chunks(hd)
     qk_scale = LOG2E / math.sqrt(hd)
     strides = (*s_i, *s_t, oi.stride(0), oi.stride(1), ot.stride(0), ot.stride(1))
-    # the head offset h*hd is part of every row address too
     align = _require_aligned("attention", (qi, ki, vi, oi, qt, kt, vt, ot), strides, hd)
 
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]) + triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
-    with torch.cuda.device(qi.device) if qi.is_cuda else _nullctx():
+    with on_device(qi):
         _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
                               *(s // align for s in strides), L, T, H, qk_scale, eps,
                               HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=_prec(qi.dtype),
                               ALIGN=align)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
@@ -507,7 +485,7 @@ def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_
     srcs = [(qkv_img, q_norm_img, k_norm_img, cos_img, sin_img, L, T)]
     if T:
         srcs.append((qkv_txt, q_norm_txt, k_norm_txt, cos_txt, sin_txt, T, 0))
-    with torch.cuda.device(qkv_img.device) if qkv_img.is_cuda else _nullctx():
+    with on_device(qkv_img):
         for qkv, wq, wk, cos, sin, n, tok0 in srcs:
             align = _require_aligned("attention_prep", (qkv, q), (qkv.stride(0), qkv.stride(1), q.stride(0)), hd)
             _prep[(triton.cdiv(n, block), B * heads)](

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, gemm_k_loop, grouped_tile, row_align
+from pidkern.kernels._common import INTERPRET as _INTERPRET, aligned_rows, gemm_k_loop, grouped_tile, on_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -139,10 +139,8 @@ def _check(name, h, w, nw, cos, sin, heads):
 
 def rows_aligned(h: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether every row of h and w starts 16-byte aligned, which the CUDA path requires
-    (see attention._aligned for why an unaligned program is not risked)."""
-    size = h.element_size()
-    return (row_align(size, h.stride(1), w.stride(0)) * size >= 16
-            and h.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
+    (see _common.aligned_rows)."""
+    return aligned_rows([h, w], h.stride(1), w.stride(0))[1]
 
 
 def _launch(h, w, nw, cos, sin, q, k, v, tok0, eps, hd):
@@ -151,14 +149,14 @@ def _launch(h, w, nw, cos, sin, q, k, v, tok0, eps, hd):
     if M == 0:
         return
     hhd = q.shape[2] * q.shape[3]
-    if h.is_cuda and not rows_aligned(h, w):
+    align, ok = aligned_rows([h, w], h.stride(1), w.stride(0))
+    if h.is_cuda and not ok:
         raise ValueError(f"qkv_rope: on CUDA the rows of h (strides {h.stride()}) and w (strides {w.stride()}) "
                          f"must start 16-byte aligned; pidkern.ops.qkv_rope falls back to PyTorch for these")
-    align = row_align(h.element_size(), h.stride(1), w.stride(0))
     args = (h, w, q, k, v, nw, cos, sin, M, N, D, tok0, q.shape[1], h.stride(1) // align, w.stride(0) // align,
             float(eps))
     consts = dict(HD=hd, HHD=hhd, ALIGN=align, DOT_PREC="ieee" if h.dtype == torch.float32 else "tf32")
-    with torch.cuda.device(h.device) if h.is_cuda else _nullctx():
+    with on_device(h):
         if _INTERPRET:
             bn = max(hd, 32) if hhd % max(hd, 32) == 0 else hd
             grid = (triton.cdiv(M, 32) * (3 * hhd // bn),)
@@ -169,13 +167,6 @@ def _launch(h, w, nw, cos, sin, q, k, v, tok0, eps, hd):
                 return (triton.cdiv(M, meta["BLOCK_M"]) * (3 * hhd // meta["BLOCK_N"]),)
             _tuned[grid](*args, **consts, EVEN_K=D % 64 == 0)
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @torch.library.custom_op("pidkern::qkv_rope", mutates_args=())

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile
+from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile, on_device
 
 
 def _configs():
@@ -143,7 +143,7 @@ def silu_mul(ab: torch.Tensor) -> torch.Tensor:
     if M == 0:
         return h
     bm, bn = (16, 32) if _INTERPRET else (8, 512)
-    with torch.cuda.device(ab.device) if ab.is_cuda else _nullctx():
+    with on_device(ab):
         _silu_mul_kernel[(triton.cdiv(M, bm), triton.cdiv(hm, bn))](ab, h, M, hm, ab.stride(0), h.stride(0),
                                                                    BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return h
@@ -164,10 +164,3 @@ def _check_ab(ab):
     if ab.stride(1) != 1:
         raise ValueError(f"ab: last dim must be contiguous (stride 1), got strides {ab.stride()}")
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
