@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import PiDConfig, get_preset
 from .reference import pixel_sincos, rope_angles_1d, rope_angles_2d, rope_tables
-from .sampler import T_LIST, check_noise, make_generator, schedule, seed_int64
+from .sampler import T_LIST, check_noise, make_generator, philox_key, schedule, seed_int64
 
 # "qkv_rope+sdpa": the patch blocks' QKV Linear with QK-norm + RoPE in its epilogue
 # (ops.qkv_rope), then SDPA; an engine route, since it starts from the block's normalised
@@ -501,16 +501,17 @@ class Engine:
         return x.clamp(-1, 1)
 
     def _counter(self, k: int) -> torch.Tensor:
-        key = ("philox step", k)
-        if key not in self._tables:
-            self._tables[key] = torch.tensor(k, dtype=torch.int64, device=self.device)
-        return self._tables[key]
+        """The Philox stream's draw index k as a device scalar (graphs freeze Python ints)."""
+        return self._device_scalar(k, torch.int64)
 
     def _scalar(self, t: float) -> torch.Tensor:
-        key = ("scalar", t)
+        # float64: the extension then reproduces the release's Python-float update exactly
+        return self._device_scalar(t, torch.float64)
+
+    def _device_scalar(self, value, dtype: torch.dtype) -> torch.Tensor:
+        key = ("scalar", dtype, value)
         if key not in self._tables:
-            # float64: the extension then reproduces the release's Python-float update exactly
-            self._tables[key] = torch.tensor(t, dtype=torch.float64, device=self.device)
+            self._tables[key] = torch.tensor(value, dtype=dtype, device=self.device)
         return self._tables[key]
 
     # -- graphs ------------------------------------------------------------------------
@@ -573,7 +574,7 @@ class Engine:
         if not self.use_graphs:
             self.check_memory(b, h, w, text.shape[1], noise)
             if noise == "philox":
-                draws = torch.tensor(seed_int64(seed), dtype=torch.int64, device=self.device)
+                draws = philox_key(seed, self.device)
             else:
                 draws = self.draw_noise((b, 3, h, w), steps, sampler, seed)
             out = self.run(latent, sigma, text, draws, steps, sampler, h, w, choose=latent.is_cuda)

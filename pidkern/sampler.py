@@ -34,13 +34,18 @@ def schedule(steps: int) -> list[float]:
     return times
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A generator on the decode device; seed=None draws a seed from torch's global RNG."""
+def resolve_seed(seed: int | None) -> int:
+    """The seed as an int; None draws one from torch's global RNG."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed={seed!r}: expected an int or None")
-    return torch.Generator(device=device).manual_seed(seed)
+    return seed
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on the decode device; seed=None draws a seed from torch's global RNG."""
+    return torch.Generator(device=device).manual_seed(resolve_seed(seed))
 
 
 def check_noise(noise: str) -> str:
@@ -52,19 +57,21 @@ def check_noise(noise: str) -> str:
 def seed_int64(seed: int | None) -> int:
     """The seed as the int64 the Philox stream keys on: None draws one (as make_generator
     does); values in [2**63, 2**64) wrap to negative, as torch.Generator accepts them."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed={seed!r}: expected an int or None")
+    seed = resolve_seed(seed)
     if not -2**63 <= seed < 2**64:
         raise ValueError(f"seed={seed}: expected a value in [-2**63, 2**64)")
     return seed - 2**64 if seed >= 2**63 else seed
 
 
+def philox_key(seed: int | None, device) -> torch.Tensor:
+    """The 0-d int64 device tensor the extension's Philox stream is keyed by."""
+    return torch.tensor(seed_int64(seed), dtype=torch.int64, device=device)
+
+
 def philox_draws(seed: int | None, device) -> Callable[[int, tuple], torch.Tensor]:
     """draw(k, shape): the k-th standard normal tensor of the Philox stream of `seed`."""
     from . import _ext
-    key = torch.tensor(seed_int64(seed), dtype=torch.int64, device=device)
+    key = philox_key(seed, device)
     return lambda k, shape: _ext.philox_normal(key, torch.tensor(k, dtype=torch.int64, device=device), shape)
 
 

@@ -176,8 +176,8 @@ def qkv_rope_op(h_img: torch.Tensor, w_img: torch.Tensor, norms_img: torch.Tenso
                 heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, jobs = _plan(h_img, w_img, norms_img, cos_img, sin_img, h_txt, w_txt, norms_txt, cos_txt, sin_txt,
                           heads)
-    for args in jobs:
-        _launch(*args[:5], q, k, v, *args[5:6], eps, args[6])
+    for h, w, norms, cos, sin, tok0, hd in jobs:
+        _launch(h, w, norms, cos, sin, q, k, v, tok0, eps, hd)
     return q, k, v
 
 
