@@ -1,4 +1,4 @@
-"""python -m bench: the full decode benchmark suite (same arguments as `pidkern bench --suite full`)."""
+"""python -m bench: the full decode benchmark suite (arguments of `pidkern bench` plus the suite's own)."""
 import argparse
 import sys
 
@@ -10,7 +10,6 @@ from bench.suite import run
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m bench", description=__doc__))
     args = parser.parse_args(argv)
-    args.suite = "full"
     return run(args)
 
 

@@ -21,7 +21,7 @@ import torch
 from pidkern import benchmark as pb
 from pidkern.api import Decoder
 from pidkern.config import get_preset
-from pidkern.engine import estimate_memory
+from pidkern import estimate_memory
 from pidkern.timing import environment, write_result
 
 PARITY_BAR = 2e-2
@@ -77,7 +77,7 @@ def parity(preset, b, h, w, sigma, noise, dev, log=print):
                replay_bitwise_equal=bool(torch.equal(fast, fast2)),
                finite=bool(torch.isfinite(fast).all()), passed=rel <= PARITY_BAR and bool(torch.isfinite(fast).all()),
                reference_fp32_s=t_ref, fast_first_call_s=t_first,
-               attention_choice={str(k): v for k, v in fast_dec.engine()._attn_choice.items()})
+               plan=fast_dec.plan(latent.shape, text.shape[1]).as_dict())
     log(f"parity {preset} {b}x{h}x{w} sigma={sigma} noise={noise}: rel L2 {rel:.2e} "
         f"(bf16 reference {rec['rel_l2_reference_bf16']:.2e}) "
         f"{'PASS' if rec['passed'] else 'FAIL'}; first call {t_first:.1f} s")
@@ -103,21 +103,18 @@ def memory(preset, b, h, w, dev, release=True, log=print):
     # (Replaying a graph allocates nothing, so its peak is only visible this way.) The
     # first call's peak also holds Triton's 256 MB autotuning buffer and the warm-up races.
     eng = dec.engine()
-    eng.use_graphs = False
-    dec.decode(latent, s, text, seed=1, backend="fast")
+    dec.decode(latent, s, text, seed=1, backend="fast", plan={"graphs": False})
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    dec.decode(latent, s, text, seed=1, backend="fast")
+    dec.decode(latent, s, text, seed=1, backend="fast", plan={"graphs": False})
     torch.cuda.synchronize(dev)
     peak = torch.cuda.max_memory_allocated(dev)
-    eng.use_graphs = True
     est = estimate_memory(cfg, b, h, w)
     rec = dict(preset=preset, batch=b, height=h, width=w, median_ms=m["median_ms"], first_call_ms=m["first_call_ms"],
                runs_ms=m["runs_ms"], peak_gib=peak / 2**30, first_call_peak_gib=first_peak / 2**30,
                resident_gib=resident / 2**30,
                estimate_gib=est / 2**30, estimate_error=(est - resident) / resident, images_per_s=b * 1e3 / m["median_ms"],
-               attention_choice={str(k): v for k, v in eng._attn_choice.items()},
-               op_choice={str(k): v for k, v in eng._op_choice.items()}, op_choice_ms=eng.choice_ms)
+               plan=dec.plan(latent.shape, text.shape[1]).as_dict())
     if release and b == 1 and h <= 2048:
         # the release's way in the same process: float32 weights, bf16 autocast, eager, adapter per step
         from bench.suite import release_decode
@@ -142,18 +139,16 @@ def memory(preset, b, h, w, dev, release=True, log=print):
 
 def profile(preset, b, h, w, dev, log=print, top=25):
     """Where a warm 4-step decode spends GPU time (eager engine, no graph, so kernels show)."""
-    from pidkern.engine import Engine
     cfg = get_preset(preset)
     dec = pb.random_decoder(cfg, dev, torch.bfloat16)
-    eng = Engine(dec, graphs=False)
-    dec._engine = eng
+    eager = {"graphs": False}
     latent, s, text = inputs(cfg, b, h, w, [0.1] * b, dev)
     for _ in range(2):
-        dec.decode(latent, s, text, seed=0, backend="fast")
+        dec.decode(latent, s, text, seed=0, backend="fast", plan=eager)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile as prof
     with prof(activities=[ProfilerActivity.CUDA]) as p:
-        dec.decode(latent, s, text, seed=0, backend="fast")
+        dec.decode(latent, s, text, seed=0, backend="fast", plan=eager)
         torch.cuda.synchronize()
     rows = []
     for evt in p.key_averages():
@@ -165,7 +160,7 @@ def profile(preset, b, h, w, dev, log=print, top=25):
     log(f"profile {preset} {b}x{h}x{w}: {total:.1f} ms of GPU time (eager, no graph)")
     for name, ms, count in rows[:12]:
         log(f"  {ms:8.2f} ms {100 * ms / total:5.1f}%  x{count:<4d} {name[:90]}")
-    del dec, eng
+    del dec
     gc.collect()
     torch.cuda.empty_cache()
     return dict(preset=preset, batch=b, height=h, width=w, gpu_ms=total,

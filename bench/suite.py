@@ -1,13 +1,13 @@
 """The full decode benchmark: every pidkern speed claim from one command.
 
     python -m bench [--sizes 1024,2048,4096] [--batches 1,4] [--rows ...] [--out DIR]
-    pidkern bench --suite full ...           (same arguments)
     python -m bench --smoke                  (tiny shapes on the CPU, < 1 minute)
     python -m bench --dry-run                (what would be measured)
 
 Rows (each at every size x batch that fits; OOM is recorded as a note):
   fast            pidkern's engine, Decoder.decode(backend="fast")
-  ablations       the engine with one optimisation off (--disable-<opt>; 2048², batch 1 only)
+  ablations       the engine with one optimisation off, or one attention route pinned, through
+                  its plan (pidkern.benchmark.ablation_plan; 2048², batch 1 only)
   release         the reference the release's way: float32 weights, bf16 autocast, eager,
                   latent adapter recomputed every step
   bf16            the reference with bf16 weights (+ autocast), eager
@@ -54,7 +54,7 @@ class Row:
     build: Callable[[], Callable[[], object]] = field(repr=False)  # returns the timed callable
     flop: float = 0.0
     note: str = ""
-    context: Callable = field(default=None, repr=False)  # () -> context manager around build + timing
+    plan: dict = field(default=None)  # the fast path's plan overrides of this row
 
 
 def _csv_ints(text, default):
@@ -77,7 +77,7 @@ class Plan:
         unknown = self.rows_on - set(ROWS)
         if unknown:
             raise SystemExit(f"--rows: unknown {sorted(unknown)}; expected names from {ROWS}")
-        self.steps = args.steps
+        self.steps = args.steps or 4
         self.reps = args.reps or (1 if self.smoke else 5)
         self.warmup = args.warmup or (1 if self.smoke else 2)
         # cascade: the paper's 64x64 latent (512² VAE image) -> 2048²; smoke: 2x2 -> 64²
@@ -104,9 +104,10 @@ class Plan:
         return torch.float32 if self.device.type == "cpu" else torch.bfloat16
 
     # -- rows --------------------------------------------------------------------------
-    def _pid_row(self, name, size, batch, make_fn, context=None, note=""):
+    def _pid_row(self, name, size, batch, make_fn, plan=None, note=""):
         flop = decode_flops(self.cfg, batch, size, size, self.steps)["total"]
-        return Row(name, "pid", size, batch, make_fn(size, batch), flop, note, context)
+        build = make_fn(size, batch, plan) if plan is not None else make_fn(size, batch)
+        return Row(name, "pid", size, batch, build, flop, note, plan)
 
     def _rows(self) -> list[Row]:
         rows = []
@@ -117,10 +118,10 @@ class Plan:
                 if "ablations" in self.rows_on and size == self.ablation_size and batch == self.batches[0]:
                     for opt in pb.OPTIMISATIONS:
                         rows.append(self._pid_row(f"fast -{opt}", size, batch, self._fast,
-                                                  context=lambda o=opt: pb.ablation([o])))
-                    for backend in pb.ATTENTION_BACKENDS:
-                        rows.append(self._pid_row(f"fast attention={backend}", size, batch, self._fast,
-                                                  context=lambda b=backend: pb.ablation((), b)))
+                                                  plan=pb.ablation_plan([opt])))
+                    for route in pb.ATTENTION_ROUTES:
+                        rows.append(self._pid_row(f"fast attention={route}", size, batch, self._fast,
+                                                  plan=pb.ablation_plan((), route)))
                 if "release" in self.rows_on:
                     rows.append(self._pid_row("release", size, batch, self._release,
                                               note="fp32 weights, bf16 autocast, eager, adapter every step"))
@@ -136,11 +137,11 @@ class Plan:
     def _inputs(self, size, batch):
         return pb.decode_inputs(self.cfg, batch, size, size, self.device)
 
-    def _fast(self, size, batch):
+    def _fast(self, size, batch, plan=None):
         def build():
             dec = self.decoder(self.fast_dtype())
             latent, sigma, text = self._inputs(size, batch)
-            return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="fast")
+            return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="fast", plan=plan)
         return build
 
     def _bf16(self, size, batch):
@@ -254,11 +255,9 @@ def run_rows(plan: Plan, ceiling: dict, log=print) -> list[dict]:
         log(f"[{i + 1}/{len(plan.rows)}] {row.name} {row.batch}x{row.size}² ...")
         fn = None
         try:
-            ctx = row.context() if row.context else _null()
-            with ctx:
-                fn = row.build()
-                m = pb.measure(fn, plan.device, reps=plan.reps, warmup=plan.warmup,
-                               max_s=None if plan.smoke else plan.args.max_row_s)
+            fn = row.build()
+            m = pb.measure(fn, plan.device, reps=plan.reps, warmup=plan.warmup,
+                           max_s=None if plan.smoke else plan.args.max_row_s)
             rec.update(m)
             rec["tflops"] = tflops(row.flop, m["median_ms"])
             if ceiling.get("tflops"):
@@ -282,14 +281,6 @@ def run_rows(plan: Plan, ceiling: dict, log=print) -> list[dict]:
                 torch.cuda.empty_cache()
         results.append(rec)
     return results
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def dry_run(plan: Plan, log=print) -> list[str]:

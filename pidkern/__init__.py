@@ -8,7 +8,7 @@
 """
 from .api import BACKENDS, Decoder, decode, load, save_png, to_pil, to_uint8
 from .config import PRESETS, PiDConfig, get_preset
-from .engine import InsufficientMemoryError, estimate_memory
+from .memory import InsufficientMemoryError, estimate_memory
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",

@@ -23,6 +23,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .reference import fold_patch_pixels, rms_norm
+
 try:
     from pidkern import _C  # noqa: F401  (registers torch.ops.pidkern.*)
     HAS_EXT = True
@@ -56,16 +58,9 @@ if HAS_EXT:
 
 # ---------------------------------------------------------------- PyTorch math
 def _pixel_head(tokens, norm_w, lin_w, lin_b, eps):
-    """RMSNorm(16) in float32, cast back, times weight; Linear(16 -> 3): [B*L, P2, 3]."""
+    """FinalLayer in the tokens' dtype: RMSNorm(16), Linear(16 -> 3): [B*L, P2, 3]."""
     dt = tokens.dtype
-    xf = tokens.float()
-    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dt) * norm_w.to(dt)
-    return F.linear(h, lin_w.to(dt), lin_b.to(dt))
-
-
-def _fold(v, B, H, W, P):
-    """out[b, c, P*hs + i, P*ws + j] = v[b*L + hs*Ws + ws, P*i + j, c]."""
-    return v.reshape(B, H // P, W // P, P, P, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, H, W)
+    return F.linear(rms_norm(tokens, norm_w.to(dt), eps), lin_w.to(dt), lin_b.to(dt))
 
 
 def _as_t(t, like):
@@ -75,7 +70,7 @@ def _as_t(t, like):
 def reference_output_step(tokens, norm_w, lin_w, lin_b, x_t, t, t_next, noise, patch=16, eps=1e-6):
     """The released chain: head, fold, then the update in float64, rounded to float32."""
     B, _, H, W = x_t.shape
-    v = _fold(_pixel_head(tokens, norm_w, lin_w, lin_b, eps), B, H, W, patch)
+    v = fold_patch_pixels(_pixel_head(tokens, norm_w, lin_w, lin_b, eps), B, H, W, patch)
     t, tn = _as_t(t, x_t).double(), _as_t(t_next, x_t).double()
     x0 = x_t.double() - t * v.double()
     return torch.where(tn == 0, x0.clamp(-1, 1), (1 - tn) * x0 + tn * noise.double()).float()

@@ -218,7 +218,8 @@ class Decoder:
 
     @torch.inference_mode()
     def decode(self, latent, sigma=0.0, text=None, steps: int = 4, seed: int | None = None, size=None,
-               sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release") -> torch.Tensor:
+               sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release",
+               plan=None) -> torch.Tensor:
         """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
 
         sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
@@ -231,24 +232,31 @@ class Decoder:
         "philox" (a counter-based stream the fast engine draws inside its CUDA graph: no
         noise buffers, nothing on the host for a new seed; other images for the same seed,
         the same on every backend and device).
+        plan: the fast path's choices for this decode, overriding its rules and races: a
+        dict such as {"attention": "prep+sdpa", "graphs": False}, a "key=value,..." string
+        or a `pidkern.plan.Plan` (see `Decoder.plan`); fast backend only.
         """
         args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise)
         which = self.backend_for(backend)
         if which == "fast":
-            return self.engine().decode(**args, progress=progress)
+            return self.engine().decode(**args, progress=progress, plan=plan)
+        if plan is not None:
+            raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
+                             f"backend={which!r}")
         return self._decode_reference(**args, progress=progress)
 
+    def plan(self, latent_shape, text_len: int | None = None, plan=None):
+        """The fast path's plan for latents of `latent_shape` [B, C, h, w]: what it will run
+        (on CUDA the raced entries are filled by the first decode of that shape)."""
+        b, _, lh, lw = latent_shape
+        h, w = self.config.output_size(lh, lw)
+        return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
+
     def reference_weights_on_device(self) -> None:
-        """Bring back the weights a CUDA fast engine parked in host memory (the patch and
-        pixel blocks' adaLN Linears and the timestep embedder, which it needs only while it
-        loads). Reference decodes call this; call it before using `net` directly."""
-        if getattr(self.net, "_pidkern_parked", False):
-            from .engine import unpark
-            with self._lock:
-                unpark(self.net, self.device)
+        """Kept for compatibility: the fast path no longer moves any of `net`'s weights, so
+        `net` is always ready to use."""
 
     def _decode_reference(self, latent, sigma, text, steps, seed, size, sampler, noise="release", progress=None):
-        self.reference_weights_on_device()
         b = latent.shape[0]
         h, w = size
         net = self.net
@@ -267,7 +275,7 @@ class Decoder:
     def engine(self):
         with self._lock:
             if self._engine is None:
-                from .engine import Engine  # imported late: it needs CUDA and Triton
+                from .engine import Engine  # imported late: only the fast path needs it
                 self._engine = Engine(self)
             return self._engine
 

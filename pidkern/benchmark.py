@@ -1,31 +1,41 @@
-"""`pidkern bench`: time a PiD decode on this machine; `--suite full` runs the repo's bench/ suite.
+"""`pidkern bench`: time a PiD decode on this machine with the package alone.
 
-Default job: a random-weight model of a preset (flux-2k), decoded at 2048² on a GPU
-(256² on a CPU), batch 1, 4 steps. It prints the first-call time (compile, autotune and
-CUDA-graph capture happen there), the median of the warm runs (CUDA events), peak memory,
-the analytic FLOP count (pidkern.flops) and achieved TFLOP/s.
+Default job: a random-weight model of a preset (flux-2k), decoded at 2048² on a GPU,
+batch 1, 4 steps. On a CPU the default is small enough to finish within a minute: 128²,
+1 step, one timed run (the output says so; --size/--steps/--reps change it). It prints
+the first-call time (compile, autotune, the plan's races and CUDA-graph capture happen
+there), the median of the warm runs (CUDA events), peak memory, the analytic FLOP count
+(pidkern.flops), achieved TFLOP/s and the fast path's plan. The full suite (baselines,
+ablations, tables) is `python -m bench` in a pidkern checkout.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import os
-import sys
 import time
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
-from . import ops
 from .api import fill_random_, random_net  # noqa: F401  (re-exported for bench/)
 from .config import get_preset
-from .engine import ATTENTION_BACKENDS  # noqa: F401  (the --attention-backend choices; bench/ reads it here)
 from .flops import decode_flops, tflops
+from .plan import PATCH_ATTENTION, check_overrides, parse
 from .timing import environment, nvml_snapshot, time_ms
 
-OPTIMISATIONS = ("graphs",) + tuple(ops.OPS)
+# Each optimisation the fast path can run without, as the plan override that turns it off.
+ABLATIONS = {
+    "graphs": {"graphs": False},
+    "embed": {"embed": "torch"},
+    "rms_modulate": {"rms_modulate": "torch"},
+    "gate": {"gate": "torch"},
+    "attention": {"attention": "torch"},
+    "pixel_modulate": {"pixel_modulate": "torch"},
+    "swiglu": {"swiglu": "torch"},
+}
+OPTIMISATIONS = tuple(ABLATIONS)
+ATTENTION_ROUTES = PATCH_ATTENTION
 
 
 def log(msg: str) -> None:
@@ -59,7 +69,8 @@ def gemm_ceiling(device, n: int | None = None) -> dict:
 
 
 def measure(fn, device, *, reps: int = 5, warmup: int = 2, max_s: float | None = None) -> dict:
-    """First call timed on its own (compile/autotune/capture), then median of warm runs.
+    """First call timed on its own (compile/autotune/capture), `warmup` untimed runs, then
+    the median of `reps` timed runs.
 
     `max_s` caps the time spent on warm runs: reps shrink (never below 3) when one call is slow.
     Peak memory covers every call; NVML's view (the CUDA context and allocator cache) is read last.
@@ -75,15 +86,15 @@ def measure(fn, device, *, reps: int = 5, warmup: int = 2, max_s: float | None =
     fn()
     sync(dev)
     first_ms = (time.perf_counter() - t0) * 1e3
-    warm = time_ms(fn, warmup=0, reps=max(warmup, 1), device=str(dev))
+    warm = time_ms(fn, warmup=0, reps=warmup, device=str(dev)) if warmup > 0 else None
     note = ""
-    if max_s and warm["median_ms"] * reps / 1e3 > max_s:
+    if max_s and warm and warm["median_ms"] * reps / 1e3 > max_s:
         new = max(3, int(max_s * 1e3 // warm["median_ms"]))
         if new < reps:
             note = f"reps cut from {reps} to {new} to fit --max-row-s {max_s:g}"
             reps = new
     t = time_ms(fn, warmup=0, reps=reps, device=str(dev))
-    out = {**t, "first_call_ms": first_ms, "reps": reps, "warmup_runs": max(warmup, 1) + 1}
+    out = {**t, "first_call_ms": first_ms, "reps": reps, "warmup_runs": warmup + 1}
     if note:
         out["note"] = note
     if dev.type == "cuda":
@@ -94,29 +105,17 @@ def measure(fn, device, *, reps: int = 5, warmup: int = 2, max_s: float | None =
     return out
 
 
-@contextmanager
-def ablation(disable=(), attention_backend: str | None = None):
-    """Switch optimisations off for everything run inside (env + ops.disabled), restoring after."""
-    names = [f"PIDKERN_DISABLE_{o.upper()}" for o in disable]
-    if attention_backend:
-        names.append("PIDKERN_ATTENTION_BACKEND")
-    saved = {k: os.environ.get(k) for k in names}
-    try:
-        for o in disable:
-            os.environ[f"PIDKERN_DISABLE_{o.upper()}"] = "1"
-        if attention_backend:
-            os.environ["PIDKERN_ATTENTION_BACKEND"] = attention_backend
-        with ExitStack() as stack:
-            ops_off = [o for o in disable if o in ops.OPS]
-            if ops_off:
-                stack.enter_context(ops.disabled(*ops_off))
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def ablation_plan(disable=(), attention: str | None = None, plan=None) -> dict:
+    """The plan overrides of a run without the optimisations in `disable` (names of
+    ABLATIONS), with the patch attention pinned to `attention`, on top of `plan`."""
+    over = check_overrides(plan)
+    for name in disable:
+        if name not in ABLATIONS:
+            raise ValueError(f"disable={name!r}: expected names from {OPTIMISATIONS}")
+        over.update(check_overrides(ABLATIONS[name]))
+    if attention:
+        over.update(check_overrides({"attention": attention}))
+    return over
 
 
 def decode_inputs(config, batch: int, height: int, width: int, device, seed: int = 0):
@@ -136,25 +135,29 @@ def decode_inputs(config, batch: int, height: int, width: int, device, seed: int
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("decode benchmark")
     g.add_argument("--preset", default="flux-2k", help="preset of the random-weight model (default flux-2k)")
-    g.add_argument("--size", type=int, default=None, help="output side in pixels (default 2048 on a GPU, 256 on a CPU)")
+    g.add_argument("--size", type=int, default=None, help="output side in pixels (default 2048 on a GPU, 128 on a CPU)")
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "fast"))
-    g.add_argument("--steps", type=int, default=4)
+    g.add_argument("--steps", type=int, default=None, help="sampler steps (default 4 on a GPU, 1 on a CPU)")
     g.add_argument("--dtype", default=None, help="weight dtype: bfloat16 / float32 / float16 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    g.add_argument("--reps", type=int, default=None, help="timed warm runs (default 5 on a GPU, 2 on a CPU)")
-    g.add_argument("--warmup", type=int, default=None, help="warm-up runs after the first call (default 2 GPU, 1 CPU)")
+    g.add_argument("--reps", type=int, default=None, help="timed warm runs (default 5 on a GPU, 1 on a CPU)")
+    g.add_argument("--warmup", type=int, default=None, help="warm-up runs after the first call (default 2 GPU, 0 CPU)")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
     g.add_argument("--suite", choices=("quick", "full"), default="quick",
-                   help="quick: this one decode; full: the repo's bench/ suite (needs a checkout)")
+                   help="quick: this one decode; full: the checkout's suite, run as `python -m bench` there")
     g.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the suite runs")
     g.add_argument("--dry-run", action="store_true", help="print what would be measured and exit")
-    g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
-                   help="attention backend of the fast engine")
+    g.add_argument("--attention-backend", default=None, choices=ATTENTION_ROUTES,
+                   help="patch attention route of the fast path (same as --plan attention=...)")
+    g.add_argument("--plan", default=None, metavar="KEY=VALUE,...",
+                   help="fast-path plan overrides, e.g. attention=prep+sdpa,swiglu=split,graphs=off "
+                        "(see `pidkern info --plan`)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     for opt in OPTIMISATIONS:
         g.add_argument(f"--disable-{opt.replace('_', '-')}", dest=f"disable_{opt}", action="store_true",
-                       help=f"run the fast engine without {opt}" + (" (CUDA graphs)" if opt == "graphs" else " (fused op)"))
-    s = parser.add_argument_group("full suite (--suite full / python -m bench)")
+                       help=f"run the fast path without {opt}" + (" (CUDA graphs)" if opt == "graphs" else " (fused op)"))
+    s = parser.add_argument_group("full suite (python -m bench in a checkout)")
     s.add_argument("--sizes", default=None, help="comma list of output sides (default 1024,2048,4096)")
     s.add_argument("--batches", default=None, help="comma list of batch sizes (default 1,4)")
     s.add_argument("--rows", default=None,
@@ -170,21 +173,23 @@ def disabled_options(args) -> list[str]:
     return [o for o in OPTIMISATIONS if getattr(args, f"disable_{o}", False)]
 
 
-def _defaults(args, device: torch.device) -> None:
+def _defaults(args, device: torch.device) -> list[str]:
+    """Fill the defaults that depend on the device; returns what was chosen for the CPU."""
     gpu = device.type == "cuda"
-    if args.size is None:
-        args.size = 2048 if gpu else 256
-    if args.reps is None:
-        args.reps = 5 if gpu else 2
-    if args.warmup is None:
-        args.warmup = 2 if gpu else 1
+    chosen = []
+    for name, gpu_value, cpu_value in (("size", 2048, 128), ("steps", 4, 1), ("reps", 5, 1), ("warmup", 2, 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_value if gpu else cpu_value)
+            if not gpu:
+                chosen.append(f"{name} {cpu_value}")
+    return chosen
 
 
 def run_default(args) -> dict:
     """The quick job: one preset, one size, one backend. Returns the result dict (also printed)."""
     from .api import resolve_device, resolve_dtype
     device = resolve_device(args.device)
-    _defaults(args, device)
+    cpu_defaults = _defaults(args, device)
     cfg = get_preset(args.preset)
     if args.smoke:
         from .config import tiny
@@ -194,14 +199,18 @@ def run_default(args) -> dict:
     size, batch = args.size, args.batch
     flop = decode_flops(cfg, batch, size, size, args.steps)
     off = disabled_options(args)
+    plan = ablation_plan(off, args.attention_backend, parse(args.plan) if args.plan else None)
     what = (f"{cfg.name} random weights, {batch}x{size}x{size}, {args.steps} steps, {str(dtype)[6:]}, "
             f"backend={args.backend}" + (f", disabled: {','.join(off)}" if off else "")
-            + (f", attention={args.attention_backend}" if args.attention_backend else ""))
+            + (f", plan overrides: {plan}" if plan else ""))
     if args.dry_run:
         log(f"would time on {device}: {what}; {flop['tflop']:.2f} TFLOP per decode; "
             f"{args.warmup} warm-up + {args.reps} timed runs")
         return {"dry_run": True, "what": what, "tflop": flop["tflop"]}
     log(f"pidkern bench: {what} on {device}")
+    if cpu_defaults:
+        log(f"  CPU defaults so the job ends within a minute: {', '.join(cpu_defaults)} (a GPU run uses 2048², "
+            f"4 steps, 2 warm-up + 5 timed runs)")
     t0 = time.perf_counter()
     nparams = sum(p.numel() for p in _meta_net(cfg).parameters())
     log(f"building random weights ({nparams / 1e9:.2f} B parameters, {str(dtype)[6:]}) ...")
@@ -209,16 +218,29 @@ def run_default(args) -> dict:
     log(f"  built in {time.perf_counter() - t0:.1f} s")
     latent, sigma, text = decode_inputs(cfg, batch, size, size, device)
     ceiling = gemm_ceiling(device) if device.type == "cuda" else None
-    with ablation(off, args.attention_backend):
-        def fn():
-            return dec.decode(latent, sigma, text, steps=args.steps, seed=0, backend=args.backend)
-        log(f"first call (includes any compile / autotune / graph capture) then {args.warmup} warm-up "
-            f"and {args.reps} timed runs ...")
+    used = dec.backend_for(args.backend)
+    fast = used == "fast"
+    calls = 1 + args.warmup + args.reps
+    from tqdm.auto import tqdm
+    bar = tqdm(total=calls * args.steps, desc="decode steps", unit="step", disable=args.quiet, leave=False)
+
+    def progress(step, steps):
+        bar.update(steps if fast else 1)      # the fast path reports once per decode
+
+    def fn():
+        return dec.decode(latent, sigma, text, steps=args.steps, seed=0, backend=args.backend, progress=progress,
+                          plan=plan if fast else None)
+    log(f"first call (includes any compile / autotune / plan races / graph capture) then {args.warmup} warm-up "
+        f"and {args.reps} timed runs ...")
+    with bar:
         res = measure(fn, device, reps=args.reps, warmup=args.warmup)
     res.update(tflop=flop["tflop"], tflops=tflops(flop["total"], res["median_ms"]),
                flop_breakdown=flop["breakdown"], what=what, preset=cfg.name, size=size, batch=batch,
-               steps=args.steps, dtype=str(dtype), backend=args.backend, backend_used=dec.backend_for(args.backend),
-               disabled=off, attention_backend=args.attention_backend)
+               steps=args.steps, dtype=str(dtype), backend=args.backend, backend_used=used,
+               disabled=off, plan_overrides=plan)
+    if fast:
+        the_plan = dec.plan(latent.shape, text.shape[1], plan)
+        res["plan"] = the_plan.as_dict()
     if ceiling:
         res["gemm_ceiling"] = ceiling
         res["pct_of_gemm_ceiling"] = 100 * res["tflops"] / ceiling["tflops"]
@@ -229,6 +251,8 @@ def run_default(args) -> dict:
             f"NVML used {res['nvml'].get('nvml_mem_used_gib', '?')} GiB")
     log(f"work         {res['tflop']:10.2f} TFLOP -> {res['tflops']:.1f} TFLOP/s"
         + (f" ({res['pct_of_gemm_ceiling']:.0f}% of the {ceiling['tflops']:.0f} TFLOP/s bf16 GEMM ceiling)" if ceiling else ""))
+    if fast:
+        log(str(the_plan))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"env": environment(), "result": res}, indent=1, default=str))
@@ -242,23 +266,10 @@ def _meta_net(cfg):
         return PiDNet(cfg)
 
 
-def _import_suite():
-    try:
-        import bench.suite as suite
-        return suite
-    except ImportError:
-        root = Path(__file__).resolve().parent.parent
-        if (root / "bench" / "suite.py").is_file():
-            sys.path.insert(0, str(root))
-            import bench.suite as suite
-            return suite
-    raise SystemExit("pidkern bench --suite full needs the repository's bench/ package: run it from a pidkern "
-                     "checkout (git clone ...; cd pidkern; pidkern bench --suite full) or use `python -m bench`")
-
-
 def main(args) -> int:
     if args.suite == "full":
-        return _import_suite().run(args)
+        raise ValueError("--suite full: the full suite lives in the repository's bench/ package; run "
+                         "`python -m bench` from a pidkern checkout (same arguments)")
     run_default(args)
     return 0
 

@@ -189,11 +189,8 @@ def info_lines() -> list[str]:
     where = ("Triton on CUDA" if cuda else "Triton interpreter on CPU (TRITON_INTERPRET=1)" if ops.interpreting()
              else "Triton needs a CUDA device; PyTorch math here")
     lines.append(f"fused kernels ({where if ops.HAS_TRITON else 'no Triton: PyTorch math'}):")
-    import os
     for op in ops.OPS:
-        off = os.environ.get(f"PIDKERN_DISABLE_{op.upper()}") == "1"
-        state = "disabled by PIDKERN_DISABLE_" + op.upper() if off else (
-            "triton" if ops.HAS_TRITON and (cuda or ops.interpreting()) else "torch fallback")
+        state = "triton" if ops.HAS_TRITON and (cuda or ops.interpreting()) else "torch fallback"
         lines.append(f"  {op:<15} {state}")
     lines.append("presets:")
     for name, cfg in PRESETS.items():

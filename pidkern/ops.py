@@ -1,27 +1,30 @@
 """The one dispatch point between the fused Triton kernels and the reference math.
 
-Every fused operation the fast engine uses is called through this module. A call runs
-the Triton kernel when its tensors live on a CUDA device (or when TRITON_INTERPRET=1,
-which is how CI runs the kernels on the CPU) and the plain PyTorch math otherwise.
-`PIDKERN_DISABLE_<OP>=1` (e.g. PIDKERN_DISABLE_ATTENTION=1) forces the PyTorch math for
-one op, for debugging and for ablation benchmarks; `disabled(...)` does the same inside
-a `with` block.
+Every operation FastPiD.forward runs is called through this module. A fused op runs its
+Triton kernel when its tensors live on a CUDA device (or when TRITON_INTERPRET=1, which
+is how CI runs the kernels on the CPU) and the plain PyTorch math of pidkern.reference
+otherwise; `disabled(...)` forces the PyTorch math for some ops inside a `with` block
+(this is how a Plan's "torch" route runs). The plain ops (linear, silu, add_scaled,
+rms_norm) are the PyTorch calls themselves, named here so the fast path has one
+vocabulary. See docs/design.md, "Adding a kernel".
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
 import threading
 
 import torch
 
+import torch.nn.functional as F
+
+from . import reference
 from .reference import apply_rope, rms_norm
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-# Names of the ops that have a Triton kernel; each maps to PIDKERN_DISABLE_<NAME upper>.
+# Names of the ops that have a Triton kernel.
 OPS = ("embed", "rms_modulate", "gate", "attention", "qkv_rope", "pixel_modulate", "swiglu")
 
 _local = threading.local()
@@ -35,11 +38,14 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     """Whether `op` runs its Triton kernel for these tensors."""
     if op not in OPS:
         raise ValueError(f"op={op!r} is not a fused op; expected one of {OPS}")
-    if not HAS_TRITON:
-        return False
-    if os.environ.get(f"PIDKERN_DISABLE_{op.upper()}") == "1" or op in getattr(_local, "off", ()):
+    if not HAS_TRITON or op in getattr(_local, "off", ()):
         return False
     return interpreting() or all(t.is_cuda for t in tensors)
+
+
+def triton_available(device) -> bool:
+    """Whether the Triton kernels can run for tensors on `device` (CUDA, or the interpreter)."""
+    return HAS_TRITON and (interpreting() or getattr(device, "type", str(device).split(":")[0]) == "cuda")
 
 
 @contextlib.contextmanager
@@ -54,6 +60,21 @@ def disabled(*ops: str):
         yield
     finally:
         _local.off = before
+
+
+# --- plain ops: cuBLAS / ATen, no fused kernel ---
+
+def linear(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+def silu(x):
+    return F.silu(x)
+
+
+def add_scaled(x, gate, y):
+    """x + gate * y in one pass (a deferred residual update)."""
+    return torch.addcmul(x, gate, y)
 
 
 # --- rms_modulate / pixel_modulate (memory-bound fusions; SPEC sections 4 and 6) ---
@@ -72,41 +93,8 @@ def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_d
     if (y is None) != (gate is None):
         raise ValueError("y and gate must be given together (the residual update is x + gate * y)")
     x_new = x if y is None else (x + gate * y).to(x.dtype)
-    h = rms_norm(x_new, weight, eps) * (1 + scale) + shift
+    h = reference.modulate(rms_norm(x_new, weight, eps), shift, scale)
     return x_new, h.to(out_dtype)
-
-
-def band_rows(total_rows: int, row_bytes: int, limit_bytes: int = 256 * 2**20) -> int:
-    """Patches per band so that one band's modulation (rows * row_bytes) stays within
-    limit_bytes, with the bands as even as possible (no tiny last band)."""
-    # See pidkern/kernels/pixel_modulate.py for how the engine runs a pixel block in bands.
-    if total_rows < 0 or row_bytes <= 0 or limit_bytes <= 0:
-        raise ValueError(f"band_rows needs total_rows >= 0 and positive row_bytes, limit_bytes; "
-                         f"got {total_rows}, {row_bytes}, {limit_bytes}")
-    if total_rows == 0:
-        return 0
-    per_band = max(1, limit_bytes // row_bytes)
-    bands = math.ceil(total_rows / per_band)
-    return math.ceil(total_rows / bands)
-
-
-def _pixel_views(p, e, m):
-    """e as [R, P2, Dp]; m as [R, P2, 96] (six chunks) or [R, P2, 64] (the post-attention four)."""
-    R, P2, Dp = p.shape
-    return e.reshape(R, P2, Dp), m.reshape(R, P2, -1)
-
-
-def pixel_pre(p, m, norm1_w, eps=1e-6):
-    """u = RMSNorm16(p) * norm1_w * (1 + scale1) + shift1, flattened to [R, P2*16] (pixel q
-    channel c at q*16 + c) in m's dtype: the input of compress_to_attn.
-    p: [R, P2, 16]; m: the band's modulation [R, P2*96] (or [R, P2, 96])."""
-    if use_triton("pixel_modulate", p, m):
-        from pidkern.kernels.pixel_modulate import pixel_pre as fused
-        return fused(p, m, norm1_w, eps)
-    R, P2, Dp = p.shape
-    m3 = m.reshape(R, P2, 6 * Dp)
-    u = rms_norm(p, norm1_w, eps) * (1 + m3[..., Dp:2 * Dp]) + m3[..., 0:Dp]
-    return u.to(m.dtype).reshape(R, P2 * Dp)
 
 
 def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
@@ -117,13 +105,14 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
     if use_triton("pixel_modulate", p, e, m):
         from pidkern.kernels.pixel_modulate import pixel_post as fused
         return fused(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps)
-    e3, m3 = _pixel_views(p, e, m)
+    R, P2, Dp = p.shape
+    e3, m3 = e.reshape(R, P2, Dp), m.reshape(R, P2, -1)
     first = m3.shape[-1] // 16 - 4   # the four chunks are the last four of m's row
     g1, sh2, sc2, g2 = (m3[..., k * 16:(k + 1) * 16] for k in range(first, first + 4))
     p1 = (p + g1 * e3).to(p.dtype)
-    u = rms_norm(p1, norm2_w, eps) * (1 + sc2) + sh2
-    hid = torch.nn.functional.gelu(torch.nn.functional.linear(u.to(fc1_w.dtype), fc1_w, fc1_b))
-    mlp = torch.nn.functional.linear(hid.to(fc2_w.dtype), fc2_w, fc2_b)
+    u = reference.modulate(rms_norm(p1, norm2_w, eps), sh2, sc2)
+    hid = F.gelu(F.linear(u.to(fc1_w.dtype), fc1_w, fc1_b))
+    mlp = F.linear(hid.to(fc2_w.dtype), fc2_w, fc2_b)
     return (p1 + g2 * mlp).to(p.dtype)
 
 
@@ -134,7 +123,6 @@ ATTENTION_BACKENDS = ("triton", "prep+sdpa", "prep+triton", "torch")
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """SDPA on [B, H, N, hd] preferring cuDNN (fastest on Hopper), then flash, then the rest."""
-    import torch.nn.functional as F
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -242,7 +230,6 @@ def qkv_rope(h_img, w_img, norms_img, rope_img, h_txt=None, w_txt=None, norms_tx
         cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
         return tuple(torch.ops.pidkern.qkv_rope(h_img, w_img, norms_img, *rope_img, h_txt, w_txt, norms_txt,
                                                 cos_t, sin_t, heads, float(eps)))
-    import torch.nn.functional as F
     qkv_txt = F.linear(h_txt, w_txt) if h_txt is not None else None
     return _prep_torch(F.linear(h_img, w_img), qkv_txt, norms_img[0], norms_img[1],
                        *((None, None) if norms_txt is None else (norms_txt[0], norms_txt[1])),
@@ -260,14 +247,12 @@ def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Ten
     if use_triton("embed", x, patch_w):
         from pidkern.kernels.embed import patch_pixel_embed as fused
         return fused(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch)
-    import torch.nn.functional as F
     B, _, H, W = x.shape
     Hs, Ws, Dp = H // patch, W // patch, pix_w.shape[0]
     tok = F.linear(F.unfold(x.to(patch_w.dtype), patch, stride=patch).transpose(1, 2), patch_w, patch_b)
     emb = torch.cat([sincos_col[None, :, :].expand(H, W, Dp // 2), sincos_row[:, None, :].expand(H, W, Dp // 2)], -1)
     pix = F.linear(x.permute(0, 2, 3, 1).to(pix_w.dtype), pix_w, pix_b) + emb.to(pix_w.dtype)
-    pix = pix.view(B, Hs, patch, Ws, patch, Dp).permute(0, 1, 3, 2, 4, 5).reshape(B * Hs * Ws, patch * patch, Dp)
-    return tok, pix
+    return tok, reference.to_patch_pixels(pix, patch)
 
 
 def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

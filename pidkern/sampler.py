@@ -75,10 +75,32 @@ def philox_draws(seed: int | None, device) -> Callable[[int, tuple], torch.Tenso
     return lambda k, shape: _ext.philox_normal(key, torch.tensor(k, dtype=torch.int64, device=device), shape)
 
 
-def release_draws(seed: int | None, device) -> Callable[[int, tuple], torch.Tensor]:
-    """draw(k, shape): the release's stream; draws must be taken in order k = 0, 1, ..."""
+def release_draws(seed: int | None, device) -> Callable[..., torch.Tensor]:
+    """draw(k, shape, out=None): the release's stream; draws must be taken in order
+    k = 0, 1, ... (`out`: a float32 buffer to draw into, e.g. a CUDA graph's input)."""
     gen = make_generator(seed, device)
-    return lambda k, shape: torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+    def draw(k, shape, out=None):
+        if out is not None:
+            return torch.randn(shape, generator=gen, out=out)
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    return draw
+
+
+def renoise_count(steps: int, sampler: str) -> int:
+    """How many eps a decode draws after the initial noise (one per re-noising step)."""
+    return sum(1 for t in schedule(steps)[1:] if t > 0) if sampler == "sde" else 0
+
+
+def ode_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """The ODE sampler's Euler step x + (t' - t) v, in float64 as the release does."""
+    return (x.double() + (t_next - t) * v.double()).float()
+
+
+def sde_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eps: torch.Tensor | None) -> torch.Tensor:
+    """The SDE sampler's step: x0 = x - t v, re-noised to t' with eps (x0 itself at t' = 0)."""
+    x0 = x.double() - t * v.double()   # float64, as the release does
+    return ((1 - t_next) * x0 + t_next * eps.double()).float() if t_next > 0 else x0.float()
 
 
 def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, steps: int = 4,
@@ -100,14 +122,9 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         v = velocity(x, t)
         if sampler == "ode":
-            x = (x.double() + (t_next - t) * v.double()).float()
+            x = ode_update(x, v, t, t_next)
         else:
-            x0 = x.double() - t * v.double()   # float64, as the release does
-            if t_next > 0:
-                eps = draw(i + 1, shape)
-                x = ((1 - t_next) * x0 + t_next * eps.double()).float()
-            else:
-                x = x0.float()
+            x = sde_update(x, v, t, t_next, draw(i + 1, shape) if t_next > 0 else None)
         if progress:
             progress(i + 1, steps)
     return x.clamp(-1, 1)

@@ -53,7 +53,9 @@ def test_cli_arguments_cover_every_optimisation():
     p = pb.add_arguments(argparse.ArgumentParser())
     flags = [f"--disable-{o.replace('_', '-')}" for o in pb.OPTIMISATIONS]
     args = p.parse_args(flags + ["--preset", "sd3-2k", "--size", "512", "--suite", "full", "--json", "x.json"])
-    assert set(pb.disabled_options(args)) == {"graphs", *ops.OPS}
+    assert set(pb.disabled_options(args)) == set(pb.OPTIMISATIONS)
+    # every fused op's kernel can be switched off through the plan (qkv_rope by its attention route)
+    assert set(ops.OPS) - {"qkv_rope"} <= set(pb.OPTIMISATIONS) and "qkv_rope+sdpa" in pb.ATTENTION_ROUTES
     assert args.suite == "full" and args.size == 512
 
 
@@ -61,21 +63,25 @@ def test_quick_job_dry_run_and_smoke(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p = pb.add_arguments(argparse.ArgumentParser())
     res = pb.run_default(p.parse_args(["--dry-run", "--device", "cpu"]))
-    assert res["dry_run"] and "256x256" in res["what"]
+    assert res["dry_run"] and "128x128" in res["what"] and "1 steps" in res["what"]
     out = tmp_path / "r.json"
     res = pb.run_default(p.parse_args(["--smoke", "--device", "cpu", "--backend", "reference", "--reps", "1",
                                        "--json", str(out)]))
     assert res["median_ms"] > 0 and res["tflop"] > 0 and json.loads(out.read_text())["result"]["batch"] == 1
 
 
-def test_ablation_context_restores_environment(monkeypatch):
-    monkeypatch.delenv("PIDKERN_DISABLE_GATE", raising=False)
-    with pb.ablation(["gate", "graphs"]):
-        assert not ops.use_triton("gate", torch.ones(1))
-        import os
-        assert os.environ["PIDKERN_DISABLE_GRAPHS"] == "1"
-    import os
-    assert "PIDKERN_DISABLE_GATE" not in os.environ and "PIDKERN_DISABLE_GRAPHS" not in os.environ
+def test_ablations_are_plan_overrides():
+    over = pb.ablation_plan(["gate", "graphs"], "qkv_rope+sdpa", plan="swiglu.text=split")
+    assert over == {"gate": "torch", "graphs": False, "attention.patch": "qkv_rope+sdpa",
+                    "attention.pixel": "prep+sdpa", "swiglu.text": "split"}
+    with pytest.raises(ValueError, match="disable"):
+        pb.ablation_plan(["turbo"])
+
+
+def test_full_suite_is_not_imported_by_the_package():
+    p = pb.add_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="python -m bench"):
+        pb.main(p.parse_args(["--suite", "full"]))
 
 
 def test_fill_random_is_finite_and_fast_shaped():

@@ -12,7 +12,10 @@ import torch
 import pidkern
 from pidkern import ops
 from pidkern.config import get_preset, tiny
-from pidkern.engine import Engine, GraphCache, InsufficientMemoryError, estimate_memory, weight_bytes
+from pidkern.engine import Engine
+from pidkern.graphs import GraphCache
+from pidkern.memory import InsufficientMemoryError, estimate_memory, fast_copy_params, weight_bytes
+from pidkern.plan import Plan
 
 warnings.filterwarnings("ignore", message="pidkern.load: no checkpoint")
 
@@ -36,7 +39,7 @@ def test_fast_path_matches_reference_in_float32(base, latent_hw, steps, sampler,
     check_parity(base, latent_hw, steps, sampler, overrides)
 
 
-def check_parity(base, latent_hw, steps, sampler, overrides):
+def check_parity(base, latent_hw, steps, sampler, overrides, plan=None):
     """Every fused kernel (interpreted), the extension's CPU twin and the engine's reordering
     of the work must give the reference's images to float32 rounding."""
     cfg = tiny(base, **overrides)
@@ -44,8 +47,17 @@ def check_parity(base, latent_hw, steps, sampler, overrides):
     latent = torch.randn(2, cfg.latent_channels, *latent_hw, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.0, 0.35])
     text = text_for(cfg, 2)
+    state = {k: (v.data_ptr(), v.clone()) for k, v in dec.net.state_dict(keep_vars=True).items()}
+    attrs = {n: set(vars(m)) for n, m in dec.net.named_modules()}
     ref = dec.decode(latent, sigma, text, steps=steps, seed=7, sampler=sampler, backend="reference")
-    fast = dec.decode(latent, sigma, text, steps=steps, seed=7, sampler=sampler, backend="fast")
+    fast = dec.decode(latent, sigma, text, steps=steps, seed=7, sampler=sampler, backend="fast", plan=plan)
+    # the fast path leaves the reference network exactly as it was: same tensors, same
+    # storage, same values, no attribute added to any module
+    after = dec.net.state_dict(keep_vars=True)
+    assert set(after) == set(state)
+    for k, (ptr, val) in state.items():
+        assert after[k].data_ptr() == ptr and torch.equal(after[k], val), k
+    assert {n: set(vars(m)) for n, m in dec.net.named_modules()} == attrs
     assert fast.shape == ref.shape and torch.isfinite(fast).all()
     assert rel_l2(fast, ref) < 1e-5, rel_l2(fast, ref)
     # the engine really dispatched to the kernels (interpreter) and reused one Engine
@@ -59,8 +71,7 @@ def test_fast_path_attention_routes_match_reference(monkeypatch, attention):
     calls = []
     real = qkv_rope._launch
     monkeypatch.setattr(qkv_rope, "_launch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setenv("PIDKERN_ATTENTION_BACKEND", attention)
-    check_parity("flux-2k", (1, 2), 2, "sde", {"hidden": 64, "heads": 2})      # head dim 32
+    check_parity("flux-2k", (1, 2), 2, "sde", {"hidden": 64, "heads": 2}, plan={"attention": attention})  # hd 32
     # two sources (text, image) per patch block per step, only on the GEMM route
     cfg = tiny("flux-2k")
     assert len(calls) == (2 * cfg.patch_blocks * 2 if attention == "qkv_rope+sdpa" else 0)
@@ -69,42 +80,79 @@ def test_fast_path_attention_routes_match_reference(monkeypatch, attention):
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
 def test_heads_recomputed_per_step_give_the_same_images(monkeypatch):
     """Above 256 MiB the adapter heads are recomputed where used instead of kept: same math."""
-    import pidkern.engine as eng_mod
+    from pidkern import memory
     cfg = tiny("flux-2kto4k-v1.5")       # 7 heads and the pit head
     dec = pidkern.load(preset=cfg, device="cpu")
     latent = torch.randn(1, cfg.latent_channels, 1, 1, generator=torch.Generator().manual_seed(2))
     text = text_for(cfg, 1)
+    assert dec.plan(latent.shape, text.shape[1])["keep_heads"]
     kept = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast")
-    monkeypatch.setattr(eng_mod, "HEADS_KEEP_BYTES", 0)
-    assert not eng_mod.heads_fit(cfg, 1)
-    recomputed = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast")
+    monkeypatch.setattr(memory, "HEADS_KEEP_BYTES", 0)
+    assert not memory.heads_fit(cfg, 1)
+    assert not dec.engine().plan(1, 32, 32, text.shape[1], {"band_rows": 3})["keep_heads"]   # the rule, a new plan
+    recomputed = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast", plan={"keep_heads": False})
     assert torch.equal(kept, recomputed)
 
 
-def test_engine_precomputes_conditioning_and_shares_mlp_weights():
+def test_fast_model_precomputes_conditioning_and_regroups_weights():
+    from pidkern.fast import FastPiD, schedule_times
     cfg = tiny("flux-2k")
     dec = pidkern.load(preset=cfg, device="cpu")
-    eng = Engine(dec, graphs=False)
+    model = FastPiD(dec.net, torch.float32)
     mlp = dec.net.patch_blocks[0].mlp_x
-    # w1/w3 are views of the one concatenated matrix: no weight stored twice
-    assert mlp.w1.weight.data_ptr() == mlp.w13.data_ptr()
-    assert mlp.w3.weight.data_ptr() == mlp.w13[mlp.w1.weight.shape[0]:].data_ptr()
+    # w13 is FastPiD's own [w1; w3]; the network keeps its separate w1 and w3
+    torch.testing.assert_close(model.w13[0][0], torch.cat([mlp.w1.weight, mlp.w3.weight]), rtol=0, atol=0)
+    assert model.w13[0][0].data_ptr() not in (mlp.w1.weight.data_ptr(), mlp.w3.weight.data_ptr())
+    assert not hasattr(mlp, "w13") and not hasattr(dec.net.patch_blocks[0].attn, "qk_norms_x")
+    # every time of every schedule, and only those
+    assert schedule_times() == sorted({1.0, 0.999, 0.866, 0.634, 0.342})
+    assert sorted(model.cond) == schedule_times()
     # per-t modulation equals the network's own adaLN of SiLU(temb(t))
     t = 0.634
     temb = dec.net.t_embedder(torch.full((1,), t * 1000))
     want = dec.net.patch_blocks[1].adaLN_modulation_img(torch.nn.functional.silu(temb)).chunk(6, -1)
-    got = eng._per_t[t].img[1]
+    got = model.cond[t].img[1]
     for w, g in zip(want, got):
         torch.testing.assert_close(g.view(-1), w.view(-1).float(), rtol=1e-5, atol=1e-6)
     # the regrouped pixel modulation rows reproduce the original Linear's chunks
     blk = dec.net.pixel_blocks[0]
     s = torch.randn(3, cfg.hidden)
     m = blk.adaLN_modulation(s).view(3, cfg.pixels_per_patch, 6, cfg.pixel_dim)
-    w_pre, b_pre, w_post, b_post = eng.pixel_mod[0]
+    w_pre, b_pre, w_post, b_post = model.pixel_mod[0]
     pre = torch.nn.functional.linear(s, w_pre, b_pre).view(3, cfg.pixels_per_patch, 2, cfg.pixel_dim)
     post = torch.nn.functional.linear(s, w_post, b_post).view(3, cfg.pixels_per_patch, 4, cfg.pixel_dim)
     torch.testing.assert_close(pre, m[:, :, :2])
     torch.testing.assert_close(post, m[:, :, 2:])
+    # the memory model counts exactly the copies FastPiD holds
+    own = sum(t.numel() for pair in model.w13 + model.qk_norms for t in pair)
+    own += sum(t.numel() for quad in model.pixel_mod for t in quad)
+    assert own == fast_copy_params(cfg)
+
+
+def test_plan_rules_overrides_and_printing(monkeypatch):
+    cfg = tiny("flux-2k")
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent = torch.randn(1, cfg.latent_channels, 1, 2)
+    plan = dec.plan(latent.shape, 8)
+    assert isinstance(plan, Plan) and plan.shape == (1, 32, 64, 8) and not plan.pending()
+    assert plan["attention.patch"] == "triton" and plan["graphs"] is False    # no CUDA: rules, no races
+    assert plan["band_rows"] == 32                                              # all 32 patches in one band
+    forced = dec.plan(latent.shape, 8, plan="attention=qkv_rope+sdpa,swiglu=split")
+    assert forced.choices["attention.patch"] == ("qkv_rope+sdpa", "override")
+    assert forced["attention.pixel"] == "prep+sdpa" and forced["swiglu.text"] == "split"
+    text = str(forced)
+    assert "attention.patch" in text and "override" in text and "band_rows" in text
+    monkeypatch.setenv("PIDKERN_PLAN", "embed=torch")                           # the one debugging switch
+    assert dec.engine().plan(1, 32, 64, 7)["embed"] == "torch"
+    for bad, match in [({"attention.patch": "magic"}, "attention.patch"), ({"swiglu.image": "x"}, "swiglu"),
+                       ({"nope": 1}, "nope"), ({"band_rows": 0}, "band_rows"), ("graphs", "key=value"),
+                       ({"graphs": "maybe"}, "graphs")]:
+        with pytest.raises(ValueError, match=match):
+            dec.plan(latent.shape, 8, plan=bad)
+    with pytest.raises(ValueError, match="CUDA"):
+        dec.plan(latent.shape, 8, plan={"graphs": True})
+    with pytest.raises(ValueError, match="plan"):
+        dec.decode(latent, backend="reference", plan={"embed": "torch"})
 
 
 def test_fast_backend_checks_inputs_like_the_reference():
@@ -113,8 +161,8 @@ def test_fast_backend_checks_inputs_like_the_reference():
         dec.decode(torch.randn(1, 16, 1, 1), sigma=1.5, backend="fast")
     with pytest.raises(ValueError, match="backend"):
         dec.decode(torch.randn(1, 16, 1, 1), backend="turbo")
-    with pytest.raises(ValueError, match="attention_backend"):
-        Engine(dec, attention_backend="magic")
+    with pytest.raises(ValueError, match="attention"):
+        Engine(dec, plan={"attention": "magic"})
     with pytest.raises(ValueError, match="CUDA"):
         Engine(dec, graphs=True)
 
@@ -162,9 +210,9 @@ def test_graph_cache_is_safe_from_several_threads():
 def test_estimate_memory_grows_with_work_and_counts_the_weights():
     cfg = get_preset("flux-2k")
     w = weight_bytes(cfg)
-    # ~1.36 B parameters in bf16 (2.72e9 bytes), less the 0.88 GiB parked in host memory,
-    # plus the regrouped pixel modulation rows (0.15e9)
-    assert abs(w - (2.72e9 - 0.88 * 2**30 + 0.15e9)) < 0.03e9, w
+    # ~1.36 B parameters in bf16 (2.72e9 bytes), plus FastPiD's w13 (28 x 2 x 4096 x 1536)
+    # and regrouped pixel modulation rows (2 x 24576 x 1537)
+    assert abs(w - (2.72e9 + 28 * 2 * 4096 * 1536 * 2 + 2 * 24576 * 1537 * 2)) < 0.03e9, w
     e1 = estimate_memory("flux-2k", 1, 1024, 1024)
     e2 = estimate_memory("flux-2k", 1, 2048, 2048)
     e4 = estimate_memory("flux-2k", 1, 4096, 4096)
@@ -181,27 +229,24 @@ def test_estimate_memory_is_within_10_percent_of_the_committed_gpu_measurements(
     path = Path(__file__).resolve().parent.parent / "bench" / "results" / "engine_check_nvidia-h200_2026-11-26.json"
     rows = json.loads(path.read_text())["memory"]
     assert len(rows) >= 4
-    with torch.device("meta"):
-        from pidkern.engine import parked_modules
-        from pidkern.reference import PiDNet
-        parked_gib = sum(p.numel() for m in parked_modules(PiDNet(get_preset("flux-2k"))) for p in m.parameters()) * 2 / 2**30
+    cfg = get_preset("flux-2k")
+    w13_gib = cfg.patch_blocks * 2 * 2 * cfg.mlp_hidden * cfg.hidden * 2 / 2**30
     for r in rows:
         est = estimate_memory(r["preset"], r["batch"], r["height"], r["width"]) / 2**30
         # those runs (commit 357a295) also drew the release's noise outside the graph's
-        # buffers (four float32 images the engine no longer allocates) and kept the weights
-        # it now parks in host memory on the GPU
-        want = r["resident_gib"] - 4 * r["batch"] * 3 * r["height"] * r["width"] * 4 / 2**30 - parked_gib
+        # buffers (four float32 images the engine no longer allocates), and their w1/w3
+        # were views of w13 (FastPiD now holds w13 as its own copy)
+        want = r["resident_gib"] - 4 * r["batch"] * 3 * r["height"] * r["width"] * 4 / 2**30 + w13_gib
         assert abs(est - want) <= 0.10 * want, (r["height"], r["batch"], est, want)
 
 
 def test_decode_refuses_what_cannot_fit(monkeypatch):
-    import pidkern.engine as eng_mod
-    dec = pidkern.load(preset=tiny("flux-2k"), device="cpu")
-    eng = Engine(dec, graphs=False)
-    eng.device = torch.device("cuda")            # pretend: the check only reads numbers
-    monkeypatch.setattr(eng_mod, "free_device_bytes", lambda device: 1024)
+    from pidkern import memory
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: 1024)
+    # pretend CUDA: the check only reads numbers
     with pytest.raises(InsufficientMemoryError, match=r"GiB.*free"):
-        eng.check_memory(1, 4096, 4096, 300)
+        memory.check_fits(tiny("flux-2k"), torch.device("cuda"), 1, 4096, 4096, 300)
+    memory.check_fits(tiny("flux-2k"), torch.device("cpu"), 1, 4096, 4096, 300)   # nothing to check off CUDA
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -248,32 +293,6 @@ def test_noise_drawn_into_graph_buffers_is_the_release_stream():
     assert len(eng.draw_noise(shape, 4, "ode", seed=11, out=bufs)) == 1 and bufs[1].isnan().all()
 
 
-def test_parked_weights_come_back_for_a_reference_decode(monkeypatch):
-    """park/unpark move exactly the load-time modules; a reference decode unparks first."""
-    import pidkern.engine as eng_mod
-    from pidkern.reference import PiDNet
-    cfg = tiny("flux-2k")
-    # which parameters move: unpark onto the meta device shows it without a GPU
-    net = PiDNet(cfg)
-    mods = eng_mod.parked_modules(net)
-    assert net.t_embedder in mods and net.pixel_blocks[0].adaLN_modulation in mods
-    moved = {n for n, p in net.named_parameters() if any(p is q for m in mods for q in m.parameters())}
-    eng_mod.park(net)
-    assert net._pidkern_parked
-    eng_mod.unpark(net, torch.device("meta"))
-    assert not net._pidkern_parked
-    assert moved and all((p.device.type == "meta") == (n in moved) for n, p in net.named_parameters())
-    # the reference path asks for its weights back before it runs
-    dec = pidkern.load(preset=cfg, device="cpu")
-    latent = torch.randn(1, cfg.latent_channels, 1, 1, generator=torch.Generator().manual_seed(4))
-    before = dec.decode(latent, 0.1, steps=1, seed=2, backend="reference")
-    calls = []
-    monkeypatch.setattr(eng_mod, "unpark", lambda n, d: calls.append(d) or setattr(n, "_pidkern_parked", False))
-    eng_mod.park(dec.net)
-    assert torch.equal(dec.decode(latent, 0.1, steps=1, seed=2, backend="reference"), before)
-    assert calls == [dec.device] and not dec.net._pidkern_parked
-
-
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
 @pytest.mark.parametrize("steps,sampler", [(4, "sde"), (2, "ode")])
 def test_philox_noise_matches_across_backends(steps, sampler):
@@ -317,19 +336,29 @@ def test_noise_argument_is_checked():
 
 
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
-def test_every_raced_variant_gives_the_reference_images(monkeypatch):
-    """On CUDA `fastest` may pick the split SwiGLU (cuBLAS + silu_mul) or any op's PyTorch
-    math: force each choice here and check the images."""
+def test_every_raced_variant_gives_the_reference_images():
+    """On CUDA a race may pick the split SwiGLU (cuBLAS + silu_mul) or any op's PyTorch
+    math: force each choice through the plan here and check the images."""
     cfg = tiny("flux-2k")
     dec = pidkern.load(preset=cfg, device="cpu")
     latent = torch.randn(1, cfg.latent_channels, 1, 2, generator=torch.Generator().manual_seed(8))
     ref = dec.decode(latent, 0.3, steps=2, seed=1, backend="reference")
-    for pick in ("split", "torch"):
-        class Forced(dict):
-            def get(self, key, default=None):
-                return pick if key[0] == "swiglu" or pick == "torch" else default
-        eng = Engine(dec, graphs=False)
-        eng._op_choice = Forced()
-        dec._engine = eng
-        fast = dec.decode(latent, 0.3, steps=2, seed=1, backend="fast")
-        assert rel_l2(fast, ref) < 1e-5, (pick, rel_l2(fast, ref))
+    everything_torch = {"attention": "torch", "swiglu": "torch", "gate": "torch", "embed": "torch",
+                        "rms_modulate": "torch", "pixel_modulate": "torch"}
+    for plan in ({"swiglu": "split", "band_rows": 5}, everything_torch):
+        fast = dec.decode(latent, 0.3, steps=2, seed=1, backend="fast", plan=plan)
+        assert rel_l2(fast, ref) < 1e-5, (plan, rel_l2(fast, ref))
+
+
+def test_race_keeps_the_fastest_route_and_skips_failures():
+    from pidkern.plan import race
+    plan = Plan((1, 16, 16, 4), "cpu")
+    plan.set("swiglu.image", None, "race")
+
+    def slow():
+        time.sleep(0.004)
+    with pytest.warns(RuntimeWarning, match="split"):
+        race(plan, "swiglu.image", {"triton": slow, "torch": lambda: None, "split": lambda: 1 / 0}, "cpu")
+    assert plan.choices["swiglu.image"] == ("torch", "race")
+    assert "ZeroDivisionError" in plan.race_ms["swiglu.image"]["split"]
+    assert "torch" in str(plan) and "split failed" in str(plan)

@@ -35,7 +35,13 @@ def head64(d, P, eps=1e-6):
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * d["norm_w"].double()
     v = h @ d["lin_w"].double().T + d["lin_b"].double()
     B, _, H, W = d["x_t"].shape
-    return _ext._fold(v, B, H, W, P)
+    out = torch.empty(B, 3, H, W, dtype=v.dtype, device=v.device)
+    Ws = W // P
+    for hs in range(H // P):           # SPEC: out[b, c, P*hs+i, P*ws+j] = v[b*L + hs*Ws + ws, P*i+j, c]
+        for ws in range(Ws):
+            rows = v.view(B, -1, P * P, 3)[:, hs * Ws + ws]          # [B, P*P, 3]
+            out[:, :, P * hs:P * (hs + 1), P * ws:P * (ws + 1)] = rows.view(B, P, P, 3).permute(0, 3, 1, 2)
+    return out
 
 
 def update64(v64, x_t, t, tn, noise):

@@ -53,10 +53,11 @@ def cases(device: str) -> list[Case]:
     nw = 1 + 0.1 * rnd(16)
     wts = dict(norm2_w=nw, fc1_w=rnd(64, 16) / 4, fc1_b=rnd(64), fc2_w=rnd(16, 64) / 8, fc2_b=rnd(16))
     pix = R * P2
-    pre = lambda: ops.pixel_pre(p, m, nw)  # noqa: E731
-    out.append(Case("pixel_modulate/pre-4096x256", _repeat(pre), _repeat(pre, "pixel_modulate", "rms_modulate"),
+    m3 = m.view(R, P2, 96)
+    pre = lambda: ops.add_rms_modulate(p, nw, m3[..., :16], m3[..., 16:32], out_dtype=bf16)  # noqa: E731
+    out.append(Case("rms_modulate/pixel-pre-4096x256", _repeat(pre), _repeat(pre, "rms_modulate"),
                     bytes=REPEAT * pix * (16 * 4 + 32 * 2 + 16 * 2),
-                    note=f"p fp32, shift1/scale1 bf16 -> u bf16; x{REPEAT} per timing"))
+                    note=f"p fp32, shift1/scale1 bf16 (strided views of m) -> u bf16; x{REPEAT} per timing"))
     post = lambda: ops.pixel_post(p, e, m, **wts)  # noqa: E731
     out.append(Case("pixel_modulate/post-4096x256", _repeat(post), _repeat(post, "pixel_modulate"),
                     bytes=REPEAT * pix * (16 * 4 + 16 * 2 + 64 * 2 + 16 * 4),

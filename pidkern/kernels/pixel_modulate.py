@@ -1,31 +1,17 @@
-"""The pixel block's elementwise halves, fused (op "pixel_modulate"), and the band rule.
+"""The pixel block's second half, fused (op "pixel_modulate").
 
-A pixel block (SPEC section 6) on R = B*L patches of P2 = 256 pixels x 16 channels:
+A pixel block (docs/design.md, "The network") on R = B*L patches of P2 = 256 pixels x 16
+channels ends with
 
-    m   = adaLN_modulation(s)        [R, 256*96]: per pixel shift1 scale1 gate1 shift2 scale2 gate2
-    u   = pixel_pre(p, m, norm1_w)   RMSNorm16(p) * norm1_w * (1 + scale1) + shift1, as [R, 4096]
-    a   = compress_to_attn(u) -> attention over the L patches -> e = expand_from_attn(a)  [R, 4096]
-    p   = pixel_post(p, e, m, ...)   p1 = p + gate1*e; p1 + gate2 * fc2(GELU(fc1(modulated RMSNorm16(p1))))
+    p1    = p + gate1 * e                       e = expand_from_attn(attention output)
+    p_new = p1 + gate2 * fc2(GELU(fc1(RMSNorm16(p1) * norm2_w * (1 + scale2) + shift2)))
 
-Memory: m is 96 values per pixel, 6x the pixel tokens themselves; at 2048^2 (R = 16384)
-it is 16384 x 24576 bf16 = 805 MB, at 4096^2 3.2 GB. It never has to exist whole: every
-row of m belongs to one patch and is read only by that patch's pixel_pre and pixel_post,
-and attention mixes patches only through the [R, 1152] tensor `a`. So the engine runs a
-pixel block in bands of patches:
-
-    rows = band_rows(R, 256 * 96 * m_dtype.itemsize)        # <= 256 MiB of m per band
-    for each band b of `rows` patches:                       # pass 1: attention inputs
-        m_b = s[b] @ W_mod^T + b_mod                         # [rows, 24576], one GEMM
-        a[b] = compress_to_attn(pixel_pre(p[b], m_b, norm1_w))
-    a = attention(a)  (whole image: q, k, v of all patches)  ->  e = expand_from_attn(a)
-    for each band b:                                         # pass 2: the MLP half
-        m_b = s[b] @ W_mod^T + b_mod                         # recomputed: 2*D*24576 FLOP per patch,
-        p[b] = pixel_post(p[b], e[b], m_b, ...)              #   cheaper than keeping 805 MB around
-                                                             # (or keep it when memory allows)
-
-Both kernels read their slice of m through strides (no copies), tile [BLOCK, 16] pixel
-rows, and compute in float32. pixel_post holds the 16x64 / 64x16 MLP weights on chip and
-runs both matmuls with tl.dot, so the [R, 256, 64] hidden activation never reaches memory.
+pixel_post does all of it in one pass: it reads its band's slice of the modulation m
+through strides (no copies), tiles [BLOCK, 16] pixel rows, computes in float32, and holds
+the 16x64 / 64x16 MLP weights on chip, running both matmuls with tl.dot, so the
+[R, 256, 64] hidden activation never reaches memory. m is either all six chunks per pixel
+(96 wide) or FastPiD's post-attention half (gate1, shift2, scale2, gate2: 64 wide). The
+first half of the block (RMSNorm + modulation before compress_to_attn) is rms_modulate's.
 """
 from __future__ import annotations
 
@@ -33,8 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from pidkern.ops import band_rows  # noqa: F401  (lives in ops so the engine needs no Triton for it)
 
 from pidkern.kernels._common import INTERPRET as _INTERPRET
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -193,17 +177,3 @@ def _(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
 def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
     """Triton path of pidkern.ops.pixel_post: p_new [R, P2, 16] in p's dtype."""
     return torch.ops.pidkern.pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, float(eps))
-
-
-def pixel_pre(p, m, norm1_w, eps=1e-6):
-    """Triton path of pidkern.ops.pixel_pre: u [R, P2*16] in m's dtype. The rms_modulate
-    kernel reads shift1/scale1 straight out of m through strided views."""
-    from pidkern.kernels.rms_modulate import add_rms_modulate
-
-    if not isinstance(p, torch.Tensor) or p.dim() != 3 or p.shape[-1] != DP:
-        raise ValueError(f"p must be a [R, P2, {DP}] tensor, got {getattr(p, 'shape', type(p).__name__)}")
-    R, P2, _ = p.shape
-    _check("m", m, p.device)
-    m3 = _rows3("m", m, R, P2, 6 * DP)[0]
-    _, u = add_rms_modulate(p, norm1_w, m3[..., 0:DP], m3[..., DP:2 * DP], eps=eps, out_dtype=m.dtype)
-    return u.view(R, P2 * DP)

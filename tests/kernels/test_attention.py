@@ -144,13 +144,13 @@ def test_text_changes_image_output():
     assert (a - b).abs().min() > 1e-4
 
 
-def test_disable_env_forces_torch(monkeypatch):
+def test_disabled_forces_torch(monkeypatch):
     from pidkern.kernels import attention as K
     qkv_img, qkv_txt, w, tabs = make(1, 2, 3, 2, 1, 64, torch.float32)
-    monkeypatch.setenv("PIDKERN_DISABLE_ATTENTION", "1")
     monkeypatch.setattr(K, "attention_fused", lambda *a, **k: pytest.fail("kernel ran while disabled"))
     monkeypatch.setattr(K, "attention_prep", lambda *a, **k: pytest.fail("kernel ran while disabled"))
-    got = call(qkv_img, qkv_txt, w, tabs, 1, "triton")
+    with ops.disabled("attention"):
+        got = call(qkv_img, qkv_txt, w, tabs, 1, "triton")
     want = call(qkv_img, qkv_txt, w, tabs, 1, "torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 

@@ -1,11 +1,10 @@
-"""pixel_pre / pixel_post (op "pixel_modulate") against float64 math written out here."""
+"""pixel_post (op "pixel_modulate") against float64 math written out here."""
 import math
 
 import pytest
 import torch
 
 from pidkern import ops
-from pidkern.kernels.pixel_modulate import band_rows
 from tests.tolerance import assert_within_rule
 
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
@@ -29,12 +28,6 @@ def post64(p, e, m, nw, w1, b1, w2, b2, eps=1e-6):
     return p1 + g2 * (hid @ w2.T + b2)
 
 
-def pre64(p, m, nw, eps=1e-6):
-    R, P2, _ = p.shape
-    m = m.double().reshape(R, P2, 96)
-    return (rms64(p.double(), nw.double(), eps) * (1 + m[..., 16:32]) + m[..., 0:16]).reshape(R, P2 * 16)
-
-
 def make(R, P2, p_dtype, dtype, wdtype=None, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -55,15 +48,6 @@ def check_post(p, e, m, w, what=""):
     assert out.dtype == p.dtype and out.shape == p.shape
     assert_within_rule(out, out_t, post64(p, e, m, *w.values()), what)
     return out
-
-
-def check_pre(p, m, nw, what=""):
-    u = ops.pixel_pre(p, m, nw)
-    with ops.disabled("pixel_modulate"):
-        u_t = ops.pixel_pre(p, m, nw)
-    assert u.dtype == m.dtype
-    assert_within_rule(u, u_t, pre64(p, m, nw), what)
-    return u
 
 
 @pytest.mark.parametrize("p_dtype,dtype", [(F32, F32), (F16, F16), (F32, F16)])
@@ -93,27 +77,6 @@ def test_pixel_post_takes_the_post_attention_half_of_m(dtype):
         ops.pixel_post(p, e, m.view(7, 64, 96)[..., :80].contiguous(), **w)
 
 
-@pytest.mark.parametrize("p_dtype,dtype", [(F32, F32), (F16, F16), (F32, F16)])
-def test_pixel_pre(p_dtype, dtype):
-    p, _, m, w = make(37, 64, p_dtype, dtype, seed=3)
-    u = check_pre(p, m, w["norm2_w"], f"pre p={p_dtype} m={dtype}")
-    assert u.shape == (37, 64 * 16)
-
-
-def test_band_rows():
-    row = 256 * 96 * 2
-    assert band_rows(16384, row) == 4096               # 2048^2: four bands of 201 MB
-    for total in (1, 37, 1000, 16384, 65536, 70001):
-        for limit in (row, 10 * row + 5, 256 * 2**20):
-            rows = band_rows(total, row, limit)
-            bands = math.ceil(total / rows)
-            assert 1 <= rows <= total and rows * row <= max(limit, row)
-            assert bands == math.ceil(total / max(1, limit // row))   # no more bands than needed
-            assert total - (bands - 1) * rows >= rows - bands         # last band not tiny
-    with pytest.raises(ValueError, match="row_bytes"):
-        band_rows(10, 0)
-
-
 def test_bad_arguments():
     p, e, m, w = make(3, 8, F32, F32)
     bad = [
@@ -130,8 +93,6 @@ def test_bad_arguments():
         args.update(change)
         with pytest.raises(ValueError, match=name):
             ops.pixel_post(**args)
-    with pytest.raises(ValueError, match="m"):
-        ops.pixel_pre(p, m[:, :100], w["norm2_w"])
 
 
 def test_opcheck():

@@ -65,13 +65,13 @@ def test_autotune_prune_keeps_whole_heads_per_tile():
     assert len(_prune(_configs(), {}, HD=64, HHD=1536)) == len(_configs())
 
 
-def test_disable_env_runs_cublas_and_the_chain(monkeypatch):
+def test_disabled_runs_cublas_and_the_chain(monkeypatch):
     from pidkern.kernels import qkv_rope as K
     g = torch.Generator().manual_seed(1)
     img = make(1, 5, 32, 1, 16, torch.float32, g)
-    monkeypatch.setenv("PIDKERN_DISABLE_QKV_ROPE", "1")
     monkeypatch.setattr(K, "_launch", lambda *a, **k: pytest.fail("kernel ran while disabled"))
-    q, k, v = ops.qkv_rope(*img, heads=1)
+    with ops.disabled("qkv_rope"):
+        q, k, v = ops.qkv_rope(*img, heads=1)
     assert q.shape == (1, 5, 1, 16)
 
 

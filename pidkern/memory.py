@@ -1,0 +1,124 @@
+"""The fast path's GPU memory model: what a warm decode holds, predicted before it runs.
+
+`estimate_memory` is public (a caller can size batches with it); the fast path also
+uses it to refuse a decode that cannot fit before any work starts. See docs/design.md,
+"Memory".
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import PiDConfig, get_preset
+from .sampler import check_noise
+
+# The pixel blocks' Linear(D -> 6*16*256) modulation runs in bands of patches of at most
+# this many bytes of output at once (a whole 2048² image would take 1.5 GiB).
+MODULATION_BAND_BYTES = 128 * 2**20
+# The adapter heads' outputs are kept for the whole decode while they take at most this.
+HEADS_KEEP_BYTES = 256 * 2**20
+
+# Fitted on NVIDIA H200 measurements (bench/results/engine_check_nvidia-h200_2026-11-26.json,
+# flux-2k at 1024², 2048², 4096² batch 1 and 2048² batch 4): the CUDA graph's private pool
+# holds about 1.9x the largest transient working set (the four steps are unrolled in one
+# capture and freed blocks of one size rarely fit the next request), and about 0.3 GiB
+# more stays with cuBLAS/cuDNN workspaces and allocator rounding.
+GRAPH_POOL_FACTOR = 1.9
+FIXED_OVERHEAD = int(0.30 * 2**30)
+
+
+class InsufficientMemoryError(RuntimeError):
+    """A decode that would not fit in the GPU's free memory, refused before it starts."""
+
+
+def _config(preset) -> PiDConfig:
+    return preset if isinstance(preset, PiDConfig) else get_preset(preset)
+
+
+def modulation_band_rows(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> int:
+    """Patches per band of the pixel blocks' modulation (the rule the Plan records)."""
+    per_row = 6 * cfg.pixels_per_patch * cfg.pixel_dim * dtype_bytes
+    return max(1, min(rows, MODULATION_BAND_BYTES // per_row))
+
+
+def heads_fit(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> bool:
+    """Whether all adapter heads' outputs, kept for the whole decode, take <= 256 MiB."""
+    return (cfg.num_lq_heads + cfg.is_v15) * rows * cfg.hidden * dtype_bytes <= HEADS_KEEP_BYTES
+
+
+def fast_copy_params(cfg: PiDConfig) -> int:
+    """Parameters FastPiD holds in its own layout besides the network's weights: w1 and
+    w3 of every SwiGLU concatenated (w13), each pixel block's modulation rows regrouped
+    in the order they are used, the q/k norm weights stacked."""
+    w13 = cfg.patch_blocks * 2 * 2 * cfg.mlp_hidden * cfg.hidden
+    pixel_mod = cfg.pixel_blocks * 6 * cfg.pixel_dim * cfg.pixels_per_patch * (cfg.hidden + 1)
+    norms = cfg.patch_blocks * 2 * 2 * cfg.head_dim
+    return w13 + pixel_mod + norms
+
+
+def weight_bytes(preset, dtype_bytes: int = 2) -> int:
+    """Device bytes of the weights a fast decoder holds: the reference network's (all of
+    them: `Decoder.net` stays usable) plus FastPiD's own copies (fast_copy_params)."""
+    cfg = _config(preset)
+    from .reference import PiDNet
+    with torch.device("meta"):
+        n = sum(p.numel() for p in PiDNet(cfg).parameters())
+    return (n + fast_copy_params(cfg)) * dtype_bytes
+
+
+def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
+                    dtype_bytes: int = 2, noise: str = "release") -> int:
+    """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
+
+    What the fast path keeps for the whole decode (weights, the graph's static buffers,
+    adapter tokens and heads, pixel tokens, the float32 residual stream) plus the graph
+    pool, sized from the larger of the two transient peaks: patch attention (qkv, its
+    normed/roped copy, the output) and the pixel block (attention of the compressed
+    tokens, or one modulation band). Checked against measurements by bench/engine_check.py.
+    noise: the decode's noise stream ("release" or "philox", see Decoder.decode).
+    """
+    cfg = _config(preset)
+    check_noise(noise)
+    t = cfg.max_text if text_len is None else text_len
+    L = (height // cfg.patch) * (width // cfg.patch)
+    n = batch * L
+    e = dtype_bytes
+    d = cfg.hidden
+    image = batch * 3 * height * width * 4                    # one float32 image
+    n_heads = cfg.num_lq_heads + cfg.is_v15
+    heads = n_heads * n * d * e if heads_fit(cfg, n, e) else n * d * e
+    per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
+    persistent = (
+        n * cfg.adapter_width * e                             # adapter tokens
+        + heads                                               # heads' outputs (or the one in use)
+        + batch * t * d * 4                                   # text stream (float32)
+        # the graph's noise buffers, x in flight, the copy returned; Philox noise needs no
+        # buffers, only the initial image, which the graph makes itself
+        + image * (4 if noise == "release" else 1)
+        + n * per_pixel * e                                   # pixel tokens
+    )
+    m = batch * (L + t)
+    patch_peak = n * d * 4 + m * 3 * d * e * 2 + m * d * e    # residual, qkv + its roped copy, output
+    pa = n * cfg.pixel_attn_dim * e
+    band = modulation_band_rows(cfg, n, e)
+    pixel_peak = n * d * e + max(pa * 8,                      # s; compressed tokens, qkv x2, output
+                                 pa + band * per_pixel * e * (4 + 1 + 1))  # or a band's m, e, tokens
+    transient = max(patch_peak, pixel_peak)
+    return weight_bytes(cfg, e) + persistent + int(GRAPH_POOL_FACTOR * transient) + FIXED_OVERHEAD
+
+
+def free_device_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int,
+               noise: str = "release") -> None:
+    """Raise InsufficientMemoryError when a decode cannot fit beside the loaded weights."""
+    if device.type != "cuda":
+        return
+    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
+    free = free_device_bytes(device)
+    if need > free:
+        raise InsufficientMemoryError(
+            f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
+            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}")

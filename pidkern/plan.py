@@ -1,0 +1,199 @@
+"""The fast path's per-shape choices, made once before capture and kept in one object.
+
+A `Plan` says, for one decode shape, which implementation every step of `FastPiD.forward`
+runs: the attention route of the patch and of the pixel blocks, the SwiGLU route of the
+image and of the text stream, whether each memory-bound fusion runs its Triton kernel,
+the modulation band size, whether adapter heads are kept, and whether the decode is one
+CUDA graph. Each entry is decided one of three ways, recorded beside it:
+
+- "override": the caller said so (`Decoder.decode(..., plan={...})`, `pidkern bench
+  --plan ...`, or the PIDKERN_PLAN debugging switch, read here and nowhere else);
+- "race": on CUDA, the candidates are timed once on the real tensors during the warm-up
+  run that precedes capture, and the fastest is kept (the winner depends on card and shape);
+- "rule": everything else, and every choice off CUDA (where nothing is timed).
+
+`print(plan)` shows the table; `pidkern info --plan PRESET HxW` prints it for a shape.
+See docs/design.md, "The plan".
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+# "qkv_rope+sdpa": the patch blocks' QKV Linear with QK-norm + RoPE in its epilogue, then
+# SDPA; "prep+sdpa": cuBLAS QKV, a fused QK-norm/RoPE kernel, then SDPA; "triton": cuBLAS
+# QKV then one flash-attention kernel doing norm, RoPE and softmax; "torch": the unfused chain.
+# "prep+triton" (the fused prep, then the Triton attention core) is never raced: the one
+# shape that crashed it on an H200 is fixed, but it has not been timed on a GPU since.
+PATCH_ATTENTION = ("triton", "prep+sdpa", "qkv_rope+sdpa", "prep+triton", "torch")
+PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch")
+# "triton": one GEMM against w13 with SiLU * up in its epilogue; "split": cuBLAS against
+# w13 then one silu_mul pass; "torch": two cuBLAS GEMMs and the PyTorch product.
+SWIGLU = ("triton", "split", "torch")
+KERNEL = ("triton", "torch")
+
+# name -> (allowed values, the op of pidkern.ops it configures, the candidates raced on CUDA
+# in this order (ties go to the first), or () when a rule decides)
+CHOICES: dict[str, tuple] = {
+    "attention.patch": (PATCH_ATTENTION, "attention", ("prep+sdpa", "triton", "qkv_rope+sdpa")),
+    "attention.pixel": (PIXEL_ATTENTION, "attention", ("prep+sdpa", "triton")),
+    "swiglu.image": (SWIGLU, "swiglu", ("triton", "torch", "split")),
+    "swiglu.text": (SWIGLU, "swiglu", ("triton", "torch", "split")),
+    "gate": (KERNEL, "gate", ("triton", "torch")),
+    "embed": (KERNEL, "embed", ("triton", "torch")),
+    "rms_modulate": (KERNEL, "rms_modulate", ()),
+    "pixel_modulate": (KERNEL, "pixel_modulate", ()),
+}
+SETTINGS = ("graphs", "band_rows", "keep_heads")
+ENV = "PIDKERN_PLAN"
+
+
+def _parse_value(key: str, value):
+    if key in ("graphs", "keep_heads"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("on", "off", "1", "0", "true", "false"):
+            return value.lower() in ("on", "1", "true")
+        raise ValueError(f"plan {key}={value!r}: expected on/off (or True/False)")
+    if key == "band_rows":
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"plan band_rows={value!r}: expected a positive number of patches")
+        return value
+    allowed = CHOICES[key][0]
+    if value not in allowed:
+        raise ValueError(f"plan {key}={value!r}: expected one of {allowed}")
+    return value
+
+
+def check_overrides(overrides) -> dict:
+    """Validate a {name: value} mapping (or a Plan, whose overrides are taken) and expand
+    the short names: "attention" sets both attention entries, "swiglu" both SwiGLU ones."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Plan):
+        return dict(overrides.overrides)
+    if isinstance(overrides, str):
+        return parse(overrides)
+    if not isinstance(overrides, dict):
+        raise TypeError(f"plan={overrides!r}: expected a dict of choices, a Plan, a 'key=value,...' string or None")
+    out = {}
+    for key, value in overrides.items():
+        keys = [k for k in CHOICES if k.split(".")[0] == key] if key in ("attention", "swiglu") else [key]
+        if key == "attention" and value == "qkv_rope+sdpa":
+            out["attention.patch"] = value              # the GEMM route exists for the patch blocks only
+            out["attention.pixel"] = "prep+sdpa"
+            continue
+        for k in keys:
+            if k not in CHOICES and k not in SETTINGS:
+                raise ValueError(f"plan key {key!r}: expected one of {sorted(CHOICES) + list(SETTINGS)} "
+                                 f"(or 'attention', 'swiglu' for both of theirs)")
+            out[k] = _parse_value(k, value)
+    return out
+
+
+def parse(text: str) -> dict:
+    """'attention=prep+sdpa,graphs=off' -> validated overrides."""
+    pairs = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"plan {text!r}: {item!r} is not key=value")
+        k, v = item.split("=", 1)
+        pairs[k.strip()] = v.strip()
+    return check_overrides(pairs)
+
+
+def env_overrides() -> dict:
+    """The debugging switch PIDKERN_PLAN (same syntax as `parse`); a caller's plan wins."""
+    text = os.environ.get(ENV, "")
+    return parse(text) if text else {}
+
+
+@dataclass
+class Plan:
+    """Every choice of one decode shape: `choices[name] = (value, how)`; see the module doc."""
+    shape: tuple                      # (batch, height, width, text_len)
+    device: str
+    choices: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    race_ms: dict = field(default_factory=dict)     # name -> {candidate: median ms, or the error}
+
+    def __getitem__(self, name):
+        return self.choices[name][0]
+
+    def pending(self) -> list[str]:
+        return [k for k, (v, _) in self.choices.items() if v is None]
+
+    def set(self, name, value, how):
+        self.choices[name] = (value, how)
+
+    def key(self) -> tuple:
+        """What a captured graph depends on beyond the shape: the caller's overrides."""
+        return tuple(sorted(self.overrides.items()))
+
+    def as_dict(self) -> dict:
+        return {"shape": list(self.shape), "device": self.device,
+                "choices": {k: {"value": v, "how": how} for k, (v, how) in self.choices.items()},
+                "race_ms": self.race_ms}
+
+    def __str__(self):
+        b, h, w, t = self.shape
+        lines = [f"plan for batch {b}, {h}x{w}, {t} text tokens on {self.device}:"]
+        for k, (v, how) in self.choices.items():
+            timing = ""
+            if k in self.race_ms:
+                timing = "  (" + ", ".join(f"{c} {ms:.3f} ms" if isinstance(ms, float) else f"{c} failed"
+                                           for c, ms in self.race_ms[k].items()) + ")"
+            lines.append(f"  {k:<16} {'(decided at warm-up)' if v is None else v!s:<14} {how}{timing}")
+        return "\n".join(lines)
+
+
+def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dtype_bytes: int,
+            triton_ok: bool, overrides=None) -> Plan:
+    """The plan for one shape before any timing: overrides, then rules; on CUDA the raced
+    choices stay open (None, "race") until the warm-up run times them.
+
+    triton_ok: whether the Triton kernels can run on this device (ops.triton_available)."""
+    from .memory import heads_fit, modulation_band_rows
+    over = {**env_overrides(), **check_overrides(overrides)}
+    cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    plan = Plan((batch, height, width, text_len), str(device), overrides=over)
+    for name, (_, _, raced) in CHOICES.items():
+        if name in over:
+            plan.set(name, over[name], "override")
+        elif not triton_ok:
+            plan.set(name, "torch", "rule: no Triton here")
+        elif cuda and raced:
+            plan.set(name, None, "race")
+        else:
+            plan.set(name, "triton", "rule")
+    rows = batch * (height // cfg.patch) * (width // cfg.patch)
+    settings = {"graphs": (cuda, "rule: CUDA" if cuda else "rule: not CUDA"),
+                "band_rows": (modulation_band_rows(cfg, rows, dtype_bytes), "rule: 128 MiB per band"),
+                "keep_heads": (heads_fit(cfg, rows, dtype_bytes), "rule: kept while <= 256 MiB")}
+    for name, (value, how) in settings.items():
+        plan.set(name, *((over[name], "override") if name in over else (value, how)))
+    if plan["graphs"] and not cuda:
+        raise ValueError(f"plan graphs=on: CUDA graphs need a CUDA device, got {device}")
+    return plan
+
+
+def race(plan: Plan, name: str, runs: dict, device) -> None:
+    """Time each candidate of `runs` ({value: callable}) once and record the fastest.
+
+    A candidate that raises for this shape is skipped and its error recorded (and
+    warned about); if every one fails the PyTorch route is taken."""
+    from .timing import time_ms
+    times = {}
+    for value, fn in runs.items():
+        try:
+            times[value] = time_ms(fn, warmup=2, reps=5, device=str(device))["median_ms"]
+        except Exception as err:  # noqa: BLE001 - a route that cannot run this shape is skipped, loudly
+            times[value] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"pidkern: {name} route {value} failed for plan {plan.shape}: {err}", RuntimeWarning,
+                          stacklevel=2)
+    ok = {v: ms for v, ms in times.items() if isinstance(ms, float)}
+    plan.race_ms[name] = times
+    plan.set(name, min(ok, key=ok.get) if ok else "torch", "race" if ok else "race: every route failed")
