@@ -199,7 +199,34 @@ def info_lines() -> list[str]:
     return lines
 
 
+def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None) -> list[str]:
+    """`pidkern info --plan PRESET HxW`: the fast path's plan for one output size, without
+    building a model (on CUDA the raced entries are filled by the first decode; `pidkern
+    bench` prints them after its run)."""
+    import torch
+
+    from . import ops
+    from .api import resolve_device, resolve_dtype
+    from .config import get_preset
+    from .plan import parse, resolve
+    cfg = get_preset(preset)
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--plan {preset} {size}: expected the output size as HxW, e.g. 2048x2048") from None
+    if h <= 0 or w <= 0 or h % cfg.patch or w % cfg.patch:
+        raise ValueError(f"--plan {preset} {size}: height and width must be positive multiples of {cfg.patch}")
+    dev = resolve_device(device)
+    dtype = resolve_dtype(None, dev)
+    p = resolve(cfg, batch, h, w, cfg.max_text, dev, torch.finfo(dtype).bits // 8, ops.triton_available(dev),
+                parse(plan) if plan else None)
+    return [f"{cfg.name}, {str(dtype)[6:]} weights", str(p)]
+
+
 def cmd_info(args) -> int:
+    if getattr(args, "plan", None):
+        print("\n".join(plan_lines(*args.plan, device=args.device)))
+        return 0
     print("\n".join(info_lines()))
     return 0
 
@@ -271,6 +298,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="versions, device, extension, kernels and presets")
+    i.add_argument("--plan", nargs=2, metavar=("PRESET", "HxW"), default=None,
+                   help="print the fast path's plan (routes, bands, graphs) for PRESET at output size HxW")
+    i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")

@@ -1,4 +1,4 @@
-"""Analytic FLOP model of a PiD decode (SPEC.md), so every timing can be turned into TFLOP/s.
+"""Analytic FLOP model of a PiD decode (docs/design.md), so every timing can be turned into TFLOP/s.
 
 Counts what a FLOP counter counts: matrix products (2 FLOP per multiply-add), convolutions
 and attention (QK^T and PV). Norms, activations, RoPE and the sampler's elementwise
@@ -22,13 +22,9 @@ def _grid(config: PiDConfig, height: int, width: int) -> tuple[int, int]:
 
 
 def adapter_input_channels(config: PiDConfig) -> int:
-    """Channels entering the first adapter conv, after unpack and grid alignment (SPEC §5)."""
-    c = config.adapter_in_channels
-    r = config.sr_scale * (config.latent_stride // config.unpack) / config.patch
-    if r < 1:  # space-to-depth by 1/r multiplies channels by (1/r)^2
-        k = round(1 / r)
-        c *= k * k
-    return c
+    """Channels entering the first adapter conv: the config's own count (after unpack and
+    any space-to-depth), so the FLOP model and the network cannot disagree."""
+    return config.adapter_in_channels
 
 
 def _step_parts(config: PiDConfig, height: int, width: int, text_tokens: int) -> dict:

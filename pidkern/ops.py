@@ -77,7 +77,7 @@ def add_scaled(x, gate, y):
     return torch.addcmul(x, gate, y)
 
 
-# --- rms_modulate / pixel_modulate (memory-bound fusions; SPEC sections 4 and 6) ---
+# --- rms_modulate / pixel_modulate (memory-bound fusions of the patch and pixel blocks) ---
 
 def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_dtype=None):
     """(x_new, h): x_new = x + gate * y (x itself when y is None), keeping x's dtype;
@@ -98,7 +98,7 @@ def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_d
 
 
 def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
-    """The pixel block's second half, SPEC section 6:
+    """The pixel block's second half (docs/design.md, "The network"):
     p1 = p + gate1 * e; p_new = p1 + gate2 * fc2(GELU(fc1(RMSNorm16(p1) * norm2_w * (1 + scale2) + shift2))).
     p: [R, P2, 16]; e: expand_from_attn output [R, P2*16]; m: modulation [R, P2*96], or only its
     post-attention chunks (gate1, shift2, scale2, gate2) as [R, P2*64]. Returns p's dtype."""
@@ -242,13 +242,12 @@ def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Ten
                       pix_b: torch.Tensor, sincos_col: torch.Tensor, sincos_row: torch.Tensor, patch: int):
     """Patch tokens [B, L, D] and per-patch pixel tokens [B*L, P*P, Dp] of an image x [B, 3, H, W].
 
-    sincos_col [W, Dp/2] / sincos_row [H, Dp/2]: the fixed float32 sin-cos tables (SPEC §2).
+    sincos_col [W, Dp/2] / sincos_row [H, Dp/2]: the fixed float32 sin-cos tables (reference.pixel_sincos).
     Outputs take patch_w's dtype."""
     if use_triton("embed", x, patch_w):
         from pidkern.kernels.embed import patch_pixel_embed as fused
         return fused(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch)
-    B, _, H, W = x.shape
-    Hs, Ws, Dp = H // patch, W // patch, pix_w.shape[0]
+    H, W, Dp = x.shape[2], x.shape[3], pix_w.shape[0]
     tok = F.linear(F.unfold(x.to(patch_w.dtype), patch, stride=patch).transpose(1, 2), patch_w, patch_b)
     emb = torch.cat([sincos_col[None, :, :].expand(H, W, Dp // 2), sincos_row[:, None, :].expand(H, W, Dp // 2)], -1)
     pix = F.linear(x.permute(0, 2, 3, 1).to(pix_w.dtype), pix_w, pix_b) + emb.to(pix_w.dtype)
@@ -257,7 +256,7 @@ def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Ten
 
 def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
             log_alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) * sigma) * lq (SPEC §5), in x's dtype.
+    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) * sigma) * lq (reference.lq_gate), in x's dtype.
 
     x, lq [B, N, D]; sigma [B] float32 (per sample); log_alpha a 0-d tensor;
     weight [D, 2D] and bias [D] (v1), or [1, 2D] and [1] (v1.5, one gate per token)."""

@@ -1,4 +1,4 @@
-"""The distilled few-step sampler of the release (SPEC §7).
+"""The distilled few-step sampler of the release (docs/design.md, "The sampler").
 
 `t` runs from 0.999 (pure noise) to 0 (the image). The SDE sampler re-noises the clean
 estimate x0 with fresh Gaussian noise at every intermediate time; the ODE sampler takes

@@ -1,6 +1,6 @@
 """Timing and environment capture shared by `pidkern bench` and every benchmark in bench/.
 
-Rules (PERF.md): CUDA events around the timed region, warm-up outside it, median of
+Rules: CUDA events around the timed region, warm-up outside it, median of
 at least 5 runs; host clocks with a synchronize only on the CPU.
 """
 from __future__ import annotations

@@ -194,3 +194,16 @@ def test_bad_input_exits_2_naming_it(files, capsys, args, names):
     assert names in err
     assert "Traceback" not in err
     assert "error:" in err.strip().splitlines()[-1]  # the message is the last line, after any progress
+
+
+def test_info_plan_prints_every_choice(capsys):
+    from pidkern.plan import CHOICES, SETTINGS
+    rc, out, err = run(["info", "--plan", "flux-2k", "1024x2048", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert "1024x2048" in out
+    for name in (*CHOICES, *SETTINGS):
+        assert name in out
+    # 128 MiB of float32 modulation rows per band: 128 * 2**20 / (6 * 256 * 16 * 4) patches
+    assert "band_rows        1365" in out
+    rc, out, err = run(["info", "--plan", "flux-2k", "1024x1000"], capsys)
+    assert rc == 2 and "multiples of 16" in err

@@ -362,3 +362,15 @@ def test_race_keeps_the_fastest_route_and_skips_failures():
     assert plan.choices["swiglu.image"] == ("torch", "race")
     assert "ZeroDivisionError" in plan.race_ms["swiglu.image"]["split"]
     assert "torch" in str(plan) and "split failed" in str(plan)
+
+
+def test_import_pidkern_loads_no_triton_cuda_or_fast_path_module():
+    import subprocess
+    import sys
+    code = ("import sys, pidkern; bad = sorted(m for m in sys.modules if m == 'triton' or m.startswith('triton.') "
+            "or m.startswith('pidkern.kernels') or m in ('pidkern._C', 'pidkern._ext', 'pidkern.engine', "
+            "'pidkern.fast', 'pidkern.ops', 'pidkern.benchmark')); print(bad)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

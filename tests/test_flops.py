@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pidkern.config import get_preset, tiny
+from pidkern.config import PRESETS, get_preset, tiny
 from pidkern.flops import decode_flops, flop_counter, forward_flops
 from pidkern.reference import PiDNet
 
@@ -63,3 +63,30 @@ def test_matches_flop_counter_on_reference(base, batch, h, w, text):
     counted = fc.get_total_flops()
     assert counted > 0
     assert forward_flops(cfg, batch, h, w, text_tokens=text) == pytest.approx(counted, rel=0.02)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_channel_counts_are_the_networks_own(name):
+    """The widths the FLOP model multiplies are those of the modules the network builds."""
+    from pidkern.flops import adapter_input_channels
+    for cfg in (get_preset(name), tiny(name, patch=64)):     # patch 64: space-to-depth for most presets
+        with torch.device("meta"):
+            net = PiDNet(cfg)
+        convs = [m for m in net.lq_proj.latent_proj.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs[0].in_channels == adapter_input_channels(cfg)
+        assert len(convs) == 2 + 2 * cfg.adapter_res_blocks and convs[-1].out_channels == cfg.adapter_width
+        assert net.patch_blocks[0].mlp_x.w1.out_features == cfg.mlp_hidden
+        assert net.pixel_blocks[0].adaLN_modulation[0].out_features == 6 * cfg.pixel_dim * cfg.pixels_per_patch
+
+
+def test_space_to_depth_adapter_flops_match_flop_counter():
+    cfg = tiny("flux-2k", patch=64)          # grid ratio 1/2: the latent is folded 2x2 into channels
+    assert cfg.grid_ratio == (1, 2)
+    torch.manual_seed(0)
+    net = PiDNet(cfg).eval()
+    x = torch.randn(1, 3, 128, 128)
+    args = (x, torch.rand(1), torch.randn(1, 4, cfg.text_dim), torch.randn(1, cfg.latent_channels, 4, 4),
+            torch.rand(1))
+    with flop_counter() as fc, torch.no_grad():
+        net(*args)
+    assert forward_flops(cfg, 1, 128, 128, text_tokens=4) == pytest.approx(fc.get_total_flops(), rel=0.02)

@@ -7,7 +7,7 @@ L = 16384 image + T = 300 text tokens) and pixel blocks (16 heads x 72, L = 1638
     (default SDPA where cuDNN is unavailable);
 (d) patch blocks only: the QKV GEMM with QK-norm + RoPE in its epilogue, then SDPA, vs
     cuBLAS QKV + prep kernel + SDPA (both from the normalised block input: GEMMs timed too).
-flops = 4 * B * H * N_q * N_k * hd over the joint sequence (PERF.md's attention count).
+flops = 4 * B * H * N_q * N_k * hd over the joint sequence (pidkern.flops' attention count).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 weights: the patch+pixel embedding, the latent gate (v1 GEMM, v1.5 row-dot) and the
 SwiGLU gate-up, each against the PyTorch chain it replaces (ops.py's fallback).
 
-FLOPs count the GEMM only (compare against PERF.md: bf16 Linear 16384x1536->4608 runs
+FLOPs count the GEMM only (for reference: bf16 Linear 16384x1536->4608 runs
 727 TFLOP/s on H200); the v1.5 gate is memory bound and reports bytes (copy ceiling
 4.21 TB/s). Each timed callable runs the op REPEAT times back to back so Python dispatch
 overlaps the previous kernel instead of being timed.

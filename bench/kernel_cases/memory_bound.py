@@ -2,7 +2,7 @@
 pixel_post on one band of 4096 patches; bf16 branches, float32 residual streams.
 
 Bytes are the fewest a call must move (each input read once, each output written once);
-GB/s against PERF.md's 4.21 TB/s copy ceiling on H200 is the figure of merit. Each timed
+GB/s against the H200's measured 4.21 TB/s copy ceiling is the figure of merit. Each timed
 callable runs the op REPEAT times back to back; bench/kernels.py captures it in a CUDA
 graph, so what is timed is device time, and with --eager the repeats still let the host
 dispatch of one call overlap the previous kernel.

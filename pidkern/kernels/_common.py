@@ -1,5 +1,9 @@
-"""What every kernel file shares: the interpreter switch, the grouped tile order, stride
-alignment and the GEMM K loop."""
+"""What every kernel file shares: the interpreter switch, the dtypes the kernels take,
+the dot-precision rule, the launch context, the grouped tile order, stride alignment and
+the GEMM K loop. Conventions (docs/design.md, "Adding a kernel"): every launcher runs
+inside `on_device(tensor)`, checks dtypes against FLOAT_DTYPES, takes tl.dot's precision
+from `dot_precision`, and attaches autotune configs as
+`<name>_tuned = triton.autotune(configs=..., key=[...])(<jitted kernel>)`."""
 from __future__ import annotations
 
 import contextlib
@@ -39,6 +43,15 @@ def aligned_rows(tensors, *strides: int) -> tuple[int, bool]:
     size = tensors[0].element_size()
     unit = row_align(size, *strides)
     return unit, unit * size >= 16 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact for float32 inputs (they must not silently drop to
+    tf32 on the GPU), tf32 otherwise (which 16-bit operands ignore)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def on_device(t: torch.Tensor):

@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET, aligned_rows, on_device
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET, aligned_rows, dot_precision, on_device
 
 LOG2E = 1.4426950408889634
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -308,8 +307,8 @@ def _check_qkv(name: str, t: torch.Tensor, heads: int, B: int | None = None, C: 
     if not isinstance(t, torch.Tensor) or t.dim() != 3:
         raise ValueError(f"{name}: expected a [B, N, 3*heads*hd] tensor, got "
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {DTYPES}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {FLOAT_DTYPES}")
     if t.shape[2] % (3 * heads):
         raise ValueError(f"{name}: last dim {t.shape[2]} is not 3*heads*hd with heads={heads}")
     if t.stride(2) != 1:
@@ -390,11 +389,6 @@ def rows_aligned(qkv: torch.Tensor, heads: int) -> bool:
     return aligned_rows([qkv], qkv.stride(0), qkv.stride(1), hd)[1]
 
 
-def _prec(dtype):
-    # fp32 inputs must not silently drop to tf32 on the GPU
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _split(qkv: torch.Tensor, heads: int, hd: int):
     v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads * hd)
     return v[:, :, 0], v[:, :, 1], v[:, :, 2]
@@ -438,8 +432,8 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
             raise ValueError(f"{name}: heads and head dim must be packed (strides {t.stride()})")
         if t.stride(1) != t.shape[2] * t.shape[3]:
             raise ValueError(f"{name}: tokens must be packed (strides {t.stride()})")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q: dtype {q.dtype} not supported; expected one of {DTYPES}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q: dtype {q.dtype} not supported; expected one of {FLOAT_DTYPES}")
     B, N, H, hd = q.shape
     _check_head_dim(hd, "q")
     o = torch.empty(B, N, H * hd, device=q.device, dtype=q.dtype)
@@ -467,7 +461,7 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
     with on_device(qi):
         _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
                               *(s // align for s in strides), L, T, H, qk_scale, eps,
-                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=_prec(qi.dtype),
+                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
                               ALIGN=align)
 
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, grouped_tile, on_device
 
 
 def _configs():
@@ -30,7 +30,6 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "D", "L", "Ws"])
 @triton.jit
 def _embed_kernel(x_ptr, w_ptr, b_ptr, pw_ptr, pb_ptr, col_ptr, row_ptr, tok_ptr, pix_ptr,
                   M, D, L, Ws, s_xb, s_xc, s_xh, s_xw, s_wn, s_wk, s_col, s_row,
@@ -109,7 +108,7 @@ def _embed_kernel(x_ptr, w_ptr, b_ptr, pw_ptr, pb_ptr, col_ptr, row_ptr, tok_ptr
             tl.store(dst, val.to(pix_ptr.dtype.element_ty), mask=smask)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_embed_tuned = triton.autotune(configs=_configs(), key=["M", "D", "L", "Ws"])(_embed_kernel)
 
 
 def _check(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch):
@@ -126,13 +125,13 @@ def _check(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch):
     B, _, H, W = x.shape
     if H % patch or W % patch:
         raise ValueError(f"x: H and W must be multiples of patch={patch}, got {H}x{W}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} not supported; expected one of {_DTYPES}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} not supported; expected one of {FLOAT_DTYPES}")
     K = 3 * patch * patch
     if patch_w.dim() != 2 or patch_w.shape[1] != K:
         raise ValueError(f"patch_w: expected [D, {K}] (3*patch*patch columns), got {tuple(patch_w.shape)}")
-    if patch_w.dtype not in _DTYPES:
-        raise ValueError(f"patch_w: dtype {patch_w.dtype} not supported; expected one of {_DTYPES}")
+    if patch_w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"patch_w: dtype {patch_w.dtype} not supported; expected one of {FLOAT_DTYPES}")
     if patch_w.stride(1) != 1:
         raise ValueError(f"patch_w: last dim must be contiguous (stride 1), got strides {patch_w.stride()}")
     D = patch_w.shape[0]
@@ -172,12 +171,12 @@ def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Ten
         return tok, pix
     pix_w = pix_w.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-    _embed_kernel[grid](x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, tok, pix,
-                        M, D, L, Ws, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-                        patch_w.stride(0), patch_w.stride(1), sincos_col.stride(0), sincos_row.stride(0),
-                        P=patch, BLOCK_P=triton.next_power_of_2(patch), DP=Dp,
-                        BLOCK_DP=triton.next_power_of_2(Dp),
-                        DOT_PREC="ieee" if patch_w.dtype == torch.float32 else "tf32")
+    with on_device(x):
+        _embed_tuned[grid](x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, tok, pix,
+                           M, D, L, Ws, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+                           patch_w.stride(0), patch_w.stride(1), sincos_col.stride(0), sincos_row.stride(0),
+                           P=patch, BLOCK_P=triton.next_power_of_2(patch), DP=Dp,
+                           BLOCK_DP=triton.next_power_of_2(Dp), DOT_PREC=dot_precision(patch_w.dtype))
     return tok, pix
 
 

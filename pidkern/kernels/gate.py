@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, gemm_k_loop, grouped_tile
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, gemm_k_loop, grouped_tile, on_device
 
 
 def _gemm_configs():
@@ -32,7 +32,6 @@ def _gemm_configs():
     ]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "D"])
 @triton.heuristics({"EVEN_K": lambda a: a["D"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _gate_gemm_kernel(x_ptr, lq_ptr, w_ptr, b_ptr, la_ptr, sig_ptr, out_ptr, M, N, D,
@@ -104,12 +103,7 @@ def _gate_rowdot_kernel(x_ptr, lq_ptr, w_ptr, b_ptr, la_ptr, sig_ptr, out_ptr, M
     tl.store(out_ptr + (rb * s_ob + rn * s_on)[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _dot_prec(dtype):
-    # float32 weights get true fp32 products (torch's default), not TF32.
-    return "ieee" if dtype == torch.float32 else "tf32"
+_gate_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "D"])(_gate_gemm_kernel)
 
 
 def _check(x, lq, weight, bias, log_alpha, sigma):
@@ -133,8 +127,8 @@ def _check(x, lq, weight, bias, log_alpha, sigma):
     if sigma.shape != (B,):
         raise ValueError(f"sigma: expected shape ({B},) (one per sample), got {tuple(sigma.shape)}")
     for name, t in (("x", x), ("lq", lq), ("weight", weight)):
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {_DTYPES}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {FLOAT_DTYPES}")
     if not bias.is_floating_point() or not sigma.is_floating_point() or not log_alpha.is_floating_point():
         raise ValueError("bias, sigma, log_alpha: expected floating-point tensors")
     if x.stride(2) != 1:
@@ -158,18 +152,19 @@ def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch
     bias = bias.contiguous()
     sigma = sigma.contiguous()
     strides = (x.stride(0), x.stride(1), lq.stride(0), lq.stride(1))
-    if weight.shape[0] == 1:
-        block_d = triton.next_power_of_2(D)
-        block_r = max(1, min(16, 8192 // block_d))
-        grid = (triton.cdiv(M, block_r),)
-        _gate_rowdot_kernel[grid](x, lq, weight, bias, log_alpha, sigma, out, M, N, D, weight.stride(1),
-                                  *strides, out.stride(0), out.stride(1),
-                                  BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-        _gate_gemm_kernel[grid](x, lq, weight, bias, log_alpha, sigma, out, M, N, D, *strides,
-                                weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-                                DOT_PREC=_dot_prec(weight.dtype))
+    with on_device(x):
+        if weight.shape[0] == 1:
+            block_d = triton.next_power_of_2(D)
+            block_r = max(1, min(16, 8192 // block_d))
+            grid = (triton.cdiv(M, block_r),)
+            _gate_rowdot_kernel[grid](x, lq, weight, bias, log_alpha, sigma, out, M, N, D, weight.stride(1),
+                                      *strides, out.stride(0), out.stride(1),
+                                      BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+            _gate_gemm_tuned[grid](x, lq, weight, bias, log_alpha, sigma, out, M, N, D, *strides,
+                                   weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                                   DOT_PREC=dot_precision(weight.dtype))
     return out
 
 

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, on_device
+
 DP = 16       # pixel width
 HIDDEN = 64   # pixel MLP hidden width
 
@@ -32,7 +32,7 @@ def _pixel_post_kernel(
     M, P2, M_BUCKET,
     sp0, sp1, se0, se1, sm0, sm1, m_off,
     eps,
-    D: tl.constexpr, H: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_PIX: tl.constexpr,
+    D: tl.constexpr, H: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_PIX: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
     rmask = rows < M
@@ -64,16 +64,10 @@ def _pixel_post_kernel(
     b2 = tl.load(b2_ptr + k16).to(tl.float32)
     # Activations enter each matmul in the weights' dtype (what a bf16 Linear does),
     # products accumulate in float32.
-    if IEEE_DOT:
-        hid = tl.dot(u.to(w1.dtype), tl.trans(w1), input_precision="ieee")
-    else:
-        hid = tl.dot(u.to(w1.dtype), tl.trans(w1))
+    hid = tl.dot(u.to(w1.dtype), tl.trans(w1), input_precision=DOT_PREC)
     hid = hid + b1[None, :]
     hid = 0.5 * hid * (1.0 + tl.math.erf(hid * 0.7071067811865476))
-    if IEEE_DOT:
-        mlp = tl.dot(hid.to(w2.dtype), tl.trans(w2), input_precision="ieee")
-    else:
-        mlp = tl.dot(hid.to(w2.dtype), tl.trans(w2))
+    mlp = tl.dot(hid.to(w2.dtype), tl.trans(w2), input_precision=DOT_PREC)
     out = p1 + gate2 * (mlp + b2[None, :])
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -86,13 +80,13 @@ else:
         triton.Config({"BLOCK_PIX": 128}, num_warps=4),
         triton.Config({"BLOCK_PIX": 256}, num_warps=8),
     ]
-_pixel_post_tuned = triton.autotune(_CONFIGS, key=["P2", "M_BUCKET"])(_pixel_post_kernel)
+_pixel_post_tuned = triton.autotune(configs=_CONFIGS, key=["P2", "M_BUCKET"])(_pixel_post_kernel)
 
 
 def _check(name, t, device, shape=None):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but p is on {device}")
@@ -153,12 +147,13 @@ def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
     if M == 0:
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_PIX"]),)  # noqa: E731
-    _pixel_post_tuned[grid](
-        p, e, m, norm2_w.contiguous(), fc1_w.contiguous(), fc1_b.contiguous(),
-        fc2_w.contiguous(), fc2_b.contiguous(), out,
-        M, P2, M.bit_length(), *sp, *se, *sm, m_off, float(eps),
-        D=DP, H=HIDDEN, IEEE_DOT=fc1_w.dtype == torch.float32,
-    )
+    with on_device(p):
+        _pixel_post_tuned[grid](
+            p, e, m, norm2_w.contiguous(), fc1_w.contiguous(), fc1_b.contiguous(),
+            fc2_w.contiguous(), fc2_b.contiguous(), out,
+            M, P2, M.bit_length(), *sp, *se, *sm, m_off, float(eps),
+            D=DP, H=HIDDEN, DOT_PREC=dot_precision(fc1_w.dtype),
+        )
     return out
 
 

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, aligned_rows, gemm_k_loop, grouped_tile, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET as _INTERPRET, aligned_rows, dot_precision, gemm_k_loop,
+                                     grouped_tile, on_device)
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _configs():
@@ -99,7 +99,7 @@ def _qkv_rope_kernel(h_ptr, w_ptr, q_ptr, k_ptr, v_ptr, nw_ptr, cos_ptr, sin_ptr
         tl.store(dst + out_ptrs, y.to(dst.dtype.element_ty), mask=row_ok)
 
 
-_tuned = triton.autotune(_configs(), key=["M", "N", "D", "HD", "HHD", "ALIGN"],
+_tuned = triton.autotune(configs=_configs(), key=["M", "N", "D", "HD", "HHD", "ALIGN"],
                          prune_configs_by={"early_config_prune": _prune})(_qkv_rope_kernel)
 
 
@@ -107,8 +107,8 @@ def _check(name, h, w, nw, cos, sin, heads):
     if not isinstance(h, torch.Tensor) or h.dim() != 3:
         raise ValueError(f"{name}: expected a [B, N, D] tensor, got "
                          f"{tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
-    if h.dtype not in _DTYPES:
-        raise ValueError(f"{name}: dtype {h.dtype} not supported; expected one of {_DTYPES}")
+    if h.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {h.dtype} not supported; expected one of {FLOAT_DTYPES}")
     if h.stride(2) != 1:
         raise ValueError(f"{name}: last dim must be contiguous (strides {h.stride()})")
     B, N, D = h.shape
@@ -155,7 +155,7 @@ def _launch(h, w, nw, cos, sin, q, k, v, tok0, eps, hd):
                          f"must start 16-byte aligned; pidkern.ops.qkv_rope falls back to PyTorch for these")
     args = (h, w, q, k, v, nw, cos, sin, M, N, D, tok0, q.shape[1], h.stride(1) // align, w.stride(0) // align,
             float(eps))
-    consts = dict(HD=hd, HHD=hhd, ALIGN=align, DOT_PREC="ieee" if h.dtype == torch.float32 else "tf32")
+    consts = dict(HD=hd, HHD=hhd, ALIGN=align, DOT_PREC=dot_precision(h.dtype))
     with on_device(h):
         if _INTERPRET:
             bn = max(hd, 32) if hhd % max(hd, 32) == 0 else hd

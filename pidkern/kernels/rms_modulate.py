@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, on_device
 
 
 @triton.jit
@@ -75,14 +74,14 @@ def _kernel_for(block_c: int):
     if block_c not in _tuned:
         # key: the row width and the row count's order of magnitude (a tiny test call
         # must not pick the config the 2048^2 engine then reuses); dtypes are added by Triton.
-        _tuned[block_c] = triton.autotune(_configs(block_c), key=["C", "M_BUCKET"])(_rms_modulate_kernel)
+        _tuned[block_c] = triton.autotune(configs=_configs(block_c), key=["C", "M_BUCKET"])(_rms_modulate_kernel)
     return _tuned[block_c]
 
 
 def _check_float(name: str, t: torch.Tensor, device: torch.device):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
@@ -121,7 +120,7 @@ def _validate(x, weight, shift, scale, y, gate, out_dtype):
         strides["gate"] = _as_rows("gate", gate, R, N, C, dev)
     strides["shift"] = _as_rows("shift", shift, R, N, C, dev)
     strides["scale"] = _as_rows("scale", scale, R, N, C, dev)
-    if out_dtype not in _FLOATS:
+    if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     return strides
 
@@ -144,13 +143,14 @@ def _launch(x, weight, shift, scale, y, gate, eps, out_dtype):
     block_c = triton.next_power_of_2(C)
     kernel = _kernel_for(block_c)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_ROWS"]),)  # noqa: E731
-    kernel[grid](
-        x, y, gate, w, shift, scale, x_new, h,
-        M, N, C, M.bit_length(),
-        *st["x"], *sy, *sg, *st["shift"], *st["scale"],
-        float(eps),
-        HAS_RES=has_res, BLOCK_C=block_c,
-    )
+    with on_device(x):
+        kernel[grid](
+            x, y, gate, w, shift, scale, x_new, h,
+            M, N, C, M.bit_length(),
+            *st["x"], *sy, *sg, *st["shift"], *st["scale"],
+            float(eps),
+            HAS_RES=has_res, BLOCK_C=block_c,
+        )
     return x_new, h
 
 

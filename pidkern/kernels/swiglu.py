@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import INTERPRET as _INTERPRET, grouped_tile, on_device
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, grouped_tile, on_device
 
 
 def _configs():
@@ -33,7 +33,6 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "Hm", "D"])
 @triton.heuristics({"EVEN_K": lambda a: a["D"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _swiglu_kernel(u_ptr, w_ptr, h_ptr, M, Hm, D,
@@ -77,7 +76,7 @@ def _swiglu_kernel(u_ptr, w_ptr, h_ptr, M, Hm, D,
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(om[:, None] < M) & (on[None, :] < Hm))
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_swiglu_tuned = triton.autotune(configs=_configs(), key=["M", "Hm", "D"])(_swiglu_kernel)
 
 
 def _check(u: torch.Tensor, w13: torch.Tensor) -> int:
@@ -85,8 +84,8 @@ def _check(u: torch.Tensor, w13: torch.Tensor) -> int:
         raise ValueError(f"u: expected a 2-D [M, D] tensor, got shape {tuple(u.shape)}")
     if w13.dim() != 2:
         raise ValueError(f"w13: expected a 2-D [2*Hm, D] tensor, got shape {tuple(w13.shape)}")
-    if u.dtype not in _DTYPES:
-        raise ValueError(f"u: dtype {u.dtype} not supported; expected one of {_DTYPES}")
+    if u.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"u: dtype {u.dtype} not supported; expected one of {FLOAT_DTYPES}")
     if w13.dtype != u.dtype:
         raise ValueError(f"w13: dtype {w13.dtype} must match u's dtype {u.dtype}")
     if w13.shape[1] != u.shape[1]:
@@ -111,8 +110,9 @@ def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     if M == 0:
         return h
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(hm, meta["BLOCK_N"]),)
-    _swiglu_kernel[grid](u, w13, h, M, hm, D, u.stride(0), u.stride(1), w13.stride(0), w13.stride(1),
-                         h.stride(0), h.stride(1), DOT_PREC="ieee" if u.dtype == torch.float32 else "tf32")
+    with on_device(u):
+        _swiglu_tuned[grid](u, w13, h, M, hm, D, u.stride(0), u.stride(1), w13.stride(0), w13.stride(1),
+                            h.stride(0), h.stride(1), DOT_PREC=dot_precision(u.dtype))
     return h
 
 
@@ -159,8 +159,8 @@ def _check_ab(ab):
     if not isinstance(ab, torch.Tensor) or ab.dim() != 2 or ab.shape[1] % 2 or ab.shape[1] == 0:
         raise ValueError(f"ab: expected a 2-D [M, 2*Hm] tensor, got "
                          f"{tuple(ab.shape) if isinstance(ab, torch.Tensor) else type(ab).__name__}")
-    if ab.dtype not in _DTYPES:
-        raise ValueError(f"ab: dtype {ab.dtype} not supported; expected one of {_DTYPES}")
+    if ab.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"ab: dtype {ab.dtype} not supported; expected one of {FLOAT_DTYPES}")
     if ab.stride(1) != 1:
         raise ValueError(f"ab: last dim must be contiguous (stride 1), got strides {ab.stride()}")
 
