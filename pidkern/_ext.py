@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import fold_patch_pixels, rms_norm
+from .sampler import sde_update
 
 try:
     from pidkern import _C  # noqa: F401  (registers torch.ops.pidkern.*)
@@ -71,9 +72,9 @@ def reference_output_step(tokens, norm_w, lin_w, lin_b, x_t, t, t_next, noise, p
     """The released chain: head, fold, then the update in float64, rounded to float32."""
     B, _, H, W = x_t.shape
     v = fold_patch_pixels(_pixel_head(tokens, norm_w, lin_w, lin_b, eps), B, H, W, patch)
-    t, tn = _as_t(t, x_t).double(), _as_t(t_next, x_t).double()
-    x0 = x_t.double() - t * v.double()
-    return torch.where(tn == 0, x0.clamp(-1, 1), (1 - tn) * x0 + tn * noise.double()).float()
+    tn = _as_t(t_next, x_t).double()
+    x = sde_update(x_t, v, _as_t(t, x_t).double(), tn, noise)
+    return torch.where(tn == 0, x.clamp(-1, 1), x)      # the last step's image is clamped here
 
 
 def to_uint8(x):

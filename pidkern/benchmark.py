@@ -221,8 +221,6 @@ def run_default(args) -> dict:
     used = dec.backend_for(args.backend)
     fast = used == "fast"
     calls = 1 + args.warmup + args.reps
-    from tqdm.auto import tqdm
-    bar = tqdm(total=calls * args.steps, desc="decode steps", unit="step", disable=args.quiet, leave=False)
 
     def progress(step, steps):
         bar.update(steps if fast else 1)      # the fast path reports once per decode
@@ -232,6 +230,8 @@ def run_default(args) -> dict:
                           plan=plan if fast else None)
     log(f"first call (includes any compile / autotune / plan races / graph capture) then {args.warmup} warm-up "
         f"and {args.reps} timed runs ...")
+    from tqdm.auto import tqdm
+    bar = tqdm(total=calls * args.steps, desc="decode steps", unit="step", disable=args.quiet, leave=False)
     with bar:
         res = measure(fn, device, reps=args.reps, warmup=args.warmup)
     res.update(tflop=flop["tflop"], tflops=tflops(flop["total"], res["median_ms"]),

@@ -97,9 +97,14 @@ def ode_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tor
     return (x.double() + (t_next - t) * v.double()).float()
 
 
-def sde_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, eps: torch.Tensor | None) -> torch.Tensor:
-    """The SDE sampler's step: x0 = x - t v, re-noised to t' with eps (x0 itself at t' = 0)."""
+def sde_update(x: torch.Tensor, v: torch.Tensor, t, t_next, eps: torch.Tensor | None) -> torch.Tensor:
+    """The SDE sampler's step: x0 = x - t v, re-noised to t' with eps (x0 itself at t' = 0).
+
+    t, t_next: Python floats, or 0-d float64 tensors (then no host branch on t_next, so the
+    step can sit in a CUDA graph; eps must be given)."""
     x0 = x.double() - t * v.double()   # float64, as the release does
+    if torch.is_tensor(t_next):
+        return torch.where(t_next == 0, x0, (1 - t_next) * x0 + t_next * eps.double()).float()
     return ((1 - t_next) * x0 + t_next * eps.double()).float() if t_next > 0 else x0.float()
 
 

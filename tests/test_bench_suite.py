@@ -59,7 +59,7 @@ def test_cli_arguments_cover_every_optimisation():
     assert args.suite == "full" and args.size == 512
 
 
-def test_quick_job_dry_run_and_smoke(tmp_path, monkeypatch):
+def test_quick_job_dry_run_and_smoke(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p = pb.add_arguments(argparse.ArgumentParser())
     res = pb.run_default(p.parse_args(["--dry-run", "--device", "cpu"]))
@@ -68,6 +68,11 @@ def test_quick_job_dry_run_and_smoke(tmp_path, monkeypatch):
     res = pb.run_default(p.parse_args(["--smoke", "--device", "cpu", "--backend", "reference", "--reps", "1",
                                        "--json", str(out)]))
     assert res["median_ms"] > 0 and res["tflop"] > 0 and json.loads(out.read_text())["result"]["batch"] == 1
+    err = capsys.readouterr().err
+    assert "decode steps" in err and "/2 " in err        # tqdm over the first call + 1 timed run, 1 step each
+    pb.run_default(p.parse_args(["--smoke", "--device", "cpu", "--backend", "reference", "--reps", "1",
+                                 "--steps", "1", "--quiet"]))
+    assert "decode steps" not in capsys.readouterr().err
 
 
 def test_ablations_are_plan_overrides():
