@@ -69,12 +69,17 @@ def _parse_value(key: str, value):
 
 
 def check_overrides(overrides) -> dict:
-    """Validate a {name: value} mapping (or a Plan, whose overrides are taken) and expand
-    the short names: "attention" sets both attention entries, "swiglu" both SwiGLU ones."""
+    """Validate a {name: value} mapping (or a Plan: its decided routes and its overrides)
+    and expand the short names: "attention" sets both attention entries, "swiglu" both
+    SwiGLU ones."""
     if overrides is None:
         return {}
     if isinstance(overrides, Plan):
-        return dict(overrides.overrides)
+        # a plan handed back: its routes as they were decided (raced ones included) and its
+        # overrides; the shape-bound settings (band_rows, keep_heads, graphs) follow the new
+        # shape's rules unless they were overrides
+        return {**{k: v for k, (v, _) in overrides.choices.items() if k in CHOICES and v is not None},
+                **overrides.overrides}
     if isinstance(overrides, str):
         return parse(overrides)
     if not isinstance(overrides, dict):
@@ -128,10 +133,6 @@ class Plan:
 
     def set(self, name, value, how):
         self.choices[name] = (value, how)
-
-    def key(self) -> tuple:
-        """What a captured graph depends on beyond the shape: the caller's overrides."""
-        return tuple(sorted(self.overrides.items()))
 
     def as_dict(self) -> dict:
         return {"shape": list(self.shape), "device": self.device,

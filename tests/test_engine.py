@@ -142,6 +142,10 @@ def test_plan_rules_overrides_and_printing(monkeypatch):
     assert forced["attention.pixel"] == "prep+sdpa" and forced["swiglu.text"] == "split"
     text = str(forced)
     assert "attention.patch" in text and "override" in text and "band_rows" in text
+    # a plan handed back fixes its routes, decided or overridden, for another shape too
+    again = dec.engine().plan(2, 32, 32, 8, forced)
+    assert again.choices["swiglu.image"] == ("split", "override") and again["band_rows"] == 32
+    assert again.choices["embed"] == ("triton", "override")
     monkeypatch.setenv("PIDKERN_PLAN", "embed=torch")                           # the one debugging switch
     assert dec.engine().plan(1, 32, 64, 7)["embed"] == "torch"
     for bad, match in [({"attention.patch": "magic"}, "attention.patch"), ({"swiglu.image": "x"}, "swiglu"),
