@@ -11,5 +11,14 @@ from .config import PRESETS, PiDConfig, get_preset
 from .engine import InsufficientMemoryError, estimate_memory
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",
+__all__ = ["BACKENDS", "CaptionEncoder", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",
            "get_preset", "load", "save_png", "to_pil", "to_uint8", "__version__"]
+
+
+def __getattr__(name):
+    # CaptionEncoder is exported lazily: its module is cheap, but keeping the text stack out
+    # of `import pidkern` keeps it so if that ever changes.
+    if name == "CaptionEncoder":
+        from .text import CaptionEncoder
+        return CaptionEncoder
+    raise AttributeError(f"module 'pidkern' has no attribute {name!r}")
