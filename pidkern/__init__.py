@@ -16,8 +16,7 @@ __all__ = ["BACKENDS", "CaptionEncoder", "Decoder", "InsufficientMemoryError", "
 
 
 def __getattr__(name):
-    # CaptionEncoder is exported lazily: its module is cheap, but keeping the text stack out
-    # of `import pidkern` keeps it so if that ever changes.
+    # Lazy, so that `import pidkern` never loads the optional text stack (transformers).
     if name == "CaptionEncoder":
         from .text import CaptionEncoder
         return CaptionEncoder

@@ -220,6 +220,10 @@ class Decoder:
         if text.shape[2] != cfg.text_dim or text.shape[1] > cfg.max_text:
             raise ValueError(f"text_encoder: gives [{batch}, {text.shape[1]}, {text.shape[2]}] but {cfg.name} takes "
                              f"at most {cfg.max_text} tokens of width {cfg.text_dim}")
+        if not torch.isfinite(text).all():
+            # Gemma-2's activations overflow float16; the release runs it in bfloat16.
+            raise ValueError(f"text_encoder: encoding prompt={prompt!r} gave NaN or Inf (dtype {text.dtype}; "
+                             f"Gemma-2 needs bfloat16 or float32)")
         return text.to(self.device, torch.float32)
 
     def output_size(self, latent_hw, size=None) -> tuple[int, int]:

@@ -309,6 +309,13 @@ def test_prompt_errors(shared):
         pidkern.decode(latent, model=bare, text_encoder=encoder, prompt="a")
 
 
+def test_non_finite_encoding_is_refused(gemma, monkeypatch):
+    enc = CaptionEncoder(gemma, _tokenizer(), device="cpu", dtype=torch.float32)
+    monkeypatch.setattr(enc, "_encode", lambda caps: torch.full((len(caps), 300, 2304), float("inf")))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _decoder(enc).encode_prompt("a cat", 1)
+
+
 def test_load_attaches_the_encoder(shared):
     with pytest.warns(UserWarning, match="RANDOM"):
         dec = pidkern.load(preset=tiny("flux-2k", text_dim=2304, max_text=300), device="cpu", text_encoder=shared)
