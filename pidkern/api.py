@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, PiDConfig, get_preset
+from .latents import explain_wrong_form
 from .reference import PiDNet
 from .sampler import SAMPLERS, check_noise, philox_draws, release_draws, sample, schedule, seed_int64
 
@@ -125,6 +126,9 @@ class Decoder:
         cfg = self.config
         if not isinstance(latent, torch.Tensor):
             raise TypeError(f"latent: expected a torch.Tensor [B, {cfg.latent_channels}, h, w], got {type(latent).__name__}")
+        hint = explain_wrong_form(latent, cfg)      # a generator's own form: name the converter
+        if hint:
+            raise ValueError(f"latent: shape {tuple(latent.shape)} does not fit preset {cfg.name}: {hint}")
         if latent.dim() != 4:
             raise ValueError(f"latent: expected 4 dims [B, {cfg.latent_channels}, h, w], got shape {tuple(latent.shape)}")
         if not latent.is_floating_point():
