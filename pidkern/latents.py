@@ -313,11 +313,10 @@ def _vae_scale_factor(bb: Backbone, pipe) -> int:
     return int(vsf) if vsf else bb.stride // (2 if bb.norm == "batchnorm" else 1)
 
 
-def _tokens_to_grid(bb: Backbone, tokens: torch.Tensor, h: int, w: int, what: str) -> torch.Tensor:
+def _tokens_to_grid(tokens: torch.Tensor, h: int, w: int, what: str) -> torch.Tensor:
     b, n, c = tokens.shape
     if n != h * w:
-        raise ValueError(f"latents: {n} tokens do not fill the {h}x{w} {what} grid of the given size; "
-                         f"check height/width")
+        raise ValueError(f"latents: {n} tokens do not fill the {h}x{w} token grid of {what}; check height/width")
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -358,7 +357,7 @@ def from_pipeline(backbone: str, latents, *, pipe=None, height: int | None = Non
         if latents.shape[2] != per_token:
             raise ValueError(f"latents: {bb.name} tokens carry {per_token} channels, got shape "
                              f"{tuple(latents.shape)}")
-        grid = _tokens_to_grid(bb, latents, h, w, f"{h_px}x{w_px} image's token")
+        grid = _tokens_to_grid(latents, h, w, f"a {h_px}x{w_px} image")
         return F.pixel_shuffle(grid, 2) if bb.packing == "tokens2x2" else grid
     if latents.dim() == 3 and bb.packing == "grid_tokens" and latents.shape[2] == bb.channels:
         n = latents.shape[1]
@@ -370,7 +369,7 @@ def from_pipeline(backbone: str, latents, *, pipe=None, height: int | None = Non
             if h * h != n:
                 raise ValueError(f"height/width: {n} {bb.name} tokens are not a square grid; pass the "
                                  f"image's height= and width= in pixels")
-        return _tokens_to_grid(bb, latents, h, w, "token")
+        return _tokens_to_grid(latents, h, w, f"{bb.name} embeddings")
     if latents.dim() == 5 and bb.temporal and latents.shape[1] == bb.channels:
         if latents.shape[2] != 1:
             raise ValueError(f"latents: a {bb.name} image latent has one frame, got shape {tuple(latents.shape)}")

@@ -388,16 +388,20 @@ def test_decoder_names_the_helper(decoders, base, latent, match):
         decoders[base].decode(latent.float(), 0.0, steps=1, seed=0)
 
 
-@pytest.mark.parametrize("backbone", ["flux", "flux2-klein-4b", "qwenimage-2512", "siglip"])
+@pytest.mark.parametrize("backbone", ALL)
 def test_pipeline_latent_decodes(decoders, backbone):
-    """From a pipeline's packed output to an image through the preset preset_for names."""
+    """From a pipeline's output form to an image through the preset preset_for names."""
     bb = L.get_backbone(backbone)
-    variant = bb.variants[0]
-    base = pidkern.preset_for(backbone, variant)
-    dec = decoders.get(base) or Decoder(random_net(tiny(base), CPU, torch.float32, seed=1), CPU, torch.float32, "t")
-    h = w = 32                                     # generator pixels: a 2x2 grid of 16-px tokens
-    per_token = bb.channels * 4 if bb.packing == "tokens2x2" else bb.channels
-    z = L.from_pipeline(backbone, rand(1, 4, per_token, dtype=torch.float32), height=h, width=w)
+    base = pidkern.preset_for(backbone, bb.variants[0])
+    if base not in decoders:
+        decoders[base] = Decoder(random_net(tiny(base), CPU, torch.float32, seed=1), CPU, torch.float32, "test")
+    dec = decoders[base]
+    h = w = 16                                     # generator pixels: one 16-px token (order: tests above)
+    if bb.packing == "none":
+        out = rand(1, bb.channels, h // bb.stride, w // bb.stride, dtype=torch.float32)
+    else:
+        out = rand(1, 1, bb.channels * 4 if bb.packing == "tokens2x2" else bb.channels, dtype=torch.float32)
+    z = L.from_pipeline(backbone, out, height=h, width=w)
     assert z.shape == (1, bb.channels, h // bb.stride, w // bb.stride)
     z, sigma = L.to_pid_frame(backbone, z, 0.25)
     img = dec.decode(z, sigma, steps=1, seed=0)
