@@ -365,6 +365,8 @@ def _pixel_view(t: torch.Tensor, cfg: PiDConfig, chunks: int, what) -> torch.Ten
 
 def merge_pixel_adaln(msa: torch.Tensor, mlp: torch.Tensor, cfg: PiDConfig, what="pixel adaLN") -> torch.Tensor:
     """The release's `adaLN_modulation.0` weight or bias from ComfyUI's two halves."""
+    if msa.shape != mlp.shape:
+        raise ValueError(f"{what}: the msa half has shape {list(msa.shape)} but the mlp half {list(mlp.shape)}")
     whole = torch.cat([_pixel_view(msa, cfg, 3, f"{what} (msa half)"),
                        _pixel_view(mlp, cfg, 3, f"{what} (mlp half)")], dim=1)
     return whole.reshape(6 * cfg.pixels_per_patch * cfg.pixel_dim, *msa.shape[1:])
