@@ -662,6 +662,16 @@ class CheckpointInfo:
     filled: tuple[str, ...]     # training-only keys the file lacks (zeros on load)
 
 
+def parameter_count(cfg: PiDConfig) -> int:
+    return sum(math.prod(s) for s in expected_shapes(cfg).values())
+
+
+def same_network(cfg: PiDConfig) -> tuple[str, ...]:
+    """The other presets with exactly `cfg`'s keys and shapes (weights alone cannot tell them apart)."""
+    want = expected_shapes(cfg)
+    return tuple(n for n, c in PRESETS.items() if c != cfg and expected_shapes(c) == want)
+
+
 def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = False) -> CheckpointInfo:
     """Layout, preset, EMA, key count, dtypes and parameter count of a checkpoint, with the
     same strict checks as `load_checkpoint`, without reading the weights."""
@@ -675,12 +685,10 @@ def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = 
             for src_keys in plan.sources.values():
                 dt = source.dtypes[src_keys[0]]
                 dtypes[dt] = dtypes.get(dt, 0) + 1
-    want = expected_shapes(cfg)
-    same = tuple(n for n, c in PRESETS.items() if c != cfg and expected_shapes(c) == want)
     return CheckpointInfo(path=src, layout=plan.layout, prefix=plan.prefix, split_adaln=plan.split_adaln,
-                          config=cfg, preset_from=how, same_network=same, ema_read=plan.ema,
-                          ema_available=plan.ema_available, keys=len(want), dtypes=dtypes,
-                          parameters=sum(math.prod(s) for s in want.values()), skipped=plan.skipped,
+                          config=cfg, preset_from=how, same_network=same_network(cfg), ema_read=plan.ema,
+                          ema_available=plan.ema_available, keys=len(expected_shapes(cfg)), dtypes=dtypes,
+                          parameters=parameter_count(cfg), skipped=plan.skipped,
                           filled=tuple(plan.filled))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import platform
 import sys
 import time
@@ -141,11 +140,11 @@ def cmd_decode(args) -> int:
 
 def cmd_convert(args) -> int:
     from .api import DTYPES
-    from .checkpoint import convert, expected_shapes
+    from .checkpoint import convert, parameter_count
     dtype = DTYPES[args.dtype] if args.dtype else None
     t0 = time.perf_counter()
     dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype, layout=args.layout, ema=args.ema)
-    n = sum(math.prod(s) for s in expected_shapes(cfg).values())
+    n = parameter_count(cfg)
     print(dst)
     _err(f"wrote {cfg.name} ({args.layout} layout{', EMA weights' if args.ema else ''}): {n / 1e6:.1f} M "
          f"parameters, {dst.stat().st_size / 2**20:.1f} MiB, in {time.perf_counter() - t0:.2f} s")

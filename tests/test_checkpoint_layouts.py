@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import pidkern
 from pidkern.api import random_net
 from pidkern.checkpoint import (config_metadata, convert, detect_layout, inspect_checkpoint, load_checkpoint,
-                                merge_pixel_adaln, split_pixel_adaln)
+                                merge_pixel_adaln, same_network, split_pixel_adaln)
+from pidkern.config import PRESETS
 from pidkern.cli import main
 from pidkern.config import tiny
 
@@ -308,3 +309,10 @@ def test_bad_comfyui_files(tmp_path, net):
     both = dict(good)
     both.update({"net." + k[len("model.diffusion_model."):]: v.clone() for k, v in good.items()})
     fails(both, "two entries hold network key")
+
+
+def test_same_network_names_the_presets_shapes_cannot_tell_apart():
+    groups = [("flux-2k", "sd3-2k", "sd3-2kto4k"), ("flux-2kto4k-v1.5", "qwenimage-2kto4k-v1.5")]
+    for name, cfg in PRESETS.items():
+        group = next((g for g in groups if name in g), (name,))
+        assert same_network(cfg) == tuple(n for n in group if n != name), name
