@@ -19,6 +19,7 @@ import pidkern  # noqa: E402
 from pidkern import api  # noqa: E402
 from pidkern.api import Decoder, random_net  # noqa: E402
 from pidkern.config import tiny  # noqa: E402
+from pidkern.reference import PiDNet  # noqa: E402
 from pidkern.text import CaptionEncoder  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -345,6 +346,20 @@ def test_module_decode_caches_per_encoder(shared, monkeypatch):
     with pytest.raises(ValueError, match="prompt"):              # another key: a decoder without encoder
         pidkern.decode(latent, 0.0, model="flux-2k", device="cpu", prompt="a cat", steps=1)
     assert built == [shared, None]
+
+
+def test_prompt_decodes_for_every_backbone(shared):
+    """decode(prompt=) on every preset a generator backbone is served by (v1, v1.5, unpack)."""
+    from pidkern.latents import BACKBONES, get_backbone
+    presets = {preset for b in BACKBONES for _, preset in get_backbone(b).presets}
+    assert len(presets) == 10
+    for preset in sorted(presets):
+        cfg = tiny(preset, text_dim=2304, max_text=300)
+        # PiDNet's own init: fast for a tiny net (random_net's fill is sized for the real one).
+        dec = Decoder(PiDNet(cfg), CPU, torch.float32, "test", text_encoder=shared)
+        latent = torch.randn(1, cfg.latent_channels, 1, 1, generator=torch.Generator().manual_seed(0))
+        got = pidkern.decode(latent, 0.2, model=dec, prompt="a cat", steps=1, seed=1)
+        assert got.shape == (1, 3, *cfg.output_size(1, 1)) and torch.isfinite(got).all(), preset
 
 
 def test_import_pidkern_does_not_import_transformers():
