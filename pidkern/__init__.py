@@ -9,7 +9,18 @@
 from .api import BACKENDS, Decoder, decode, load, save_png, to_pil, to_uint8
 from .config import PRESETS, PiDConfig, get_preset
 from .memory import InsufficientMemoryError, estimate_memory
+from . import latents
+from .latents import preset_for
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",
-           "get_preset", "load", "save_png", "to_pil", "to_uint8", "__version__"]
+__all__ = ["BACKENDS", "CaptionEncoder", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode",
+           "estimate_memory", "get_preset", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8",
+           "__version__"]
+
+
+def __getattr__(name):
+    # Lazy, so that `import pidkern` never loads the optional text stack (transformers).
+    if name == "CaptionEncoder":
+        from .text import CaptionEncoder
+        return CaptionEncoder
+    raise AttributeError(f"module 'pidkern' has no attribute {name!r}")

@@ -1,5 +1,6 @@
-"""The memory-bound fusions at 2048^2 shapes: rms_modulate on patch rows, pixel_pre and
-pixel_post on one band of 4096 patches; bf16 branches, float32 residual streams.
+"""The memory-bound fusions at 2048^2 shapes: rms_modulate on patch rows and on one band of
+4096 patches' pixel rows (the pixel block's first half), pixel_post on the same band; bf16
+branches, float32 residual streams.
 
 Bytes are the fewest a call must move (each input read once, each output written once);
 GB/s against the H200's measured 4.21 TB/s copy ceiling is the figure of merit. Each timed
