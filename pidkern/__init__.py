@@ -13,3 +13,15 @@ from .engine import InsufficientMemoryError, estimate_memory
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",
            "get_preset", "load", "save_png", "to_pil", "to_uint8", "__version__"]
+
+# Diffusers-facing entry points, imported on first use: `import pidkern` stays free of
+# diffusers and transformers (pip install "pidkern[diffusers]" brings them).
+_PIPELINES = ("generate", "decode_pipeline_latents", "upscale")
+__all__ += list(_PIPELINES)
+
+
+def __getattr__(name):
+    if name in _PIPELINES:
+        from . import pipelines
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'pidkern' has no attribute {name!r}")
