@@ -115,6 +115,21 @@ def _check_output(path, quality) -> None:
         raise ValueError(f"--quality {quality}: expected 1 to 95 (JPEG quality)")
 
 
+def _quiet_libraries(args) -> None:
+    """--quiet holds for the libraries too: transformers and diffusers draw their own loading
+    bars and warnings (e.g. 'Loading weights')."""
+    if not args.quiet:
+        return
+    import importlib
+    for name in ("transformers", "diffusers"):
+        try:
+            logging_ = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        logging_.disable_progress_bar()
+        logging_.set_verbosity_error()
+
+
 def _load_decoder(args):
     import pidkern
     if args.checkpoint is None and args.preset is None:
@@ -125,7 +140,10 @@ def _load_decoder(args):
     if args.checkpoint is not None and not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
     t0 = time.perf_counter()
-    extra = {} if args.text_encoder is None else {"text_encoder": args.text_encoder}
+    extra = {}
+    if args.text_encoder is not None:
+        _quiet_libraries(args)
+        extra["text_encoder"] = args.text_encoder
     dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
     t_load = time.perf_counter() - t0
     _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
@@ -163,6 +181,9 @@ def cmd_decode(args) -> int:
     sigma = args.sigma
     if args.backbone is not None:
         from .latents import from_pipeline, to_pid_frame
+        if latent.dim() == 3 and args.gen_size is None:
+            raise ValueError(f"--gen-size: LATENT {str(args.latent)!r} holds packed tokens {tuple(latent.shape)}; "
+                             f"unpacking needs the generated image's size in pixels (e.g. --gen-size 1024x1024)")
         height, width = args.gen_size or (None, None)
         try:
             latent = from_pipeline(args.backbone, latent, height=height, width=width)
@@ -231,16 +252,14 @@ def cmd_upscale(args) -> int:
     from . import pipelines
     from .api import numbered_paths, save_images
     # Every input is read before anything loads: a bad file fails in a second, not after the models.
-    images = []
     for path in args.images:
-        images.extend(pipelines.load_images(path, name="image"))
-    if len(images) != len(args.images):
-        raise ValueError("image: an input holds several images; give one file per image")
+        pipelines.load_images(path, name="image")
     _check_output(args.output, args.quality)
     if not 1 <= args.steps <= 4:
         raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")
     if not 0.0 <= args.degrade_sigma <= 1.0:
         raise ValueError(f"--degrade-sigma {args.degrade_sigma}: expected a noise level in [0, 1]")
+    _quiet_libraries(args)
     vae = load_vae(args.vae)
     dec, t_load = _load_decoder(args)
     vae = vae.to(dec.device)
@@ -248,22 +267,22 @@ def cmd_upscale(args) -> int:
     if args.prompt and getattr(dec, "text_encoder", None) is None:
         raise ValueError("--prompt: needs --text-encoder GEMMA (a Gemma-2-2B-it directory) to encode it")
 
-    outs = numbered_paths(args.output, len(images))
+    outs = numbered_paths(args.output, len(args.images))
     seed = None if args.seed < 0 else args.seed
     from .sampler import resolve_seed
     seed = resolve_seed(seed)
     t1 = time.perf_counter()
-    with _progress(args, len(images) * args.steps, "step", "upscale") as bar:
-        for i, (x, src, out) in enumerate(zip(images, args.images, outs)):
+    with _progress(args, len(args.images) * args.steps, "step", "upscale") as bar:
+        for i, (src, out) in enumerate(zip(args.images, outs)):
             bar.set_postfix_str(Path(src).name)
             # One image per call: sizes differ, and image i keeps seed + i as in a batch call.
-            pic = pipelines.upscale(x, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
+            pic = pipelines.upscale(src, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
                                     seed=seed + i, backbone=backbone,
                                     decode_kwargs=dict(steps=args.steps, backend=args.backend,
                                                        progress=lambda step, steps: bar.update(1)))
             save_images(pic, out, quality=args.quality)
             print(out)
-    _info(args, f"upscaled {len(images)} image{'s' if len(images) > 1 else ''} in "
+    _info(args, f"upscaled {len(outs)} image{'s' if len(outs) > 1 else ''} in "
                 f"{time.perf_counter() - t1:.2f} s (load {t_load:.2f} s)")
     return 0
 
@@ -410,7 +429,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help="the generator the latent comes from (flux, zimage, sd3, sdxl, flux2, flux2-klein-4b, "
                         "qwenimage, ...): its pipeline latent is converted to PiD's form and frame")
     d.add_argument("--gen-size", default=None, type=_size, metavar="HxW",
-                   help="the generator's image size in pixels, to unpack a packed latent (default: square)")
+                   help="the generator's image size in pixels, needed to unpack a packed (3-D) latent")
     d.add_argument("--sigma", type=float, default=0.0,
                    help="noise level of the latent in [0, 1] (default 0: clean); with --backbone the scheduler's "
                         "sigma (SDXL: its Euler sigma, converted)")

@@ -29,78 +29,75 @@ from pathlib import Path
 
 import torch
 
-# Pipeline class name prefixes -> backbone. Longer prefixes first: "Flux2" before "Flux".
-PIPELINE_BACKBONES = (
-    ("Flux2Klein", "flux2"),      # the same FLUX.2 VAE and PiD student as FLUX.2
-    ("Flux2", "flux2"),
-    ("Flux", "flux"),
-    ("StableDiffusion3", "sd3"),
-    ("StableDiffusionXL", "sdxl"),
-    ("QwenImage", "qwenimage"),
-    ("ZImage", "zimage"),
-)
-# VAE classes -> the backbones whose latents they make (AutoencoderKL by channel count).
-VAE_BACKBONES = {
-    "AutoencoderKLFlux2": ("flux2", "flux2-klein-4b", "flux2-klein-9b"),
-    "AutoencoderKLQwenImage": ("qwenimage", "qwenimage-2512"),
-    ("AutoencoderKL", 4): ("sdxl",),
-    ("AutoencoderKL", 16): ("flux", "zimage", "zimage-turbo", "sd3"),
-}
-VARIANTS = ("2k", "2kto4k", "2kto4k-v1.5")
 OUTPUT_TYPES = ("pil", "pt")
 
 
 # ---------------------------------------------------------------------------------------
-# Which backbone.
+# Which backbone: pidkern.latents' registry knows each one's pipeline class, VAE class,
+# VAE scale/shift and checkpoints.
 
 def pipeline_backbone(pipe) -> str:
-    """The backbone of a diffusers pipeline, from its class name."""
+    """The backbone of a diffusers pipeline, from its class name: the backbone whose
+    pipeline class it is, or whose class stem it starts with (FluxImg2ImgPipeline: flux).
+    The longest stem wins (Flux2KleinPipeline is FLUX.2-klein, not FLUX.1); backbones that
+    share a pipeline class share their latent conventions, so the first is taken."""
+    from .latents import BACKBONES, get_backbone
     name = type(pipe).__name__
-    for prefix, backbone in PIPELINE_BACKBONES:
-        if name.startswith(prefix):
-            return backbone
-    known = ", ".join(sorted({f"{p}*" for p, _ in PIPELINE_BACKBONES}))
-    raise ValueError(f"pipe: cannot tell the backbone of a {name}; expected one of {known}, or pass backbone=")
+    best, best_len = None, 0
+    for b in BACKBONES:
+        cls = get_backbone(b).pipeline_class
+        stem = cls.removesuffix("Pipeline") if cls else None
+        if stem and name.startswith(stem) and len(stem) > best_len:
+            best, best_len = b, len(stem)
+    if best is None:
+        known = sorted({get_backbone(b).pipeline_class for b in BACKBONES} - {None})
+        raise ValueError(f"pipe: cannot tell the backbone of a {name}; expected one of {', '.join(known)} "
+                         f"(or a variant of one), or pass backbone=")
+    return best
 
 
 def decoder_backbones(decoder) -> tuple[str, ...] | None:
-    """The backbones the decoder's preset serves (pidkern.latents.preset_for), or None for
-    a config that is no released preset (nothing to check against)."""
-    from . import latents
+    """The backbones whose released checkpoint the decoder's preset is (as the release's
+    checkpoint registry serves them), or None for a config that is no released preset."""
+    from .latents import BACKBONES, get_backbone
     preset = decoder.config.name.removeprefix("tiny-")   # config.tiny keeps its base preset's name
-    served = []
-    for backbone in latents.BACKBONES:
-        for variant in VARIANTS:
-            try:
-                found = latents.preset_for(backbone, variant)
-            except ValueError:
-                continue
-            if getattr(found, "name", found) == preset and backbone not in served:
-                served.append(backbone)
-    return tuple(served) or None
+    return tuple(b for b in BACKBONES if preset in dict(get_backbone(b).presets).values()) or None
 
 
 def _check_backbone(backbone, decoder, what: str) -> str:
-    from . import latents
-    if backbone not in latents.BACKBONES:
-        raise ValueError(f"backbone={backbone!r}: expected one of {', '.join(latents.BACKBONES)}")
+    from .latents import get_backbone
+    get_backbone(backbone)      # an unknown name: ValueError listing the known ones
     served = decoder_backbones(decoder)
     if served is not None and backbone not in served:
-        raise ValueError(f"{what}: the {backbone!r} backbone does not match the decoder {decoder.config.name}, which "
-                         f"serves {', '.join(served)}; load the checkpoint for {backbone} "
+        raise ValueError(f"{what}: the {backbone!r} backbone does not match the decoder {decoder.config.name}, "
+                         f"which serves {', '.join(served)}; load the checkpoint for {backbone} "
                          f"(pidkern.preset_for({backbone!r}))")
     return backbone
 
 
 def vae_backbones(vae) -> tuple[str, ...]:
-    """The backbones whose latents a diffusers VAE makes."""
+    """The backbones whose latents a diffusers VAE makes: its class, and for AutoencoderKL
+    its channel count and scale/shift (FLUX.1 and SD3 VAEs differ only there)."""
+    from .latents import BACKBONES, get_backbone
     name = type(vae).__name__
-    key = name if name != "AutoencoderKL" else (name, vae.config.latent_channels)
-    if key not in VAE_BACKBONES:
-        what = f"an AutoencoderKL with {key[1]} latent channels" if name == "AutoencoderKL" else f"a {name}"
-        raise ValueError(f"vae: {what} is not a VAE PiD was trained on; expected AutoencoderKL (4 channels: SDXL; "
-                         f"16: FLUX.1, SD3, Z-Image), AutoencoderKLFlux2 or AutoencoderKLQwenImage")
-    return VAE_BACKBONES[key]
+    cfg = getattr(vae, "config", None)
+    found = []
+    for b in BACKBONES:
+        bb = get_backbone(b)
+        if bb.vae_class != name:
+            continue
+        if bb.norm == "affine" and not (
+                getattr(cfg, "latent_channels", None) == bb.vae_channels
+                and math.isclose(getattr(cfg, "scaling_factor", None) or 0.0, bb.scale, rel_tol=1e-6)
+                and math.isclose(getattr(cfg, "shift_factor", None) or 0.0, bb.shift, abs_tol=1e-6)):
+            continue
+        found.append(b)
+    if not found:
+        what = (f"an AutoencoderKL with {cfg.latent_channels} latent channels, scaling_factor "
+                f"{cfg.scaling_factor} and shift_factor {cfg.shift_factor}") if name == "AutoencoderKL" else f"a {name}"
+        raise ValueError(f"vae: {what} is not a VAE PiD was trained on; expected the AutoencoderKL of FLUX.1 / "
+                         f"Z-Image, SD3 or SDXL, an AutoencoderKLFlux2 or an AutoencoderKLQwenImage")
+    return tuple(found)
 
 
 def _vae_backbone(vae, decoder, backbone) -> str:
@@ -254,9 +251,11 @@ def decode_pipeline_latents(pipe, latents, decoder, prompt, sigma: float = 0.0, 
     """Decode what a diffusers pipeline returned with `output_type="latent"` (or a latent
     captured from its step callback) with PiD.
 
+    pipe: the pipeline (its class names the backbone; FLUX.2-klein's raw output is
+        normalised with its VAE); None needs `backbone=`.
     latents: the pipeline's latent as it gave it (packed FLUX / FLUX.2 / Qwen-Image token
         sequences included); `height`/`width`: the generator's image size, needed to unpack
-        them (default: the pipeline's default size).
+        them.
     sigma: the scheduler's sigma of that latent (0 for a finished run); SDXL's Euler sigma
         is converted to PiD's frame together with the latent.
     prompt: the caption(s), encoded by the decoder's caption encoder.
@@ -265,6 +264,8 @@ def decode_pipeline_latents(pipe, latents, decoder, prompt, sigma: float = 0.0, 
     Returns a list of PIL images (output_type="pil") or of [3, H, W] tensors in [-1, 1] ("pt").
     """
     from .latents import from_pipeline, to_pid_frame
+    if pipe is None and backbone is None:
+        raise ValueError("backbone: needed when pipe is None (e.g. backbone='flux')")
     backbone = _check_backbone(backbone or pipeline_backbone(pipe), decoder, "pipe")
     _check_choice(output_type, "output_type", OUTPUT_TYPES)
     if not isinstance(latents, torch.Tensor):
