@@ -145,16 +145,14 @@ def _prompts(prompt, batch: int | None = None, name: str = "prompt") -> list[str
 
 
 def _text_kwargs(decoder, prompts: list[str]) -> dict:
-    """How a decode gets its captions: the decoder's encoder, or (only for empty captions
-    and no encoder) the documented zeros fallback."""
-    if getattr(decoder, "text_encoder", None) is not None:
-        return {"prompt": prompts}
-    if any(prompts):
-        raise ValueError(f"prompt={prompts[0]!r}: the decoder has no caption encoder; load it with "
-                         f"pidkern.load(..., text_encoder=GEMMA_DIR)")
-    warnings.warn("the decoder has no caption encoder: decoding with zero caption embeddings, which are not the "
-                  "release's empty caption (pidkern.load(..., text_encoder=...) fixes that)", stacklevel=3)
-    return {}
+    """How a decode gets its captions: through the decoder's encoder; without one, empty
+    captions take the documented zeros fallback (said aloud), others fail in Decoder.decode
+    with its message."""
+    if getattr(decoder, "text_encoder", None) is None and not any(prompts):
+        warnings.warn("the decoder has no caption encoder: decoding with zero caption embeddings, which are not "
+                      "the release's empty caption (pidkern.load(..., text_encoder=...) fixes that)", stacklevel=3)
+        return {}
+    return {"prompt": prompts}
 
 
 def _output(images: torch.Tensor, output_type: str):
@@ -223,7 +221,7 @@ def _memory_short(decoder, batch: int, hw) -> bool:
     """Whether the decode's predicted GPU memory exceeds what is free on its device."""
     if decoder.device.type != "cuda":
         return False
-    from .engine import estimate_memory
+    from . import estimate_memory
     free, _ = torch.cuda.mem_get_info(decoder.device)
     return estimate_memory(decoder.config, batch, *hw) > free
 
