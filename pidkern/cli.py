@@ -179,8 +179,30 @@ def cmd_decode(args) -> int:
                          f"{' (SDXL: its Euler sigma, >= 0)' if args.backbone == 'sdxl' else ''}")
     _check_output(args.output, args.quality)
     sigma = args.sigma
+    if args.vae is not None and args.backbone is None:
+        raise ValueError("--vae: give --backbone too (the VAE's latent conventions are the backbone's)")
     if args.backbone is not None:
-        from .latents import from_pipeline, to_pid_frame
+        from .latents import get_backbone
+        try:
+            get_backbone(args.backbone)
+        except ValueError as e:
+            raise ValueError(f"--backbone: {e}") from None
+    if args.vae is not None:
+        if latent.dim() == 3:     # one raw [C, h, w] latent
+            latent = latent.unsqueeze(0)
+        from .latents import from_vae
+        from .pipelines import vae_backbones
+        _quiet_libraries(args)
+        vae = load_vae(args.vae)
+        if args.backbone not in vae_backbones(vae):
+            raise ValueError(f"--vae {args.vae!r}: this {type(vae).__name__} makes {', '.join(vae_backbones(vae))} "
+                             f"latents, not {args.backbone!r} ones")
+        try:
+            latent = from_vae(args.backbone, latent, vae=vae)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"LATENT {str(args.latent)!r} as a raw {args.backbone} VAE latent: {e}") from None
+    elif args.backbone is not None:
+        from .latents import from_pipeline
         if latent.dim() == 3 and args.gen_size is None:
             raise ValueError(f"--gen-size: LATENT {str(args.latent)!r} holds packed tokens {tuple(latent.shape)}; "
                              f"unpacking needs the generated image's size in pixels (e.g. --gen-size 1024x1024)")
@@ -189,6 +211,8 @@ def cmd_decode(args) -> int:
             latent = from_pipeline(args.backbone, latent, height=height, width=width)
         except (ValueError, TypeError) as e:
             raise type(e)(f"LATENT {str(args.latent)!r} as a {args.backbone} latent: {e}") from None
+    if args.backbone is not None:
+        from .latents import to_pid_frame
         latent, sigma = to_pid_frame(args.backbone, latent, sigma)
         sigma = float(sigma)
     latent = _batched(latent, 4, "LATENT", args.latent)
@@ -428,6 +452,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--backbone", default=None, metavar="NAME",
                    help="the generator the latent comes from (flux, zimage, sd3, sdxl, flux2, flux2-klein-4b, "
                         "qwenimage, ...): its pipeline latent is converted to PiD's form and frame")
+    d.add_argument("--vae", default=None, metavar="VAE_DIR",
+                   help="LATENT is a raw VAE latent (what vae.encode gives, or FLUX.2-klein's final output): "
+                        "normalise it with this diffusers VAE (needs --backbone)")
     d.add_argument("--gen-size", default=None, type=_size, metavar="HxW",
                    help="the generator's image size in pixels, needed to unpack a packed (3-D) latent")
     d.add_argument("--sigma", type=float, default=0.0,
