@@ -9,10 +9,12 @@
 from .api import BACKENDS, Decoder, decode, load, save_png, to_pil, to_uint8
 from .config import PRESETS, PiDConfig, get_preset
 from .engine import InsufficientMemoryError, estimate_memory
+from . import latents
+from .latents import preset_for
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",
-           "get_preset", "load", "save_png", "to_pil", "to_uint8", "__version__"]
+           "get_preset", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8", "__version__"]
 
 # Diffusers-facing entry points, imported on first use: `import pidkern` stays free of
 # diffusers and transformers (pip install "pidkern[diffusers]" brings them).

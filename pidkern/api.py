@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, PiDConfig, get_preset
+from .latents import explain_wrong_form
 from .reference import PiDNet
 from .sampler import SAMPLERS, check_noise, philox_draws, release_draws, sample, schedule, seed_int64
 
@@ -125,6 +126,9 @@ class Decoder:
         cfg = self.config
         if not isinstance(latent, torch.Tensor):
             raise TypeError(f"latent: expected a torch.Tensor [B, {cfg.latent_channels}, h, w], got {type(latent).__name__}")
+        hint = explain_wrong_form(latent, cfg)      # a generator's own form: name the converter
+        if hint:
+            raise ValueError(f"latent: shape {tuple(latent.shape)} does not fit preset {cfg.name}: {hint}")
         if latent.dim() != 4:
             raise ValueError(f"latent: expected 4 dims [B, {cfg.latent_channels}, h, w], got shape {tuple(latent.shape)}")
         if not latent.is_floating_point():
@@ -272,7 +276,7 @@ class Decoder:
             return self._engine
 
 
-def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None) -> Decoder:
+def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False) -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -283,6 +287,8 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None) -
     device: default CUDA when available, else CPU. dtype: weight dtype, default bfloat16
         on CUDA and float32 on CPU. autocast: compute dtype for float32 weights (the
         release runs float32 weights under bfloat16 autocast).
+    ema: read a training checkpoint's EMA copy (`net_ema.` keys) instead of its regular
+        weights (`net.`, the release's default); see `pidkern.checkpoint.load_checkpoint`.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -296,7 +302,7 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None) -
         log.warning(msg)
         return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast)
     from .checkpoint import load_checkpoint
-    state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset))
+    state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset), ema=ema)
     with torch.device("meta"):
         net = PiDNet(cfg)
     net.load_state_dict(state, assign=True, strict=True)

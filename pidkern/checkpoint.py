@@ -1,11 +1,17 @@
-"""Reading PiD weights from every form they ship in, and writing a fast-loading copy.
+"""Reading PiD weights in every form people have them, and writing them in three layouts.
 
 Released checkpoints are `torch.distributed.checkpoint` (DCP) directories or `.pth`
-files of a training state: the network under `net.`, plus an EMA copy, a fake-score
-network, a discriminator and optimizer state that inference never reads (SPEC §8).
+files of a training state: the network under `net.`, plus an EMA copy under `net_ema.`,
+a fake-score network, a discriminator and optimizer state (SPEC §8). The release's
+registered single files (`model_ema_bf16.pth`) hold the EMA weights, in bfloat16, under
+`net.`. ComfyUI reads the same network with `model.diffusion_model.`, `core.` or `net.`
+prefixes and splits each pixel block's adaLN into two halves (`detect_layout`).
+
 `load_checkpoint` returns the network's own state dict (the keys `PiDNet` uses) and its
-config, checked key by key and shape by shape against that config. `convert` writes a
-plain .safetensors with the config in its metadata, which is the fastest form to load.
+config, checked key by key and shape by shape against that config; `inspect_checkpoint`
+says what a file holds without reading the weights. `convert` writes the "pidkern"
+layout (plain keys, config in the metadata: the fastest to load), the "release" layout
+or the "comfyui" layout; a round trip between them is bit-exact.
 
 The preset comes from, in order: the `preset` argument, the metadata `convert` wrote,
 the tensor shapes. Three v1 presets (flux-2k, sd3-2k, sd3-2kto4k) share one network,
@@ -14,13 +20,16 @@ released directory name in the path decides, else the first is taken with a warn
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import math
 import os
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -29,11 +38,26 @@ from .config import PRESETS, RELEASE_DIRS, PiDConfig, get_preset
 
 log = logging.getLogger("pidkern")
 
-# Top-level groups of a training checkpoint that are not the inference network.
-TRAINING_ONLY = ("net_ema", "fake_score", "discriminator")
+# The training EMA copy of the network (load_checkpoint(ema=True) reads it).
+EMA_GROUP = "net_ema"
+# Top-level groups that are not the inference network: the distillation's other
+# networks, training-only modules, and what ComfyUI bundles beside a model.
+NOT_THE_NETWORK = ("fake_score", "discriminator", "repa_projector", "_repa_projector", "vae", "text_encoders",
+                   "first_stage_model", "cond_stage_model")
 # Containers a state dict may sit inside; stripped from the front of a key. `net` is the
-# released prefix; `module` and `_orig_mod` come from DDP and torch.compile wrappers.
-WRAPPERS = ("net", "model", "state_dict", "model_state_dict", "module", "_orig_mod")
+# released prefix; `model.diffusion_model` and `core` are ComfyUI's; `module` and
+# `_orig_mod` come from DDP and torch.compile wrappers.
+WRAPPERS = ("net", "model", "diffusion_model", "core", "state_dict", "model_state_dict", "module", "_orig_mod")
+# Containers that hold nothing but the network: an unknown key inside one is an error.
+CONTAINERS = ("net", EMA_GROUP, "diffusion_model", "core", "_orig_mod")
+# EMA bookkeeping some trainers keep beside the weights.
+BOOKKEEPING = ("num_updates", "decay", "_extra_state")
+# v1.5's training-only head, which ComfyUI's network does not have.
+TRAINING_ONLY_HEAD = "lq_proj.lq_aux_rgb_head."
+LAYOUTS = ("pidkern", "release", "comfyui")                 # what save_checkpoint / convert write
+LAYOUTS_READ = ("pidkern", "plain", "release", "comfyui")   # what detect_layout names
+RELEASE_PREFIX = "net."
+COMFYUI_PREFIX = "model.diffusion_model."
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _SHOW = 5  # mismatching keys named in an error
 
@@ -143,8 +167,9 @@ def check_state_dict(shapes: Mapping, cfg: PiDConfig, path=None) -> None:
     raise ValueError(f"{src} does not match preset {cfg.name}: " + " | ".join(lines))
 
 
+
 # ---------------------------------------------------------------------------------------
-# Key cleaning: training checkpoint -> the network's own keys.
+# Key layouts: which file key holds which network tensor.
 
 def _flatten(obj, prefix="", out=None) -> dict:
     out = {} if out is None else out
@@ -156,64 +181,243 @@ def _flatten(obj, prefix="", out=None) -> dict:
     return out
 
 
-def network_key(key: str) -> str | None:
-    """The network's name for a checkpoint key, or None for a key inference never reads.
+_SPLIT_ADALN = re.compile(r"^(pixel_blocks\.\d+)\.adaLN_modulation_(msa|mlp)\.(weight|bias)$")
 
-    Leading containers (`net.`, `model.`, `module.`...) are stripped; what remains must
-    start with one of the network's modules, which drops `net_ema.`, `fake_score.`,
-    `discriminator.`, optimizer and scheduler state.
+
+def _classify(key: str) -> tuple[str, str | None, str]:
+    """(group, network name, prefix) of a checkpoint key.
+
+    group is "net" (the network's regular weights), "ema" (the training EMA copy under
+    `net_ema.`) or "other" (anything inference never reads: fake score, discriminator,
+    optimizer, a bundled VAE or text encoder). Under a network container (`net.`,
+    `core.`, `model.diffusion_model.`...) every key belongs to the network: one that is no
+    network key keeps its name, so the strict shape check reports it as unexpected.
     """
     parts = key.split(".")
-    i = 0
-    while i < len(parts) - 1 and parts[i] in WRAPPERS:
+    group, i = "net", 0
+    while i < len(parts) - 1 and (parts[i] in WRAPPERS or parts[i] == EMA_GROUP):
+        if parts[i] == EMA_GROUP:
+            group = "ema"
         i += 1
-    if parts[i] in TRAINING_ONLY or any(p in TRAINING_ONLY for p in parts[:i]):
-        return None
-    if parts[i] not in _network_roots():
-        return None
-    return ".".join(parts[i:])
+    prefix = ".".join(parts[:i]) + "." if i else ""
+    if parts[i] in NOT_THE_NETWORK or any(p in NOT_THE_NETWORK for p in parts[:i]):
+        return "other", None, prefix
+    if parts[i] in _network_roots():
+        return group, ".".join(parts[i:]), prefix
+    if any(p in CONTAINERS for p in parts[:i]) and parts[-1] not in BOOKKEEPING:
+        return group, ".".join(parts[i:]), prefix
+    return "other", None, prefix
 
 
-def clean_keys(keys, path=None) -> dict[str, str]:
-    """{network key: checkpoint key} for the keys the network reads; error on collisions."""
-    picked: dict[str, str] = {}
+def network_key(key: str) -> str | None:
+    """The network's name for a checkpoint key of its regular weights, or None for a key
+    inference never reads (`net_ema.`, `fake_score.`, `discriminator.`, optimizer...).
+
+    Leading containers (`net.`, `model.diffusion_model.`, `core.`, `module.`...) are stripped.
+    """
+    group, name, _ = _classify(key)
+    return name if group == "net" else None
+
+
+def detect_layout(keys, metadata: Mapping[str, str] | None = None) -> str:
+    """The layout of a checkpoint's keys, one of `LAYOUTS_READ`:
+
+    - "comfyui": ComfyUI's forms: a `model.diffusion_model.` or `core.` prefix, or the pixel
+      blocks' adaLN split into `adaLN_modulation_msa` / `adaLN_modulation_mlp` halves;
+    - "release": the release's `net.` keys (a training state may add `net_ema.` and more);
+    - "pidkern": the network's own keys with the metadata `convert` writes;
+    - "plain": the network's own keys (perhaps inside `state_dict.`, `module.`...), no metadata.
+    """
+    split, prefixes, ema = False, set(), False
+    for k in keys:
+        group, name, prefix = _classify(k)
+        if name is None:
+            continue
+        ema |= group == "ema"
+        split |= bool(_SPLIT_ADALN.match(name))
+        prefixes.add(prefix)
+    comfy_prefix = any(p.endswith("diffusion_model.") or p.startswith("core.") for p in prefixes)
+    if split or comfy_prefix:
+        return "comfyui"
+    if ema or any(p.split(".")[-2:-1] == ["net"] or p.startswith("net.") for p in prefixes):
+        return "release"
+    if metadata and ("pidkern_config" in metadata or "pidkern_preset" in metadata):
+        return "pidkern"
+    return "plain"
+
+
+@dataclasses.dataclass
+class KeyPlan:
+    """Where each network tensor of one checkpoint comes from.
+
+    sources maps a network key to one file key, or to the (msa, mlp) file keys of a split
+    pixel adaLN. filled lists training-only keys the file lacks (ComfyUI drops v1.5's
+    `lq_proj.lq_aux_rgb_head`), which are zeros: the network never runs them.
+    """
+    layout: str
+    prefix: str
+    split_adaln: bool
+    ema: bool
+    ema_available: bool
+    regular_available: bool
+    sources: dict[str, tuple[str, ...]]
+    skipped: dict[str, int]
+    filled: list[str] = dataclasses.field(default_factory=list)
+
+    def file_keys(self) -> list[str]:
+        return [k for src in self.sources.values() for k in src]
+
+    def shapes(self, file_shapes: Mapping[str, tuple]) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for name, src in self.sources.items():
+            first = tuple(file_shapes[src[0]])
+            out[name] = first if len(src) == 1 else (first[0] + tuple(file_shapes[src[1]])[0], *first[1:])
+        return out
+
+    def assemble(self, tensors: Mapping[str, torch.Tensor], cfg: PiDConfig) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, src in self.sources.items():
+            out[name] = tensors[src[0]] if len(src) == 1 else merge_pixel_adaln(
+                tensors[src[0]], tensors[src[1]], cfg, name)
+        if self.filled:
+            like = next(iter(out.values()))
+            want = expected_shapes(cfg)
+            out.update({k: torch.zeros(want[k], dtype=like.dtype) for k in self.filled})
+        return out
+
+
+def plan_keys(keys, ema: bool = False, path=None, metadata: Mapping[str, str] | None = None) -> KeyPlan:
+    """The KeyPlan for a checkpoint holding `keys`; ValueError (naming `path`) for a file
+    without the chosen weights, two entries for one tensor, or half of a split adaLN."""
+    keys = list(keys)
+    groups: dict[str, dict[str, str]] = {"net": {}, "ema": {}}
+    prefixes: dict[str, set] = {"net": set(), "ema": set()}
     skipped: dict[str, int] = {}
     for k in keys:
-        name = network_key(k)
+        group, name, prefix = _classify(k)
         if name is None:
             top = k.split(".", 1)[0]
             skipped[top] = skipped.get(top, 0) + 1
             continue
+        picked = groups[group]
         if name in picked:
             raise ValueError(f"{path}: two entries hold network key {name!r}: {picked[name]!r} and {k!r}; "
                              f"convert the one you mean with a plain state dict")
         picked[name] = k
-    if not picked:
+        prefixes[group].add(prefix)
+    if not groups["net"] and not groups["ema"]:
         tops = sorted({k.split('.', 1)[0] for k in keys})
         raise ValueError(f"{path}: no PiD network weights found (expected keys like 'net.patch_blocks.0...'); "
                          f"top-level entries: {tops[:20]}")
+    want = "ema" if ema else "net"
+    if not groups[want]:
+        if ema:
+            where = ", ".join(repr(p) for p in sorted(prefixes["net"])) or "its own names"
+            raise ValueError(f"{path}: ema=True, but it holds no EMA copy (no 'net_ema.' keys); its only weights "
+                             f"are under {where}. The release's model_ema_bf16.pth already stores the EMA weights "
+                             f"there: load it with ema=False (CLI: without --ema)")
+        raise ValueError(f"{path}: holds only the EMA copy of the network ({len(groups['ema'])} 'net_ema.' "
+                         f"tensors) and no regular weights; pass ema=True (CLI: --ema) to read it")
+    other = "net" if ema else "ema"
+    if groups[other]:
+        skipped[EMA_GROUP if other == "ema" else "net"] = len(groups[other])
     if skipped:
         log.debug("%s: skipped entries not used for inference: %s", path, skipped)
-    return picked
+
+    sources: dict[str, tuple[str, ...]] = {}
+    halves: dict[tuple[str, str], dict[str, str]] = {}
+    for name, k in groups[want].items():
+        m = _SPLIT_ADALN.match(name)
+        if m:
+            halves.setdefault((m[1], m[3]), {})[m[2]] = k
+        else:
+            sources[name] = (k,)
+    for (block, param), pair in halves.items():
+        full = f"{block}.adaLN_modulation.0.{param}"
+        if len(pair) == 1:
+            have, = pair
+            lack = "mlp" if have == "msa" else "msa"
+            raise ValueError(f"{path}: {pair[have]!r} has no {lack} half ('{block}.adaLN_modulation_{lack}.{param}' "
+                             f"is missing); a split pixel adaLN needs both halves")
+        if full in sources:
+            raise ValueError(f"{path}: holds {block}'s adaLN twice: whole ({sources[full][0]!r}) and split "
+                             f"({pair['msa']!r}, {pair['mlp']!r})")
+        sources[full] = (pair["msa"], pair["mlp"])
+    chosen = prefixes[want]
+    return KeyPlan(layout=detect_layout(keys, metadata), prefix=min(chosen, key=len) if chosen else "",
+                   split_adaln=bool(halves), ema=ema, ema_available=bool(groups["ema"]),
+                   regular_available=bool(groups["net"]), sources=sources, skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------
-# Readers. Each returns (tensors by network key, config from metadata or None).
+# The pixel adaLN split. The release's adaLN_modulation.0 maps a patch to 6*P2*Dp values
+# read as [P2, 6, Dp]: per pixel shift1, scale1, gate1 (the attention half, ComfyUI's
+# `msa`) then shift2, scale2, gate2 (the MLP half, `mlp`), SPEC §6. So each half is every
+# pixel's three chunks of its kind; the halves interleave per pixel, they do not stack.
 
-def _read_safetensors(path: Path, preset_hint):
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            keys = clean_keys(list(f.keys()), path)
-            shapes = {n: tuple(f.get_slice(k).get_shape()) for n, k in keys.items()}
-            cfg = preset_hint or _config_from_metadata(meta, path) or detect_preset(shapes, path)
-            check_state_dict(shapes, cfg, path)  # before reading the weights
-            return {n: f.get_tensor(k) for n, k in keys.items()}, cfg
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
-    except (OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: reading the .safetensors file failed ({type(e).__name__}: {e})") from None
+def _pixel_view(t: torch.Tensor, cfg: PiDConfig, chunks: int, what) -> torch.Tensor:
+    p2, dp = cfg.pixels_per_patch, cfg.pixel_dim
+    if t.dim() == 0 or t.shape[0] != chunks * p2 * dp:
+        raise ValueError(f"{what}: expected {chunks} * {p2} pixels * {dp} = {chunks * p2 * dp} rows for "
+                         f"{cfg.name}, got shape {list(t.shape)}")
+    return t.reshape(p2, chunks, dp, *t.shape[1:])
+
+
+def merge_pixel_adaln(msa: torch.Tensor, mlp: torch.Tensor, cfg: PiDConfig, what="pixel adaLN") -> torch.Tensor:
+    """The release's `adaLN_modulation.0` weight or bias from ComfyUI's two halves."""
+    if msa.shape != mlp.shape:
+        raise ValueError(f"{what}: the msa half has shape {list(msa.shape)} but the mlp half {list(mlp.shape)}")
+    whole = torch.cat([_pixel_view(msa, cfg, 3, f"{what} (msa half)"),
+                       _pixel_view(mlp, cfg, 3, f"{what} (mlp half)")], dim=1)
+    return whole.reshape(6 * cfg.pixels_per_patch * cfg.pixel_dim, *msa.shape[1:])
+
+
+def split_pixel_adaln(whole: torch.Tensor, cfg: PiDConfig, what="pixel adaLN") -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's (msa, mlp) halves of the release's `adaLN_modulation.0` weight or bias."""
+    v = _pixel_view(whole, cfg, 6, what)
+    rows = 3 * cfg.pixels_per_patch * cfg.pixel_dim
+    return v[:, :3].reshape(rows, *whole.shape[1:]), v[:, 3:].reshape(rows, *whole.shape[1:])
+
+
+def to_layout(state: Mapping[str, torch.Tensor], cfg: PiDConfig, layout: str) -> dict[str, torch.Tensor]:
+    """The network's state dict under the file keys of `layout` (one of `LAYOUTS`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {list(LAYOUTS)}")
+    if layout == "pidkern":
+        return dict(state)
+    prefix = RELEASE_PREFIX if layout == "release" else COMFYUI_PREFIX
+    out = {}
+    for k, v in state.items():
+        block, _, rest = k.partition(".adaLN_modulation.0.")
+        if layout == "comfyui" and rest and block.startswith("pixel_blocks."):
+            msa, mlp = split_pixel_adaln(v, cfg, k)
+            out[f"{prefix}{block}.adaLN_modulation_msa.{rest}"] = msa
+            out[f"{prefix}{block}.adaLN_modulation_mlp.{rest}"] = mlp
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Readers. Each opens one file or DCP directory and gives every entry's shape and dtype
+# before a byte of weights is read, then reads the entries asked for.
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclasses.dataclass
+class _Source:
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+    read: Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
 
 
 def _config_from_metadata(meta: Mapping[str, str], path) -> PiDConfig | None:
@@ -233,7 +437,38 @@ def _config_from_metadata(meta: Mapping[str, str], path) -> PiDConfig | None:
     return None
 
 
-def _read_torch(path: Path):
+@contextlib.contextmanager
+def _safetensors_source(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    def failed(e):
+        if isinstance(e, SafetensorError):
+            return ValueError(f"{path}: not a readable .safetensors file ({e})")
+        return ValueError(f"{path}: reading the .safetensors file failed ({type(e).__name__}: {e})")
+    errors = (SafetensorError, OSError, RuntimeError)
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+        f.__enter__()
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+        dtypes = {k: _ST_DTYPES.get(s.get_dtype(), s.get_dtype().lower()) for k, s in slices.items()}
+        meta = f.metadata() or {}
+    except errors as e:
+        raise failed(e) from None
+
+    def read(keys):
+        try:
+            return {k: f.get_tensor(k) for k in keys}
+        except errors as e:
+            raise failed(e) from None
+    try:
+        yield _Source(path, shapes, dtypes, dict(meta), read)
+    finally:
+        f.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _torch_source(path: Path):
     try:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -251,11 +486,12 @@ def _read_torch(path: Path):
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     flat = {k: v for k, v in _flatten(obj).items() if isinstance(v, torch.Tensor)}
-    keys = clean_keys(list(flat), path)
-    return {n: flat[k] for n, k in keys.items()}
+    yield _Source(path, {k: tuple(v.shape) for k, v in flat.items()},
+                  {k: _dtype_name(v.dtype) for k, v in flat.items()}, {}, lambda keys: {k: flat[k] for k in keys})
 
 
-def _read_dcp(path: Path, preset_hint):
+@contextlib.contextmanager
+def _dcp_source(path: Path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
@@ -266,31 +502,41 @@ def _read_dcp(path: Path, preset_hint):
         raise ValueError(f"{path}: unreadable torch.distributed.checkpoint metadata "
                          f"({type(e).__name__}: {e})") from None
     tensors = {k: m for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
-    keys = clean_keys(list(tensors), path)
-    shapes = {n: tuple(tensors[k].size) for n, k in keys.items()}
-    cfg = preset_hint or detect_preset(shapes, path)
-    check_state_dict(shapes, cfg, path)  # before reading a byte of weights
-    # Only the network's tensors are allocated and read: the EMA copy, fake score and
-    # discriminator of a training checkpoint stay on disk.
-    buf = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in keys.values()}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(buf, storage_reader=FileSystemReader(str(path)),
-                     planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        inner = next(iter(getattr(e, "failures", {}).values()), e)
-        text = str(inner).strip()
-        if isinstance(inner, tuple):  # (exception, traceback) per rank
-            inner, text = inner[0], str(inner[0]).strip()
-        first = text.splitlines()[0] if text else "truncated or corrupt data file"
-        raise ValueError(f"{path}: reading the torch.distributed.checkpoint data failed ({type(inner).__name__}: "
-                         f"{first[:300]})") from None
-    return {n: buf[k] for n, k in keys.items()}, cfg
+
+    def read(keys):
+        # Only the tensors asked for are allocated and read: a training checkpoint's other
+        # copies (EMA or regular, fake score, discriminator) stay on disk.
+        buf = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in keys}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                dcp.load(buf, storage_reader=FileSystemReader(str(path)),
+                         planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            inner = next(iter(getattr(e, "failures", {}).values()), e)
+            text = str(inner).strip()
+            if isinstance(inner, tuple):  # (exception, traceback) per rank
+                inner, text = inner[0], str(inner[0]).strip()
+            first = text.splitlines()[0] if text else "truncated or corrupt data file"
+            raise ValueError(f"{path}: reading the torch.distributed.checkpoint data failed "
+                             f"({type(inner).__name__}: {first[:300]})") from None
+        return buf
+    yield _Source(path, {k: tuple(m.size) for k, m in tensors.items()},
+                  {k: _dtype_name(m.properties.dtype) for k, m in tensors.items()}, {}, read)
+
+
+def _open(src: Path):
+    if src.is_dir():
+        return _dcp_source(src)
+    return _safetensors_source(src) if src.suffix == ".safetensors" else _torch_source(src)
 
 
 def _resolve_dir(path: Path) -> Path:
-    """A DCP directory itself, or the one checkpoint (DCP dir or weights file) inside a folder."""
+    """A DCP directory itself, or the one checkpoint (DCP dir or weights file) inside a folder.
+
+    A release training checkpoint keeps the network in `<iteration>/model` next to DCP
+    directories of optimizer and trainer state; `model` is the one read, as the release does.
+    """
     if (path / ".metadata").is_file():
         return path
     found = []
@@ -303,6 +549,9 @@ def _resolve_dir(path: Path) -> Path:
         found += [Path(root) / f for f in files if f.endswith(FILE_SUFFIXES)]
         if depth >= 3:
             dirs[:] = []
+    models = [p for p in found if p.is_dir() and p.name == "model"]
+    if len(found) > 1 and len(models) == 1:
+        return models[0]
     if len(found) == 1:
         return found[0]
     if not found:
@@ -314,75 +563,196 @@ def _resolve_dir(path: Path) -> Path:
 # ---------------------------------------------------------------------------------------
 # Public functions.
 
-def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None
-                    ) -> tuple[dict[str, torch.Tensor], PiDConfig]:
-    """(state_dict, config) of the PiD network stored at `path`.
-
-    path: a DCP directory (or a folder holding exactly one checkpoint), a .pt/.pth file
-        (a plain state dict or one nested under keys like "state_dict"/"model"/"net"), or a
-        .safetensors file. Training-only entries are skipped; `net.` is stripped.
-    preset: a preset name or PiDConfig to check against; None reads the preset from
-        `convert` metadata or detects it from the shapes.
-    dtype: cast floating tensors to it; None keeps them as stored (float32 in the release).
-    Raises FileNotFoundError for a missing path and ValueError (naming the file) for an
-    unreadable file or one that does not match the preset.
-    """
+def _check_args(preset, dtype, ema):
     if isinstance(preset, str):
         preset = get_preset(preset)
     elif preset is not None and not isinstance(preset, PiDConfig):
         raise TypeError(f"preset={preset!r}: expected a preset name, a PiDConfig or None")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype or None")
+    if not isinstance(ema, bool):
+        raise TypeError(f"ema={ema!r}: expected True (the EMA copy, 'net_ema.' keys) or False (the regular weights)")
+    return preset
+
+
+def _resolve(path) -> Path:
     given = Path(path)
     if not given.exists():
         raise FileNotFoundError(f"checkpoint {str(given)!r} does not exist")
     src = _resolve_dir(given) if given.is_dir() else given
     if src != given:
         log.info("checkpoint %s: reading %s", given, src)
+    return src
 
-    if src.is_dir():
-        state, cfg = _read_dcp(src, preset)
-    elif src.suffix == ".safetensors":
-        state, cfg = _read_safetensors(src, preset)
+
+def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
+    """(plan, config, where the config came from): the strict key and shape check, before
+    any weight is read."""
+    plan = plan_keys(source.shapes, ema, source.path, source.metadata)
+    shapes = plan.shapes(source.shapes)
+    if preset is not None:
+        cfg, how = preset, "argument"
     else:
-        state = _read_torch(src)
-        cfg = preset or detect_preset(state, given)
-        check_state_dict(state, cfg, src)
+        cfg = _config_from_metadata(source.metadata, source.path)
+        how = "metadata"
+        if cfg is None:
+            cfg, how = detect_preset(shapes, source.path), "shapes"
+    want = expected_shapes(cfg)
+    aux = [k for k in want if k.startswith(TRAINING_ONLY_HEAD)]
+    if plan.layout == "comfyui" and aux and not any(k.startswith(TRAINING_ONLY_HEAD) for k in shapes):
+        plan.filled = aux
+        shapes.update({k: want[k] for k in aux})
+        log.info("%s: ComfyUI layout without the training-only %s*; filled with zeros (never run)",
+                 source.path, TRAINING_ONLY_HEAD)
+    check_state_dict(shapes, cfg, source.path)
+    return plan, cfg, how
+
+
+def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None,
+                    ema: bool = False) -> tuple[dict[str, torch.Tensor], PiDConfig]:
+    """(state_dict, config) of the PiD network stored at `path`.
+
+    path: a DCP directory (or a folder holding exactly one checkpoint, or a release
+        iteration folder whose `model` DCP directory is read), a .pt/.pth file (a plain state
+        dict or one nested under keys like "state_dict"/"model"/"net"), or a .safetensors
+        file, in any layout `detect_layout` names: the release's `net.` keys, ComfyUI's
+        `model.diffusion_model.` / `core.` / `net.` files with the pixel adaLN whole or split
+        in two, or plain keys. Every network key must be there with its shape (ComfyUI files
+        may lack v1.5's training-only `lq_proj.lq_aux_rgb_head`, filled with zeros); entries
+        that are not the network (optimizer, discriminator, a bundled VAE) are skipped.
+    preset: a preset name or PiDConfig to check against; None reads the preset from
+        `convert` metadata or detects it from the shapes.
+    dtype: cast floating tensors to it; None keeps them as stored (float32 in the release's
+        DCP directories, bfloat16 in its model_ema_bf16.pth and ComfyUI's files).
+    ema: False (default) reads the regular weights (`net.`), as the release's inference does
+        (its `--load_ema_to_reg` is off by default; its registered model_ema_bf16.pth files
+        already hold the EMA weights under `net.`). True reads a training checkpoint's EMA
+        copy (`net_ema.`); a file without one is an error, as is ema=False on a file that
+        holds only the EMA copy.
+    Raises FileNotFoundError for a missing path and ValueError (naming the file and keys)
+    for an unreadable file or one that does not match the preset.
+    """
+    preset = _check_args(preset, dtype, ema)
+    src = _resolve(path)
+    with _open(src) as source:
+        plan, cfg, _ = _prepare(source, preset, ema)
+        tensors = source.read(plan.file_keys())
+    state = plan.assemble(tensors, cfg)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     return state, cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint holds, read from its index (no weights are read)."""
+    path: Path                  # the file or DCP directory read
+    layout: str                 # see detect_layout
+    prefix: str                 # the prefix of the keys read ("" for plain keys)
+    split_adaln: bool           # the pixel adaLN split into ComfyUI's msa/mlp halves
+    config: PiDConfig
+    preset_from: str            # "argument", "metadata" or "shapes"
+    same_network: tuple[str, ...]  # presets with identical keys and shapes (shapes cannot tell them apart)
+    ema_read: bool              # the EMA copy (net_ema.) was read
+    ema_available: bool         # the file holds an EMA copy
+    keys: int                   # network tensors
+    dtypes: dict[str, int]      # dtype -> tensors (as stored)
+    parameters: int
+    skipped: dict[str, int]     # top-level groups not read -> entries
+    filled: tuple[str, ...]     # training-only keys the file lacks (zeros on load)
+
+
+def parameter_count(cfg: PiDConfig) -> int:
+    return sum(math.prod(s) for s in expected_shapes(cfg).values())
+
+
+def same_network(cfg: PiDConfig) -> tuple[str, ...]:
+    """The other presets with exactly `cfg`'s keys and shapes (weights alone cannot tell them apart)."""
+    want = expected_shapes(cfg)
+    return tuple(n for n, c in PRESETS.items() if c != cfg and expected_shapes(c) == want)
+
+
+def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = False) -> CheckpointInfo:
+    """Layout, preset, EMA, key count, dtypes and parameter count of a checkpoint, with the
+    same strict checks as `load_checkpoint`, without reading the weights."""
+    preset = _check_args(preset, None, ema)
+    src = _resolve(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AmbiguousPresetWarning)  # reported as same_network instead
+        with _open(src) as source:
+            plan, cfg, how = _prepare(source, preset, ema)
+            dtypes: dict[str, int] = {}
+            for src_keys in plan.sources.values():
+                dt = source.dtypes[src_keys[0]]
+                dtypes[dt] = dtypes.get(dt, 0) + 1
+    return CheckpointInfo(path=src, layout=plan.layout, prefix=plan.prefix, split_adaln=plan.split_adaln,
+                          config=cfg, preset_from=how, same_network=same_network(cfg), ema_read=plan.ema,
+                          ema_available=plan.ema_available, keys=len(expected_shapes(cfg)), dtypes=dtypes,
+                          parameters=parameter_count(cfg), skipped=plan.skipped,
+                          filled=tuple(plan.filled))
 
 
 def config_metadata(cfg: PiDConfig) -> dict[str, str]:
     return {"pidkern_preset": cfg.name, "pidkern_config": json.dumps(dataclasses.asdict(cfg)), "format": "pt"}
 
 
-def save_safetensors(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst) -> Path:
-    """Write `state` as a plain .safetensors with `cfg` in its metadata (atomically)."""
-    from safetensors.torch import save_file
+_SUFFIXES = {"pidkern": (".safetensors",), "comfyui": (".safetensors",), "release": (".safetensors", ".pth", ".pt")}
+
+
+def _check_dst(dst, layout) -> Path:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {list(LAYOUTS)}")
     dst = Path(dst)
-    if dst.suffix != ".safetensors":
-        raise ValueError(f"dst={str(dst)!r}: the output must be a .safetensors file")
+    if dst.suffix not in _SUFFIXES[layout]:
+        raise ValueError(f"dst={str(dst)!r}: the {layout} layout is written as {' or '.join(_SUFFIXES[layout])}")
+    return dst
+
+
+def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layout: str = "pidkern") -> Path:
+    """Write the network's `state` at `dst` in `layout` (atomically).
+
+    "pidkern": the network's own keys; "release": the release's `net.` keys (a .pth like its
+    model_ema_bf16.pth, or .safetensors); "comfyui": `model.diffusion_model.` keys with each
+    pixel block's adaLN split into ComfyUI's `adaLN_modulation_msa` / `_mlp` halves (v1.5's
+    training-only `lq_proj.lq_aux_rgb_head` is kept, so a round trip is exact; ComfyUI
+    ignores it). Every .safetensors carries the config in its metadata, so it needs no preset.
+    """
+    from safetensors.torch import save_file
+    dst = _check_dst(dst, layout)
     check_state_dict(state, cfg, "state dict to save")
+    out = {}
+    for k, v in to_layout(state, cfg, layout).items():
+        v = v.detach().cpu().contiguous()
+        if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()  # torch.save writes a view's whole storage
+        out[k] = v
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=config_metadata(cfg))
+        if dst.suffix == ".safetensors":
+            save_file(out, str(tmp), metadata=config_metadata(cfg))
+        else:
+            torch.save(out, str(tmp))
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
     return dst
 
 
-def convert(src, dst, preset: PiDConfig | str | None = None,
-            dtype: torch.dtype | None = None) -> tuple[Path, PiDConfig]:
-    """Convert any checkpoint `load_checkpoint` reads into a plain .safetensors at `dst`.
+def save_safetensors(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst) -> Path:
+    """Write `state` as a plain .safetensors with `cfg` in its metadata (atomically)."""
+    return save_checkpoint(state, cfg, dst, "pidkern")
 
-    The output holds the network's keys only, contiguous, with {"pidkern_preset",
-    "pidkern_config", "format": "pt"} metadata, so it loads fast and needs no preset.
-    Returns (dst, config).
+
+def convert(src, dst, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None,
+            layout: str = "pidkern", ema: bool = False) -> tuple[Path, PiDConfig]:
+    """Convert any checkpoint `load_checkpoint` reads into `layout` at `dst`.
+
+    layout "pidkern" (default): the network's keys only, contiguous, with {"pidkern_preset",
+    "pidkern_config", "format": "pt"} metadata, so it loads fast and needs no preset;
+    "release" and "comfyui": see `save_checkpoint`. ema picks the weights read (see
+    `load_checkpoint`). Returns (dst, config).
     """
-    if Path(dst).suffix != ".safetensors":
-        raise ValueError(f"dst={str(dst)!r}: the output must be a .safetensors file")
-    state, cfg = load_checkpoint(src, preset, dtype)
-    return save_safetensors(state, cfg, dst), cfg
+    _check_dst(dst, layout)
+    state, cfg = load_checkpoint(src, preset, dtype, ema=ema)
+    return save_checkpoint(state, cfg, dst, layout), cfg

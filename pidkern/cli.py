@@ -3,8 +3,8 @@
     pidkern decode latent.safetensors -o out.png --checkpoint PiD_res2k_sr4x_official_flux_distill_4step
     pidkern decode flux_latent.safetensors --backbone flux --prompt "a cat" --text-encoder GEMMA -o out.jpg ...
     pidkern upscale in.png -o out.png --checkpoint CKPT --vae VAE_DIR --text-encoder GEMMA --prompt "a cat"
-    pidkern convert PiD_res2k_sr4x_official_flux_distill_4step flux-2k.safetensors
-    pidkern info
+    pidkern convert PiD_res2k_sr4x_official_flux_distill_4step flux-2k.safetensors [--layout comfyui] [--ema]
+    pidkern info [CKPT]
     pidkern bench --size 2048
 
 Bad input (a missing file, an unreadable image, a wrong shape, an unknown preset, a VAE
@@ -95,8 +95,9 @@ def _batched(t, dims: int, what: str, path):
 def _progress(args, total: int, unit: str, desc: str):
     """A tqdm bar on stderr over `total` units (quiet with --quiet)."""
     from tqdm import tqdm
+    # mininterval=0: every step shows (steps are few, and a fast one must not be skipped)
     return tqdm(total=total, unit=unit, desc=desc, disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
-                leave=False)
+                leave=False, mininterval=0)
 
 
 def _info(args, msg: str) -> None:
@@ -312,21 +313,45 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    import math
-
-    from safetensors import safe_open
-
     from .api import DTYPES
-    from .checkpoint import convert
+    from .checkpoint import convert, parameter_count
     dtype = DTYPES[args.dtype] if args.dtype else None
     t0 = time.perf_counter()
-    dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype)
-    with safe_open(str(dst), framework="pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype, layout=args.layout, ema=args.ema)
+    n = parameter_count(cfg)
     print(dst)
-    _err(f"wrote {cfg.name}: {n / 1e6:.1f} M parameters, {dst.stat().st_size / 2**20:.1f} MiB, "
-         f"in {time.perf_counter() - t0:.2f} s")
+    _err(f"wrote {cfg.name} ({args.layout} layout{', EMA weights' if args.ema else ''}): {n / 1e6:.1f} M "
+         f"parameters, {dst.stat().st_size / 2**20:.1f} MiB, in {time.perf_counter() - t0:.2f} s")
     return 0
+
+
+def checkpoint_lines(info) -> list[str]:
+    """`pidkern info CKPT`: what a weight file holds (a `checkpoint.CheckpointInfo`)."""
+    cfg = info.config
+    layout = {"pidkern": "pidkern (plain keys, config in the metadata)",
+              "plain": "plain (the network's own keys)",
+              "release": "release (the release's net. keys)",
+              "comfyui": "comfyui (ComfyUI's keys)"}[info.layout]
+    prefix = f"prefix {info.prefix!r}" if info.prefix else "no prefix"
+    adaln = "pixel adaLN split into msa/mlp halves" if info.split_adaln else "pixel adaLN whole"
+    how = {"argument": "given", "metadata": "from the file's metadata", "shapes": "detected from the shapes"}
+    preset = f"{cfg.name} ({how[info.preset_from]}"
+    if info.same_network:
+        preset += f"; the same network as {', '.join(info.same_network)}: --preset names it"
+    weights = "EMA copy (net_ema.)" if info.ema_read else "regular"
+    ema = ("an EMA copy is available (--ema)" if info.ema_available and not info.ema_read
+           else "read" if info.ema_read else "no EMA copy in the file")
+    lines = [f"checkpoint: {info.path}",
+             f"layout: {layout}; {prefix}; {adaln}",
+             f"preset: {preset})",
+             f"weights: {weights}; EMA: {ema}",
+             f"keys: {info.keys} network tensors"
+             + (f" ({len(info.filled)} training-only ones absent, zeros on load)" if info.filled else "")
+             + (f"; skipped: {', '.join(f'{k} ({n})' for k, n in sorted(info.skipped.items()))}"
+                if info.skipped else ""),
+             "dtype: " + ", ".join(f"{dt} ({n})" for dt, n in sorted(info.dtypes.items())),
+             f"parameters: {info.parameters:,}"]
+    return lines
 
 
 def info_lines() -> list[str]:
@@ -376,7 +401,11 @@ def info_lines() -> list[str]:
 
 
 def cmd_info(args) -> int:
-    print("\n".join(info_lines()))
+    if args.checkpoint is None:
+        print("\n".join(info_lines()))
+        return 0
+    from .checkpoint import inspect_checkpoint
+    print("\n".join(checkpoint_lines(inspect_checkpoint(args.checkpoint, preset=args.preset, ema=args.ema))))
     return 0
 
 
@@ -430,6 +459,7 @@ def _add_model_arguments(p) -> None:
 
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     from .api import DTYPES
+    from .checkpoint import LAYOUTS
     from .config import PRESETS
     from .sampler import NOISE_STREAMS, SAMPLERS
     parser = argparse.ArgumentParser(prog="pidkern", description="Fast inference for PiD, the pixel-diffusion decoder.")
@@ -490,17 +520,29 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     u.add_argument("--seed", type=int, default=0, help="seed of image i is SEED + i (default 0; negative: random)")
     u.set_defaults(func=cmd_upscale)
 
-    c = sub.add_parser("convert", help="convert released weights into one fast-loading .safetensors",
-                       description="Read a DCP directory, .pt/.pth or .safetensors checkpoint and write the "
-                                   "network's weights (clean keys, config in the metadata) as .safetensors.")
+    c = sub.add_parser("convert", help="convert weights into one file: pidkern, release or ComfyUI layout",
+                       description="Read any checkpoint `load` reads (DCP directory, .pt/.pth, .safetensors; the "
+                                   "release's or ComfyUI's layout) and write the network's weights in one file.")
     c.add_argument("src", metavar="SRC", help="checkpoint to read")
-    c.add_argument("dst", metavar="DST.safetensors", help="file to write")
+    c.add_argument("dst", metavar="DST", help="file to write (.safetensors; the release layout also .pth)")
+    c.add_argument("--layout", default="pidkern", choices=LAYOUTS,
+                   help="pidkern: plain keys, config in the metadata (default, fastest to load); release: the "
+                        "release's net. keys; comfyui: model.diffusion_model. keys, pixel adaLN split in halves")
+    c.add_argument("--ema", action="store_true",
+                   help="read a training checkpoint's EMA copy (net_ema.) instead of its regular weights")
     c.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
                    help="one of " + ", ".join(PRESETS) + " (default: detected from the shapes)")
     c.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: keep as stored)")
     c.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("info", help="versions, device, extension, kernels and presets")
+    i = sub.add_parser("info", help="versions, device, kernels and presets; with CKPT: what a weight file holds",
+                       description="Without CKPT: versions, device, extension, kernels and presets. With CKPT: its "
+                                   "layout, preset, EMA, key count, dtypes and parameter count (no weights read).")
+    i.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                   help="DCP directory, .pt/.pth or .safetensors weights to describe")
+    i.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
+                   help="check CKPT against this preset (default: metadata or shapes)")
+    i.add_argument("--ema", action="store_true", help="describe CKPT's EMA copy (net_ema.) instead")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")
