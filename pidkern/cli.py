@@ -95,9 +95,9 @@ def _batched(t, dims: int, what: str, path):
 def _progress(args, total: int, unit: str, desc: str):
     """A tqdm bar on stderr over `total` units (quiet with --quiet)."""
     from tqdm import tqdm
-    # mininterval=0: every step shows (steps are few, and a fast one must not be skipped)
+    # every step shows (steps are few, and a fast one must not be skipped)
     return tqdm(total=total, unit=unit, desc=desc, disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
-                leave=False, mininterval=0)
+                leave=False, mininterval=0, miniters=1)
 
 
 def _info(args, msg: str) -> None:
