@@ -439,9 +439,11 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _add_model_arguments(p) -> None:
+def _add_common_arguments(p) -> None:
+    """What decode and upscale share: the output, the model, the caption, the sampler steps."""
     from .api import BACKENDS, DTYPES
     from .config import PRESETS
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image path to write (.png, .jpg)")
     p.add_argument("--checkpoint", default=None, help="DCP directory, .pt/.pth or .safetensors weights")
     p.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
                    help="one of " + ", ".join(PRESETS) + " (default: detected from the checkpoint); "
@@ -453,6 +455,7 @@ def _add_model_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1 to 95 (default 95)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timings on stderr")
 
@@ -477,8 +480,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help=".safetensors (the tensor 'latent', or its only tensor), .pt (a tensor or a dict with "
                         "'latent'), .npy or .npz; shape [B, C, h, w] or [C, h, w] (with --backbone: the "
                         "generator's form)")
-    d.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image path to write (.png, .jpg)")
-    _add_model_arguments(d)
+    _add_common_arguments(d)
     d.add_argument("--backbone", default=None, metavar="NAME",
                    help="the generator the latent comes from (flux, zimage, sd3, sdxl, flux2, flux2-klein-4b, "
                         "qwenimage, ...): its pipeline latent is converted to PiD's form and frame")
@@ -490,7 +492,6 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--sigma", type=float, default=0.0,
                    help="noise level of the latent in [0, 1] (default 0: clean); with --backbone the scheduler's "
                         "sigma (SDXL: its Euler sigma, converted)")
-    d.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
     d.add_argument("--seed", type=int, default=0, help="noise seed (default 0; negative: a random seed)")
     d.add_argument("--text-embeds", default=None, metavar="FILE",
                    help="caption embeddings [B or 1, T<=300, 2304] (tensor 'text_embeds' or the only tensor); "
@@ -507,8 +508,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                                    "by PiD; any size (padded, then cropped back to exactly 4x). Several inputs "
                                    "write OUT-0.png, OUT-1.png, ... in order.")
     u.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or any image PIL reads")
-    u.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image path to write (.png, .jpg)")
-    _add_model_arguments(u)
+    _add_common_arguments(u)
     u.add_argument("--vae", required=True, metavar="VAE_DIR",
                    help="the diffusers VAE of the checkpoint's backbone (a save_pretrained directory, or a "
                         "pipeline's directory with a vae/ folder)")
@@ -516,7 +516,6 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help="the backbone whose latent conventions to use (default: the one the VAE and checkpoint share)")
     u.add_argument("--degrade-sigma", type=float, default=0.0,
                    help="noise the clean latent to this level before PiD removes it (default 0)")
-    u.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
     u.add_argument("--seed", type=int, default=0, help="seed of image i is SEED + i (default 0; negative: random)")
     u.set_defaults(func=cmd_upscale)
 
