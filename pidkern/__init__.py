@@ -13,16 +13,21 @@ from . import latents
 from .latents import preset_for
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode", "estimate_memory",
-           "get_preset", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8", "__version__"]
+__all__ = ["BACKENDS", "CaptionEncoder", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode",
+           "estimate_memory", "get_preset", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8",
+           "__version__"]
 
-# Diffusers-facing entry points, imported on first use: `import pidkern` stays free of
-# diffusers and transformers (pip install "pidkern[diffusers]" brings them).
+# Entry points imported on first use, so that `import pidkern` never loads the optional
+# stacks: transformers (CaptionEncoder, pip install "pidkern[text]") and diffusers
+# (generate / upscale, pip install "pidkern[diffusers]").
 _PIPELINES = ("generate", "decode_pipeline_latents", "upscale")
 __all__ += list(_PIPELINES)
 
 
 def __getattr__(name):
+    if name == "CaptionEncoder":
+        from .text import CaptionEncoder
+        return CaptionEncoder
     if name in _PIPELINES:
         from . import pipelines
         return getattr(pipelines, name)

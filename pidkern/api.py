@@ -51,6 +51,18 @@ def resolve_dtype(dtype, device: torch.device, name: str = "dtype") -> torch.dty
     return dtype
 
 
+def resolve_text_encoder(value, device: torch.device):
+    """None, a CaptionEncoder, or a path to Gemma-2-2B-it (loaded on `device`)."""
+    if value is None:
+        return None
+    from .text import CaptionEncoder
+    if isinstance(value, (str, Path)):
+        return CaptionEncoder.from_pretrained(value, device=device)
+    if not isinstance(value, CaptionEncoder):
+        raise TypeError(f"text_encoder: expected None, a path or a pidkern.CaptionEncoder, got {type(value).__name__}")
+    return value
+
+
 def resolve_config(preset) -> PiDConfig:
     if isinstance(preset, PiDConfig):
         return preset
@@ -103,7 +115,8 @@ def random_net(cfg: PiDConfig, device, dtype: torch.dtype, seed: int = 0) -> PiD
 class Decoder:
     """A loaded PiD network and the sampler around it. `net` is the reference PiDNet."""
 
-    def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None):
+    def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None,
+                 text_encoder=None):
         self.net = net.eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
@@ -113,6 +126,18 @@ class Decoder:
         self.autocast = autocast if autocast is not None else (None if dtype == torch.float32 else dtype)
         self._engine = None
         self._lock = threading.Lock()
+        self.text_encoder = text_encoder
+
+    @property
+    def text_encoder(self):
+        """The CaptionEncoder behind `decode(prompt=...)`, or None. Settable: None, a
+        CaptionEncoder, or a path (loaded with CaptionEncoder.from_pretrained on this
+        decoder's device)."""
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, value):
+        self._text_encoder = resolve_text_encoder(value, self.device)
 
     @property
     def config(self) -> PiDConfig:
@@ -157,8 +182,8 @@ class Decoder:
     def _check_text(self, text, batch: int) -> torch.Tensor:
         cfg = self.config
         if text is None:
-            # The release's empty caption comes from its text encoder (Gemma-2-2B); without
-            # one, zeros stand in. Pass real embeddings for the release's exact images.
+            # The release's empty caption is Gemma-2-2B's encoding of "" (prompt=""); without
+            # an encoder, zeros stand in. Pass prompt= or real embeddings for its exact images.
             return torch.zeros(batch, cfg.max_text, cfg.text_dim, device=self.device)
         if not isinstance(text, torch.Tensor):
             raise TypeError(f"text: expected a torch.Tensor [B, T<={cfg.max_text}, {cfg.text_dim}] or None")
@@ -171,6 +196,38 @@ class Decoder:
             raise ValueError(f"text: batch {text.shape[0]} does not match the latent's batch {batch}")
         if not torch.isfinite(text).all():
             raise ValueError("text: contains NaN or Inf")
+        return text.to(self.device, torch.float32)
+
+    def encode_prompt(self, prompt, batch: int) -> torch.Tensor:
+        """Caption embeddings for `prompt` through `text_encoder`: a str (for every sample)
+        or a list of `batch` str -> float32 [batch, 300, text_dim] on the decoder's device,
+        ready for the network (and for `decode(text=...)`)."""
+        if isinstance(prompt, str):
+            captions = [prompt] * batch
+        elif isinstance(prompt, (list, tuple)):
+            bad = [i for i, p in enumerate(prompt) if not isinstance(p, str)]
+            if bad:
+                raise ValueError(f"prompt[{bad[0]}]={prompt[bad[0]]!r}: expected a str (prompt is a str or a list of str)")
+            if len(prompt) != batch:
+                raise ValueError(f"prompt: {len(prompt)} captions for a batch of {batch}; pass one str for all or "
+                                 f"exactly {batch}")
+            captions = list(prompt)
+        else:
+            raise ValueError(f"prompt: expected a str or a list of str, got {type(prompt).__name__}")
+        enc = self.text_encoder
+        if enc is None:
+            raise ValueError(f"prompt={prompt!r} needs a text encoder and this Decoder has none: pass "
+                             f"pidkern.load(..., text_encoder=PATH) or set decoder.text_encoder = PATH "
+                             f"(a Gemma-2-2B-it directory or ComfyUI .safetensors; pip install \"pidkern[text]\")")
+        text = enc.encode(captions)
+        cfg = self.config
+        if text.shape[2] != cfg.text_dim or text.shape[1] > cfg.max_text:
+            raise ValueError(f"text_encoder: gives [{batch}, {text.shape[1]}, {text.shape[2]}] but {cfg.name} takes "
+                             f"at most {cfg.max_text} tokens of width {cfg.text_dim}")
+        if not torch.isfinite(text).all():
+            # Gemma-2's activations overflow float16; the release runs it in bfloat16.
+            raise ValueError(f"text_encoder: encoding prompt={prompt!r} gave NaN or Inf (dtype {text.dtype}; "
+                             f"Gemma-2 needs bfloat16 or float32)")
         return text.to(self.device, torch.float32)
 
     def output_size(self, latent_hw, size=None) -> tuple[int, int]:
@@ -190,8 +247,11 @@ class Decoder:
                              f"of {cfg.name} decodes to {natural[0]}x{natural[1]} ({cfg.upscale}x)")
         return natural
 
-    def prepare(self, latent, sigma=0.0, text=None, steps=4, seed=None, size=None, sampler="sde", noise="release"):
+    def prepare(self, latent, sigma=0.0, text=None, steps=4, seed=None, size=None, sampler="sde", noise="release",
+                prompt=None):
         """Check and move every input; returns the validated pieces of a decode."""
+        if prompt is not None and text is not None:
+            raise ValueError("prompt and text are both given; pass captions (prompt=) or their embeddings (text=)")
         latent = self._check_latent(latent)
         b = latent.shape[0]
         h, w = self.output_size(latent.shape[-2:], size)
@@ -204,8 +264,11 @@ class Decoder:
         check_noise(noise)
         if noise == "philox":
             seed_int64(seed)     # a bad seed fails here, before any work
-        return dict(latent=latent, sigma=self._check_sigma(sigma, b), text=self._check_text(text, b),
-                    steps=steps, seed=seed, size=(h, w), sampler=sampler, noise=noise)
+        sigma = self._check_sigma(sigma, b)
+        # Gemma runs last, once every cheap check has passed.
+        text = self._check_text(text, b) if prompt is None else self.encode_prompt(prompt, b)
+        return dict(latent=latent, sigma=sigma, text=text, steps=steps, seed=seed, size=(h, w), sampler=sampler,
+                    noise=noise)
 
     # -- decoding ----------------------------------------------------------------------
     def _autocast(self):
@@ -222,11 +285,15 @@ class Decoder:
 
     @torch.inference_mode()
     def decode(self, latent, sigma=0.0, text=None, steps: int = 4, seed: int | None = None, size=None,
-               sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release") -> torch.Tensor:
+               sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release",
+               prompt=None) -> torch.Tensor:
         """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
 
         sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
-        text: caption embeddings [B, T<=300, 2304]; None means all zeros (see README).
+        text: caption embeddings [B, T<=300, 2304]. With neither text nor prompt, all zeros:
+        NOT the release's empty caption (that is `prompt=""` through a text encoder).
+        prompt: captions, a str for every sample or a list of B str, encoded by
+        `text_encoder` with the release's recipe (see `encode_prompt`).
         steps: 1..4 of the distilled schedule; seed: same seed, same noise stream.
         size: optional (H, W) check against the latent's natural output size.
         backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto".
@@ -236,7 +303,7 @@ class Decoder:
         noise buffers, nothing on the host for a new seed; other images for the same seed,
         the same on every backend and device).
         """
-        args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise)
+        args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt)
         which = self.backend_for(backend)
         if which == "fast":
             return self.engine().decode(**args, progress=progress)
@@ -276,7 +343,8 @@ class Decoder:
             return self._engine
 
 
-def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False) -> Decoder:
+def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
+         text_encoder=None) -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -289,43 +357,52 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         release runs float32 weights under bfloat16 autocast).
     ema: read a training checkpoint's EMA copy (`net_ema.` keys) instead of its regular
         weights (`net.`, the release's default); see `pidkern.checkpoint.load_checkpoint`.
+    text_encoder: None, a pidkern.CaptionEncoder, or a path to Gemma-2-2B-it (a Hugging
+        Face directory or ComfyUI .safetensors; loaded on `device`) for `decode(prompt=...)`.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if autocast is not None:
         autocast = resolve_dtype(autocast, dev, "autocast")
+    enc = resolve_text_encoder(text_encoder, dev)
     if checkpoint is None:
         cfg = resolve_config(preset or "flux-2k")
         msg = (f"pidkern.load: no checkpoint given, building {cfg.name} with RANDOM weights; "
                f"its images are not real decodes")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast)
+        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast, enc)
     from .checkpoint import load_checkpoint
     state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset), ema=ema)
     with torch.device("meta"):
         net = PiDNet(cfg)
     net.load_state_dict(state, assign=True, strict=True)
     net = net.to(dev, dt)
-    return Decoder(net, dev, dt, str(checkpoint), autocast)
+    return Decoder(net, dev, dt, str(checkpoint), autocast, enc)
 
 
 _cache: dict = {}
 _cache_lock = threading.Lock()
 
 
-def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, **kwargs) -> torch.Tensor:
+def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encoder=None, **kwargs) -> torch.Tensor:
     """One call from latent to image, reusing a cached Decoder.
 
     model: a Decoder, a preset name (random weights), or a checkpoint path; default
-    "flux-2k". Other keyword arguments go to `Decoder.decode`.
+    "flux-2k". text_encoder: for `prompt=`, as in `load` (a Decoder brings its own).
+    Other keyword arguments go to `Decoder.decode`.
     """
     if isinstance(model, Decoder):
+        if text_encoder is not None and text_encoder is not model.text_encoder:
+            raise ValueError("text_encoder: model is a Decoder with its own encoder; attach this one with "
+                             "decoder.text_encoder = ... instead")
         dec = model
     else:
         model = model or "flux-2k"
         dev = resolve_device(device)
-        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)))
+        # Decoders with different encoders are different decoders: the encoder is in the key.
+        enc_key = str(Path(text_encoder).expanduser().resolve()) if isinstance(text_encoder, (str, Path)) else text_encoder
+        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key)
         with _cache_lock:
             dec = _cache.get(key)
             if dec is None:
@@ -333,7 +410,8 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, **kwargs) 
                 if not is_path and model not in PRESETS:
                     raise ValueError(f"model={model!r}: neither a preset name ({', '.join(sorted(PRESETS))}) "
                                      f"nor an existing checkpoint path")
-                dec = load(checkpoint=model, device=dev, dtype=dtype) if is_path else load(preset=model, device=dev, dtype=dtype)
+                where = dict(checkpoint=model) if is_path else dict(preset=model)
+                dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder)
                 _cache[key] = dec
     return dec.decode(latent, sigma, **kwargs)
 
