@@ -17,10 +17,18 @@ __all__ = ["BACKENDS", "CaptionEncoder", "Decoder", "InsufficientMemoryError", "
            "estimate_memory", "get_preset", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8",
            "__version__"]
 
+# Entry points imported on first use, so that `import pidkern` never loads the optional
+# stacks: transformers (CaptionEncoder, pip install "pidkern[text]") and diffusers
+# (generate / upscale, pip install "pidkern[diffusers]").
+_PIPELINES = ("generate", "decode_pipeline_latents", "upscale")
+__all__ += list(_PIPELINES)
+
 
 def __getattr__(name):
-    # Lazy, so that `import pidkern` never loads the optional text stack (transformers).
     if name == "CaptionEncoder":
         from .text import CaptionEncoder
         return CaptionEncoder
+    if name in _PIPELINES:
+        from . import pipelines
+        return getattr(pipelines, name)
     raise AttributeError(f"module 'pidkern' has no attribute {name!r}")

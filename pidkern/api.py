@@ -440,15 +440,40 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def numbered_paths(path, n: int) -> list[Path]:
+    """`path` itself for one image, path-0.png, path-1.png... for more."""
+    path = Path(path)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+
+
 def save_png(images: torch.Tensor, path) -> list[Path]:
     """Write one PNG per image: `path` itself for one image, path-0.png, path-1.png... for more."""
+    return save_images(images, path, format="PNG")
+
+
+def save_images(images, path, quality: int = 95, format: str | None = None) -> list[Path]:
+    """Write images ([B, 3, H, W] in [-1, 1], or a list of PIL images), named as save_png
+    names them, as PNG or JPEG by the path's extension (.png, .jpg, .jpeg); `quality`
+    (1..95) is JPEG's."""
     path = Path(path)
-    pics = to_pil(images)
-    if len(pics) == 1:
-        outs = [path]
-    else:
-        outs = [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(len(pics))]
+    if format is None:
+        format = IMAGE_FORMATS.get(path.suffix.lower())
+        if format is None:
+            raise ValueError(f"output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; "
+                             f"expected one of {', '.join(IMAGE_FORMATS)}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise ValueError(f"quality={quality!r}: expected an int from 1 to 95 (JPEG quality)")
+    pics = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
+    outs = numbered_paths(path, len(pics))
     for pic, out in zip(pics, outs):
         out.parent.mkdir(parents=True, exist_ok=True)
-        pic.save(out, format="PNG")
+        if format == "JPEG":
+            pic.save(out, format="JPEG", quality=quality)
+        else:
+            pic.save(out, format="PNG")
     return outs

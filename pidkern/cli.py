@@ -1,11 +1,14 @@
-"""The `pidkern` command line: decode latents to PNGs, convert checkpoints, report the setup.
+"""The `pidkern` command line: decode latents, upscale images, convert checkpoints, report the setup.
 
     pidkern decode latent.safetensors -o out.png --checkpoint PiD_res2k_sr4x_official_flux_distill_4step
+    pidkern decode flux_latent.safetensors --backbone flux --prompt "a cat" --text-encoder GEMMA -o out.jpg ...
+    pidkern upscale in.png -o out.png --checkpoint CKPT --vae VAE_DIR --text-encoder GEMMA --prompt "a cat"
     pidkern convert PiD_res2k_sr4x_official_flux_distill_4step flux-2k.safetensors [--layout comfyui] [--ema]
     pidkern info [CKPT]
     pidkern bench --size 2048
 
-Bad input (a missing file, a wrong shape, an unknown preset) prints
+Bad input (a missing file, an unreadable image, a wrong shape, an unknown preset, a VAE
+that does not match the checkpoint's backbone) prints
 `pidkern: error: <message>` and exits with status 2, without a traceback.
 """
 from __future__ import annotations
@@ -89,39 +92,145 @@ def _batched(t, dims: int, what: str, path):
 # ---------------------------------------------------------------------------------------
 # Commands.
 
-def cmd_decode(args) -> int:
+def _progress(args, total: int, unit: str, desc: str):
+    """A tqdm bar on stderr over `total` units (quiet with --quiet)."""
+    from tqdm import tqdm
+    # every step shows (steps are few, and a fast one must not be skipped)
+    return tqdm(total=total, unit=unit, desc=desc, disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+                leave=False, mininterval=0, miniters=1)
+
+
+def _info(args, msg: str) -> None:
+    if not args.quiet:
+        _err(msg)
+
+
+def _check_output(path, quality) -> None:
+    """Fail on a bad -o before any work (a load can take many seconds)."""
+    from .api import IMAGE_FORMATS
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"-o {str(path)!r}: unknown image extension {suffix or '(none)'!r}; expected one of "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    if not 1 <= quality <= 95:
+        raise ValueError(f"--quality {quality}: expected 1 to 95 (JPEG quality)")
+
+
+def _quiet_libraries(args) -> None:
+    """--quiet holds for the libraries too: transformers and diffusers draw their own loading
+    bars and warnings (e.g. 'Loading weights')."""
+    if not args.quiet:
+        return
+    import importlib
+    for name in ("transformers", "diffusers"):
+        try:
+            logging_ = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        logging_.disable_progress_bar()
+        logging_.set_verbosity_error()
+
+
+def _load_decoder(args):
     import pidkern
     if args.checkpoint is None and args.preset is None:
         raise ValueError("--checkpoint: give the weights to decode with (or --preset alone for random weights, "
                          "which give noise-like images)")
-    latent = _batched(read_tensor(args.latent, "LATENT", LATENT_KEYS), 4, "LATENT", args.latent)
-    text = None
+    if args.text_encoder is not None and not Path(args.text_encoder).exists():
+        raise FileNotFoundError(f"--text-encoder {args.text_encoder!r} does not exist")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    t0 = time.perf_counter()
+    extra = {}
+    if args.text_encoder is not None:
+        _quiet_libraries(args)
+        extra["text_encoder"] = args.text_encoder
+    dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
+    t_load = time.perf_counter() - t0
+    _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
+                f"({str(dec.dtype).replace('torch.', '')}) in {t_load:.2f} s")
+    return dec, t_load
+
+
+def _text_for(args, dec, batch: int) -> dict:
+    """The decode's caption arguments: --text-embeds, else --prompt through the encoder."""
     if args.text_embeds is not None:
+        if args.prompt is not None:
+            raise ValueError("--prompt: give either --prompt (encoded by --text-encoder) or --text-embeds, not both")
         text = _batched(read_tensor(args.text_embeds, "--text-embeds", TEXT_KEYS), 3, "--text-embeds",
                         args.text_embeds)
-        if text.shape[0] == 1 and latent.shape[0] > 1:  # one caption for every latent of the batch
-            text = text.expand(latent.shape[0], -1, -1)
+        if text.shape[0] == 1 and batch > 1:  # one caption for every latent of the batch
+            text = text.expand(batch, -1, -1)
+        return {"text": text}
+    if args.prompt is not None:
+        if getattr(dec, "text_encoder", None) is None:
+            raise ValueError("--prompt: needs --text-encoder GEMMA (a Gemma-2-2B-it directory) to encode it")
+        return {"prompt": [args.prompt] * batch}
+    return {}
+
+
+def cmd_decode(args) -> int:
+    latent = read_tensor(args.latent, "LATENT", LATENT_KEYS)
     # Checked before loading: a load can take many seconds.
     if not 1 <= args.steps <= 4:
         raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")
-    if not 0.0 <= args.sigma <= 1.0:  # also false for NaN
-        raise ValueError(f"--sigma {args.sigma}: expected the latent's noise level in [0, 1]")
-
-    t0 = time.perf_counter()
-    dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype)
-    t_load = time.perf_counter() - t0
-    _err(f"loaded {dec.config.name} from {dec.source} on {dec.device} ({str(dec.dtype).replace('torch.', '')}) "
-         f"in {t_load:.2f} s")
+    # SDXL's scheduler sigma (Euler frame) runs to ~15; to_pid_frame maps it into [0, 1].
+    if not 0.0 <= args.sigma <= (float("inf") if args.backbone == "sdxl" else 1.0):  # false for NaN too
+        raise ValueError(f"--sigma {args.sigma}: expected the latent's noise level in [0, 1]"
+                         f"{' (SDXL: its Euler sigma, >= 0)' if args.backbone == 'sdxl' else ''}")
+    _check_output(args.output, args.quality)
+    sigma = args.sigma
+    if args.vae is not None and args.backbone is None:
+        raise ValueError("--vae: give --backbone too (the VAE's latent conventions are the backbone's)")
+    if args.backbone is not None:
+        from .latents import get_backbone
+        try:
+            get_backbone(args.backbone)
+        except ValueError as e:
+            raise ValueError(f"--backbone: {e}") from None
+    if args.vae is not None:
+        if latent.dim() == 3:     # one raw [C, h, w] latent
+            latent = latent.unsqueeze(0)
+        from .latents import from_vae
+        from .pipelines import vae_backbones
+        _quiet_libraries(args)
+        vae = load_vae(args.vae)
+        if args.backbone not in vae_backbones(vae):
+            raise ValueError(f"--vae {args.vae!r}: this {type(vae).__name__} makes {', '.join(vae_backbones(vae))} "
+                             f"latents, not {args.backbone!r} ones")
+        try:
+            latent = from_vae(args.backbone, latent, vae=vae)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"LATENT {str(args.latent)!r} as a raw {args.backbone} VAE latent: {e}") from None
+    elif args.backbone is not None:
+        from .latents import from_pipeline
+        if latent.dim() == 3 and args.gen_size is None:
+            raise ValueError(f"--gen-size: LATENT {str(args.latent)!r} holds packed tokens {tuple(latent.shape)}; "
+                             f"unpacking needs the generated image's size in pixels (e.g. --gen-size 1024x1024)")
+        height, width = args.gen_size or (None, None)
+        try:
+            latent = from_pipeline(args.backbone, latent, height=height, width=width)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"LATENT {str(args.latent)!r} as a {args.backbone} latent: {e}") from None
+    if args.backbone is not None:
+        from .latents import to_pid_frame
+        latent, sigma = to_pid_frame(args.backbone, latent, sigma)
+        sigma = float(sigma)
+    latent = _batched(latent, 4, "LATENT", args.latent)
+    dec, t_load = _load_decoder(args)
+    if args.backbone is not None:
+        from .pipelines import _check_backbone
+        _check_backbone(args.backbone, dec, "--backbone")
+    text = _text_for(args, dec, latent.shape[0])
 
     t1 = time.perf_counter()
-
-    def progress(step, steps):
-        _err(f"step {step}/{steps}  {time.perf_counter() - t1:.2f} s")
-
+    bar = _progress(args, args.steps, "step", "decode")
     seed = None if args.seed < 0 else args.seed
     try:
-        images = dec.decode(latent, args.sigma, text=text, steps=args.steps, seed=seed, sampler=args.sampler,
-                            backend=args.backend, progress=progress, noise=args.noise)
+        with bar:
+            images = dec.decode(latent, sigma, steps=args.steps, seed=seed, sampler=args.sampler,
+                                backend=args.backend, progress=lambda step, steps: bar.update(1), noise=args.noise,
+                                **text)
     except (ValueError, TypeError) as e:
         # The API names its own arguments; say which file on the command line they came from.
         msg = str(e)
@@ -130,11 +239,76 @@ def cmd_decode(args) -> int:
                 raise type(e)(f"{flag} {str(path)!r}:{msg[len(api_name) + 1:]}") from None
         raise
     t_dec = time.perf_counter() - t1
-    paths = pidkern.save_png(images, args.output)
-    for p in paths:
+    from .api import save_images
+    for p in save_images(images, args.output, quality=args.quality):
         print(p)
     b, _, h, w = images.shape
-    _err(f"decoded {b} image{'s' if b > 1 else ''} of {w}x{h} in {t_dec:.2f} s (load {t_load:.2f} s)")
+    _info(args, f"decoded {b} image{'s' if b > 1 else ''} of {w}x{h} in {t_dec:.2f} s (load {t_load:.2f} s)")
+    return 0
+
+
+def load_vae(path):
+    """A diffusers VAE saved with save_pretrained (its config.json names the class)."""
+    import json
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--vae {str(p)!r} does not exist")
+    if (p / "vae" / "config.json").is_file():   # a whole pipeline's directory
+        p = p / "vae"
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"--vae {str(p)!r}: no config.json; expected a diffusers VAE directory (save_pretrained)")
+    try:
+        name = json.loads(cfg.read_text()).get("_class_name")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--vae {str(p)!r}: unreadable config.json ({e})") from None
+    try:
+        import diffusers
+    except ImportError as e:
+        raise UsageError(f"--vae needs diffusers: pip install \"pidkern[diffusers]\" ({e})") from None
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not name.startswith("Autoencoder"):
+        raise ValueError(f"--vae {str(p)!r}: config.json names {name!r}; expected a diffusers VAE class "
+                         f"(AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage)")
+    return cls.from_pretrained(str(p)).eval().requires_grad_(False)
+
+
+def cmd_upscale(args) -> int:
+    from . import pipelines
+    from .api import numbered_paths, save_images
+    # Every input is read before anything loads: a bad file fails in a second, not after the models.
+    for path in args.images:
+        pipelines.load_images(path, name="image")
+    _check_output(args.output, args.quality)
+    if not 1 <= args.steps <= 4:
+        raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")
+    if not 0.0 <= args.degrade_sigma <= 1.0:
+        raise ValueError(f"--degrade-sigma {args.degrade_sigma}: expected a noise level in [0, 1]")
+    _quiet_libraries(args)
+    vae = load_vae(args.vae)
+    dec, t_load = _load_decoder(args)
+    vae = vae.to(dec.device)
+    backbone = pipelines._vae_backbone(vae, dec, args.backbone)   # a mismatch fails before any encode
+    if args.prompt and getattr(dec, "text_encoder", None) is None:
+        raise ValueError("--prompt: needs --text-encoder GEMMA (a Gemma-2-2B-it directory) to encode it")
+
+    outs = numbered_paths(args.output, len(args.images))
+    seed = None if args.seed < 0 else args.seed
+    from .sampler import resolve_seed
+    seed = resolve_seed(seed)
+    t1 = time.perf_counter()
+    with _progress(args, len(args.images) * args.steps, "step", "upscale") as bar:
+        for i, (src, out) in enumerate(zip(args.images, outs)):
+            bar.set_postfix_str(Path(src).name)
+            # One image per call: sizes differ, and image i keeps seed + i as in a batch call.
+            pic = pipelines.upscale(src, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
+                                    seed=seed + i, backbone=backbone,
+                                    decode_kwargs=dict(steps=args.steps, backend=args.backend,
+                                                       progress=lambda step, steps: bar.update(1)))
+            save_images(pic, out, quality=args.quality)
+            print(out)
+    _info(args, f"upscaled {len(outs)} image{'s' if len(outs) > 1 else ''} in "
+                f"{time.perf_counter() - t1:.2f} s (load {t_load:.2f} s)")
     return 0
 
 
@@ -279,42 +453,95 @@ def _err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 1024x768") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes")
+    return h, w
+
+
+def _add_common_arguments(p) -> None:
+    """What decode and upscale share: the output, the model, the caption, the sampler steps."""
     from .api import BACKENDS, DTYPES
+    from .config import PRESETS
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image path to write (.png, .jpg)")
+    p.add_argument("--checkpoint", default=None, help="DCP directory, .pt/.pth or .safetensors weights")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
+                   help="one of " + ", ".join(PRESETS) + " (default: detected from the checkpoint); "
+                        "without --checkpoint: random weights")
+    p.add_argument("--text-encoder", default=None, metavar="GEMMA",
+                   help="the caption encoder, Gemma-2-2B-it (a Hugging Face directory)")
+    p.add_argument("--prompt", default=None, help="the caption, encoded by --text-encoder")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1 to 95 (default 95)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timings on stderr")
+
+
+def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
+    from .api import DTYPES
     from .checkpoint import LAYOUTS
     from .config import PRESETS
     from .sampler import NOISE_STREAMS, SAMPLERS
     parser = argparse.ArgumentParser(prog="pidkern", description="Fast inference for PiD, the pixel-diffusion decoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and decoding do")
-    sub = parser.add_subparsers(dest="command", metavar="{decode,convert,info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{decode,upscale,convert,info,bench}")
     sub.required = True
 
-    d = sub.add_parser("decode", help="decode a latent into PNG image(s)",
-                       description="Decode a latent into PNG image(s). A [C, h, w] latent is one image (a batch "
-                                   "dim of 1 is added); a batch of B writes OUT-0.png ... OUT-(B-1).png.")
+    d = sub.add_parser("decode", help="decode a latent into image(s)",
+                       description="Decode a latent into PNG or JPEG image(s). A [C, h, w] latent is one image (a "
+                                   "batch dim of 1 is added); a batch of B writes OUT-0.png ... OUT-(B-1).png. With "
+                                   "--backbone the file holds a generator's latent as its diffusers pipeline returns "
+                                   "it (output_type='latent'; packed token sequences too), converted by "
+                                   "pidkern.latents.")
     d.add_argument("latent", metavar="LATENT",
                    help=".safetensors (the tensor 'latent', or its only tensor), .pt (a tensor or a dict with "
-                        "'latent'), .npy or .npz; shape [B, C, h, w] or [C, h, w]")
-    d.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG path to write")
-    d.add_argument("--checkpoint", default=None, help="DCP directory, .pt/.pth or .safetensors weights")
-    d.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
-                   help="one of " + ", ".join(PRESETS) + " (default: detected from the checkpoint); "
-                        "without --checkpoint: random weights")
-    d.add_argument("--sigma", type=float, default=0.0, help="noise level of the latent in [0, 1] (default 0: clean)")
-    d.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
+                        "'latent'), .npy or .npz; shape [B, C, h, w] or [C, h, w] (with --backbone: the "
+                        "generator's form)")
+    _add_common_arguments(d)
+    d.add_argument("--backbone", default=None, metavar="NAME",
+                   help="the generator the latent comes from (flux, zimage, sd3, sdxl, flux2, flux2-klein-4b, "
+                        "qwenimage, ...): its pipeline latent is converted to PiD's form and frame")
+    d.add_argument("--vae", default=None, metavar="VAE_DIR",
+                   help="LATENT is a raw VAE latent (what vae.encode gives, or FLUX.2-klein's final output): "
+                        "normalise it with this diffusers VAE (needs --backbone)")
+    d.add_argument("--gen-size", default=None, type=_size, metavar="HxW",
+                   help="the generator's image size in pixels, needed to unpack a packed (3-D) latent")
+    d.add_argument("--sigma", type=float, default=0.0,
+                   help="noise level of the latent in [0, 1] (default 0: clean); with --backbone the scheduler's "
+                        "sigma (SDXL: its Euler sigma, converted)")
     d.add_argument("--seed", type=int, default=0, help="noise seed (default 0; negative: a random seed)")
     d.add_argument("--text-embeds", default=None, metavar="FILE",
                    help="caption embeddings [B or 1, T<=300, 2304] (tensor 'text_embeds' or the only tensor); "
-                        "default: zeros")
-    d.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    d.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
+                        "default: --prompt, else zeros")
     d.add_argument("--sampler", default="sde", choices=SAMPLERS, help="sde (the release's) or ode (default sde)")
-    d.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
     d.add_argument("--noise", default="release", choices=NOISE_STREAMS,
                    help="release: the release's torch.Generator stream, its images for a seed (default); philox: "
                         "a counter-based stream drawn inside the fast path's CUDA graph (less memory, other images)")
     d.set_defaults(func=cmd_decode)
+
+    u = sub.add_parser("upscale", help="upscale image(s) 4x: VAE encode, then PiD",
+                       description="Upscale images by the checkpoint's factor (4x): each is encoded by the VAE of "
+                                   "the checkpoint's backbone, optionally degraded to --degrade-sigma, and decoded "
+                                   "by PiD; any size (padded, then cropped back to exactly 4x). Several inputs "
+                                   "write OUT-0.png, OUT-1.png, ... in order.")
+    u.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or any image PIL reads")
+    _add_common_arguments(u)
+    u.add_argument("--vae", required=True, metavar="VAE_DIR",
+                   help="the diffusers VAE of the checkpoint's backbone (a save_pretrained directory, or a "
+                        "pipeline's directory with a vae/ folder)")
+    u.add_argument("--backbone", default=None, metavar="NAME",
+                   help="the backbone whose latent conventions to use (default: the one the VAE and checkpoint share)")
+    u.add_argument("--degrade-sigma", type=float, default=0.0,
+                   help="noise the clean latent to this level before PiD removes it (default 0)")
+    u.add_argument("--seed", type=int, default=0, help="seed of image i is SEED + i (default 0; negative: random)")
+    u.set_defaults(func=cmd_upscale)
 
     c = sub.add_parser("convert", help="convert weights into one file: pidkern, release or ComfyUI layout",
                        description="Read any checkpoint `load` reads (DCP directory, .pt/.pth, .safetensors; the "
