@@ -351,7 +351,7 @@ class Decoder:
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None) -> Decoder:
+         text_encoder=None, parallel=None, group=None) -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -366,7 +366,16 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         weights (`net.`, the release's default); see `pidkern.checkpoint.load_checkpoint`.
     text_encoder: None, a pidkern.CaptionEncoder, or a path to Gemma-2-2B-it (a Hugging
         Face directory or ComfyUI .safetensors; loaded on `device`) for `decode(prompt=...)`.
+    parallel: None (one process) or "sequence": every rank of `group` (default: the
+        initialised default process group, e.g. torchrun's) calls this and then `decode`
+        with the same arguments, and each decodes a band of image rows
+        (pidkern.parallel; the device defaults to the rank's own GPU under NCCL).
     """
+    if parallel is not None or group is not None:
+        from .parallel import sequence_parallel, setup
+        group, device = setup(parallel, group, device)
+        dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder)
+        return sequence_parallel(dec, group)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if autocast is not None:

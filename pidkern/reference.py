@@ -7,6 +7,10 @@ checkpoints, so `PiDNet(config).load_state_dict(released)` needs no renaming.
 The network is split so a decode can run the latent adapter once and the patch/pixel
 trunk once per sampler step: `adapter_tokens(latent)` depends only on the latent,
 `forward(...)` takes those tokens back through `lq_tokens=`.
+
+`forward(..., shard=)` runs one band of patch rows of a larger image (sequence
+parallelism, pidkern.parallel): positions stay global, and every attention sees the
+keys and values of the whole image through `shard.gather_kv`.
 """
 from __future__ import annotations
 
@@ -197,10 +201,12 @@ class JointAttention(nn.Module):
         q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
         return apply_rope(q_norm(q), *rope), apply_rope(k_norm(k), *rope), v
 
-    def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True):
+    def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True, gather_kv=None):
         t_len = y.shape[1]
         qx, kx, vx = self._heads(self.qkv_x(x), self.q_norm_x, self.k_norm_x, rope_img)
         qy, ky, vy = self._heads(self.qkv_y(y), self.q_norm_y, self.k_norm_y, rope_txt)
+        if gather_kv is not None:   # this process holds a band of image rows: see them all
+            kx, vx = gather_kv(kx, vx)
         o = F.scaled_dot_product_attention(torch.cat([qy, qx], 2), torch.cat([ky, kx], 2), torch.cat([vy, vx], 2))
         o = o.transpose(1, 2).flatten(2)
         o_txt = self.proj_y(o[:, :t_len]) if need_text_out else None
@@ -219,11 +225,11 @@ class PatchBlock(nn.Module):
         self.adaLN_modulation_img = nn.Sequential(nn.Linear(d, 6 * d))
         self.adaLN_modulation_txt = nn.Sequential(nn.Linear(d, 6 * d))
 
-    def forward(self, x, y, c, rope_img, rope_txt, update_text: bool = True):
+    def forward(self, x, y, c, rope_img, rope_txt, update_text: bool = True, gather_kv=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation_img(c).chunk(6, dim=-1)
         th1, tc1, tg1, th2, tc2, tg2 = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
         ax, ay = self.attn(modulate(self.norm_x1(x), sh1, sc1), modulate(self.norm_y1(y), th1, tc1),
-                           rope_img, rope_txt, need_text_out=update_text)
+                           rope_img, rope_txt, need_text_out=update_text, gather_kv=gather_kv)
         x = x + g1 * ax
         x = x + g2 * self.mlp_x(modulate(self.norm_x2(x), sh2, sc2))
         if update_text:  # the last block's text stream is never read again
@@ -241,10 +247,12 @@ class PixelAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, a, rope):
+    def forward(self, a, rope, gather_kv=None):
         b, n, _ = a.shape
         q, k, v = self.qkv(a).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if gather_kv is not None:
+            k, v = gather_kv(k, v)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
@@ -270,13 +278,13 @@ class PixelBlock(nn.Module):
         self.mlp = PixelMLP(dp, cfg.pixel_mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.hidden, 6 * dp * p2))
 
-    def forward(self, p, s, rope, batch: int):
+    def forward(self, p, s, rope, batch: int, gather_kv=None):
         """p [B*L, P2, Dp] pixel tokens, s [B*L, D] the per-patch condition."""
         rows, p2, dp = p.shape
         m = self.adaLN_modulation(s).view(rows, p2, 6 * dp)
         sh1, sc1, g1, sh2, sc2, g2 = m.chunk(6, dim=-1)
         a = self.compress_to_attn(modulate(self.norm1(p), sh1, sc1).reshape(rows, p2 * dp))
-        a = self.attn(a.view(batch, rows // batch, -1), rope).reshape(rows, -1)
+        a = self.attn(a.view(batch, rows // batch, -1), rope, gather_kv).reshape(rows, -1)
         p = p + g1 * self.expand_from_attn(a).view(rows, p2, dp)
         return p + g2 * self.mlp(modulate(self.norm2(p), sh2, sc2))
 
@@ -365,45 +373,63 @@ class PiDNet(nn.Module):
         """The latent adapter's tokens [B, L, Hd]: independent of t and of the image."""
         return self.lq_proj(latent, *self.grid(h, w))
 
-    def rope(self, hs: int, ws: int, text_len: int, device):
+    def rope(self, hs: int, ws: int, text_len: int, device, rows: tuple[int, int] | None = None):
+        """(image, text, pixel) RoPE tables of an hs x ws grid; `rows` (first, count): only
+        the tokens of those patch rows, at their positions in the whole grid."""
         cfg = self.cfg
-        return (rope_tables(rope_angles_2d(hs, ws, cfg.head_dim, cfg.rope_ref_grid, device)),
+        band = slice(None) if rows is None else slice(rows[0] * ws, (rows[0] + rows[1]) * ws)
+        return (rope_tables(rope_angles_2d(hs, ws, cfg.head_dim, cfg.rope_ref_grid, device)[band]),
                 rope_tables(rope_angles_1d(text_len, cfg.head_dim, device)),
-                rope_tables(rope_angles_2d(hs, ws, cfg.pixel_head_dim, cfg.rope_ref_grid, device)))
+                rope_tables(rope_angles_2d(hs, ws, cfg.pixel_head_dim, cfg.rope_ref_grid, device)[band]))
 
-    def embed_pixels(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_pixels(self, x: torch.Tensor, row0: int = 0, height: int | None = None) -> torch.Tensor:
+        """Pixel tokens of x; x may be the pixel rows row0.. of an image `height` rows tall
+        (the sin-cos embedding takes each pixel's row in the whole image)."""
         b, _, h, w = x.shape
         p = self.pixel_embedder(x.permute(0, 2, 3, 1))
-        p = p + pixel_sincos(h, w, self.cfg.pixel_dim, x.device).to(p.dtype)
+        table = pixel_sincos(height or h, w, self.cfg.pixel_dim, x.device)[row0:row0 + h]
+        p = p + table.to(p.dtype)
         return to_patch_pixels(p, self.cfg.patch)
 
-    def forward(self, x, t, text, latent, sigma, lq_tokens=None):
-        """x [B,3,H,W], t [B] in [0,1], text [B,T,2304], latent [B,C,h,w], sigma [B] -> v [B,3,H,W]."""
+    def forward(self, x, t, text, latent, sigma, lq_tokens=None, shard=None):
+        """x [B,3,H,W], t [B] in [0,1], text [B,T,2304], latent [B,C,h,w], sigma [B] -> v [B,3,H,W].
+
+        shard: None for the whole image, or the band this process holds of a larger one:
+        an object with `row0` (its first patch row), `grid_rows` (the image's patch rows)
+        and `gather_kv(k, v)` (the image's keys and values [B, heads, L, hd], from every
+        band's [B, heads, rows*Ws, hd], in row order). x is then the band's pixel rows,
+        lq_tokens its rows of the adapter tokens (or latent the whole latent), and the
+        velocity returned is the band's.
+        """
         cfg = self.cfg
         b, _, h, w = x.shape
         hs, ws = self.grid(h, w)
+        row0, grid_rows = (0, hs) if shard is None else (shard.row0, shard.grid_rows)
+        gather_kv = None if shard is None else shard.gather_kv
         if lq_tokens is None:
-            lq_tokens = self.adapter_tokens(latent, h, w)
+            lq_tokens = self.adapter_tokens(latent, grid_rows * cfg.patch, w)[:, row0 * ws:(row0 + hs) * ws]
         text = text[:, :cfg.max_text]
-        rope_img, rope_txt, rope_pix = self.rope(hs, ws, text.shape[1], x.device)
+        rope_img, rope_txt, rope_pix = self.rope(grid_rows, ws, text.shape[1], x.device,
+                                                 None if shard is None else (row0, hs))
 
         temb = self.t_embedder(t * 1000)[:, None]                     # [B, 1, D]
         c = F.silu(temb)
         y = self.y_embedder(text) + self.y_pos_embedding[:, :text.shape[1]]
         xs = self.s_embedder(F.unfold(x, cfg.patch, stride=cfg.patch).transpose(1, 2))
-        p = self.embed_pixels(x)
+        p = self.embed_pixels(x, row0 * cfg.patch, grid_rows * cfg.patch)
 
         lq = self.lq_proj
         for i, block in enumerate(self.patch_blocks):
             if i % cfg.lq_every == 0:
                 j = i // cfg.lq_every
                 xs = lq.gate_modules[j](xs, lq.output_heads[j](lq_tokens), sigma)
-            xs, y = block(xs, y, c, rope_img, rope_txt, update_text=i < len(self.patch_blocks) - 1)
+            xs, y = block(xs, y, c, rope_img, rope_txt, update_text=i < len(self.patch_blocks) - 1,
+                          gather_kv=gather_kv)
 
         s = F.silu(temb + xs)
         if cfg.is_v15:
             s = self.pit_lq_gate(s, lq.pit_head(lq_tokens), sigma)
         s = s.reshape(b * hs * ws, -1)
         for block in self.pixel_blocks:
-            p = block(p, s, rope_pix, b)
+            p = block(p, s, rope_pix, b, gather_kv)
         return fold_patch_pixels(self.final_layer(p), b, h, w, cfg.patch)

@@ -1,0 +1,303 @@
+"""Sequence-parallel decoding: one decode split by image rows across a torch.distributed group.
+
+Every rank holds a contiguous band of patch rows (and the matching pixel rows) of the
+image; rows are split as evenly as possible, so bands may differ by one row. What does
+not grow with the image, or is needed whole by every band, is replicated: the latent
+adapter (its 3x3 convolutions see neighbouring rows), the text stream (its queries attend
+to every image key), the per-time conditioning and the sampler's noise draws (every rank
+draws the full-size noise from the seed's stream and keeps its rows, so the numbers are
+those of one process). Attention is the only place bands meet: each rank all-gathers the
+image keys and values of the other bands (torch.distributed's all_gather_single, padded
+to the longest band) and attends with its own queries. The output stage runs on each
+band; rank 0 (or every rank) gathers the whole image at the end. See docs/parallel.md.
+
+    torchrun --nproc-per-node 2 -m pidkern decode latent.safetensors -o out.png \\
+        --checkpoint flux-2k.safetensors --sequence-parallel
+
+    dec = pidkern.load(ckpt, parallel="sequence")      # inside an initialised process group
+    image = dec.decode(latent, sigma, seed=0)          # [B, 3, H, W] on rank 0, None elsewhere
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+
+import torch
+
+from .api import Decoder
+from .sampler import philox_draws, release_draws, resolve_seed, sample
+
+MODES = ("sequence",)
+OUTPUTS = ("rank0", "all")
+
+
+def split_rows(rows: int, world: int) -> list[tuple[int, int]]:
+    """(first row, row count) of each rank's band: contiguous, as even as possible (the
+    first `rows % world` ranks take one row more). Every rank must get at least one row."""
+    if world < 1:
+        raise ValueError(f"world={world}: expected at least one rank")
+    if rows < world:
+        raise ValueError(f"the image has {rows} patch rows, fewer than the {world} ranks of the group: every "
+                         f"rank needs at least one row; decode a taller image or use at most {rows} processes")
+    base, extra = divmod(rows, world)
+    bands, start = [], 0
+    for r in range(world):
+        n = base + (r < extra)
+        bands.append((start, n))
+        start += n
+    return bands
+
+
+def _dist():
+    import torch.distributed as dist
+    if not dist.is_available():
+        raise ValueError("parallel='sequence': this torch build has no torch.distributed")
+    return dist
+
+
+def resolve_group(group):
+    """The process group to split decodes over: `group`, or the default one."""
+    dist = _dist()
+    if not dist.is_initialized():
+        raise ValueError("parallel='sequence' needs an initialised torch.distributed process group: run under "
+                         "torchrun and call torch.distributed.init_process_group() first (the pidkern command "
+                         "line does this for --sequence-parallel), or pass group=")
+    if group is None:
+        return dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group={group!r}: expected a torch.distributed.ProcessGroup or None")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group "
+                         f"of {group.size()} ranks it was asked to decode in")
+    return group
+
+
+def default_device(device, group):
+    """Where this rank decodes: the given device, else its own GPU (LOCAL_RANK) under NCCL,
+    else the CPU. A group's backend must be able to move tensors of that device."""
+    dist = _dist()
+    backend = str(dist.get_backend(group)).lower()
+    if device is None:
+        if torch.cuda.is_available() and "nccl" in backend:
+            local = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cpu" and backend == "nccl":
+        raise ValueError(f"device={device!r}: the process group's backend is nccl, which moves CUDA tensors "
+                         f"only; decode on cuda:LOCAL_RANK or use a gloo group")
+    return dev
+
+
+def fingerprint(net: torch.nn.Module) -> str:
+    """A short hash of the weights: names, shapes, dtypes and ~4096 evenly spaced values of
+    every tensor. Cheap on 1.35 B parameters, and two checkpoints that differ anywhere that
+    matters differ here."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample_ = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(sample_.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class RowShard:
+    """One rank's band of patch rows, and the collectives that let it attend to the rest.
+
+    Passed to PiDNet.forward as `shard=` (reference.py reads `row0`, `grid_rows` and
+    `gather_kv`)."""
+
+    def __init__(self, group, grid_rows: int, grid_cols: int):
+        dist = _dist()
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.grid_rows, self.grid_cols = grid_rows, grid_cols
+        self.bands = split_rows(grid_rows, self.world)
+        self.row0, self.rows = self.bands[self.rank]
+        self.max_rows = max(n for _, n in self.bands)
+
+    def _all_gather_padded(self, t: torch.Tensor, dim: int, unit: int) -> list[torch.Tensor]:
+        """Every rank's `t` (its band's rows * unit entries along `dim`), padded to the
+        longest band for the collective (gloo and NCCL want equal sizes) and cut back."""
+        dist = _dist()
+        n_max = self.max_rows * unit
+        n = t.shape[dim]
+        if n < n_max:
+            pad = list(t.shape)
+            pad[dim] = n_max - n
+            t = torch.cat([t, t.new_zeros(pad)], dim=dim)
+        t = t.contiguous()
+        out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))   # the concatenated form: gloo has no stacked one
+        dist.all_gather_single(out, t, group=self.group)
+        out = out.view(self.world, *t.shape)
+        return [out[r].narrow(dim, 0, rows * unit) for r, (_, rows) in enumerate(self.bands)]
+
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, heads, rows*Ws, hd] of this band -> [B, heads, L, hd] of the image, in
+        row order. One collective for both (they are stacked)."""
+        if self.world == 1:
+            return k, v
+        parts = self._all_gather_padded(torch.stack([k, v]), 3, self.grid_cols)
+        full = torch.cat(parts, dim=3)
+        return full[0], full[1]
+
+    def pixel_band(self, t: torch.Tensor, patch: int) -> torch.Tensor:
+        """This band's pixel rows of a full-size [..., H, W] tensor."""
+        return t[..., self.row0 * patch:(self.row0 + self.rows) * patch, :]
+
+    def collect(self, x: torch.Tensor, patch: int, output: str) -> torch.Tensor | None:
+        """The whole image from every band's [B, C, rows*P, W]: on every rank ("all") or
+        on rank 0 of the group only ("rank0"; other ranks get None)."""
+        if self.world == 1:
+            return x
+        dist = _dist()
+        if output == "all":
+            return torch.cat(self._all_gather_padded(x, 2, patch), dim=2)
+        n_max = self.max_rows * patch
+        padded = torch.cat([x, x.new_zeros((*x.shape[:2], n_max - x.shape[2], x.shape[3]))], dim=2).contiguous()
+        if self.rank == 0:
+            bufs = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.gather(padded, bufs, group=self.group, group_dst=0)
+            return torch.cat([b[:, :, :rows * patch] for b, (_, rows) in zip(bufs, self.bands)], dim=2)
+        dist.gather(padded, None, group=self.group, group_dst=0)
+        return None
+
+
+class SequenceParallelDecoder(Decoder):
+    """A Decoder whose reference decodes are split by image rows across a process group.
+
+    Every rank of the group calls `decode` with the same arguments; the result is the
+    image one process would decode (rank 0 gets it; with output="all" every rank does)."""
+
+    def __init__(self, dec: Decoder, group, output: str = "rank0"):
+        super().__init__(dec.net, dec.device, dec.dtype, dec.source, dec.autocast, dec.text_encoder)
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
+        self.group = group
+        self.output = output
+        self.fingerprint = fingerprint(self.net)
+
+    @property
+    def rank(self) -> int:
+        return _dist().get_rank(self.group)
+
+    @property
+    def world_size(self) -> int:
+        return _dist().get_world_size(self.group)
+
+    def __repr__(self):
+        return (f"SequenceParallelDecoder({self.config.name}, rank {self.rank} of {self.world_size}, "
+                f"device={self.device}, dtype={self.dtype}, source={self.source})")
+
+    def backend_for(self, backend: str) -> str:
+        which = super().backend_for(backend)
+        if which == "fast" and backend == "fast":
+            raise ValueError("backend='fast': sequence-parallel decoding runs the reference backend only for now "
+                             "(use backend='reference' or 'auto')")
+        return "reference"
+
+    def _agree(self, args: dict) -> int:
+        """Check that every rank decodes the same thing; returns the seed they share.
+
+        Everything is gathered to every rank, so every rank raises the same error (no rank
+        is left waiting in a collective)."""
+        mine = dict(
+            preset=self.config.name, weights=self.fingerprint, dtype=str(self.dtype),
+            autocast=str(self.autocast), device_type=self.device.type,
+            latent_shape=tuple(args["latent"].shape), latent=_tensor_hash(args["latent"]),
+            text_shape=tuple(args["text"].shape), text=_tensor_hash(args["text"]),
+            sigma=[round(float(s), 9) for s in args["sigma"].tolist()], steps=args["steps"],
+            sampler=args["sampler"], noise=args["noise"], size=tuple(args["size"]),
+            seed=args["seed"], output=self.output)
+        drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
+        everyone = [None] * self.world_size
+        _dist().all_gather_object(everyone, (mine, drawn), group=self.group)
+        first = everyone[0][0]
+        for r, (theirs, _) in enumerate(everyone):
+            bad = [k for k in first if theirs[k] != first[k]]
+            if bad:
+                what = "; ".join(f"{k}: rank 0 has {first[k]!r}, rank {r} has {theirs[k]!r}" for k in bad)
+                raise ValueError(f"sequence-parallel decode: the ranks of the group disagree ({what}); every "
+                                 f"rank must load the same checkpoint and decode the same inputs")
+        return everyone[0][1] if first["seed"] is None else first["seed"]
+
+    @torch.inference_mode()
+    def decode(self, latent, sigma=0.0, *, backend: str = "auto", progress=None, output: str | None = None,
+               **inputs):
+        """As Decoder.decode (the same keyword arguments: text, prompt, steps, seed, size,
+        sampler, noise), on every rank of the group at once. Returns the images on rank 0
+        (None on the other ranks), or on every rank with output="all" (default: the
+        decoder's `output`, "rank0")."""
+        if output is not None and output not in OUTPUTS:
+            raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
+        self.backend_for(backend)
+        args = self.prepare(latent, sigma, **inputs)
+        args["seed"] = self._agree(args)
+        return self._decode_sharded(**args, progress=progress, output=output or self.output)
+
+    def _decode_sharded(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output):
+        b = latent.shape[0]
+        h, w = size
+        net, p = self.net, self.config.patch
+        shard = RowShard(self.group, h // p, w // p)
+        ws = w // p
+        with self._autocast():
+            # The adapter is replicated: its convolutions need the neighbouring rows.
+            tokens = net.adapter_tokens(latent.to(self.dtype), h, w)[:, shard.row0 * ws:(shard.row0 + shard.rows) * ws]
+            text = text.to(self.dtype)
+
+            def velocity(x, t):
+                tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
+                return net(x, tt, text, None, sigma, lq_tokens=tokens, shard=shard)
+
+            full = (philox_draws if noise == "philox" else release_draws)(seed, self.device)
+
+            def draw(k, shape):  # the full-size draw of one process, this band's rows of it
+                return shard.pixel_band(full(k, (b, 3, h, w)), p)
+
+            x = sample(velocity, (b, 3, shard.rows * p, w), steps=steps, sampler=sampler, draw=draw,
+                       device=self.device, progress=progress)
+        return shard.collect(x, p, output)
+
+
+def setup(mode, group, device):
+    """Check `load`'s parallel arguments: the resolved group and this rank's device."""
+    if mode not in MODES:
+        hint = " (group= is given, so parallel='sequence' was probably meant)" if mode is None else ""
+        raise ValueError(f"parallel={mode!r}: expected one of {MODES}, or None for one process{hint}")
+    group = resolve_group(group)
+    return group, default_device(device, group)
+
+
+def sequence_parallel(dec: Decoder, group, output: str = "rank0") -> SequenceParallelDecoder:
+    return SequenceParallelDecoder(dec, group, output)
+
+
+@contextmanager
+def torchrun_group(device=None):
+    """The default process group of a torchrun job, initialised here if needed (NCCL for a
+    CUDA decode, gloo otherwise) and destroyed on the way out if this made it."""
+    dist = _dist()
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"--sequence-parallel: run under torchrun (e.g. torchrun --nproc-per-node 2 -m pidkern "
+                         f"decode ...); the environment lacks {', '.join(missing)}")
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

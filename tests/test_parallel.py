@@ -1,0 +1,183 @@
+"""Sequence-parallel decoding (pidkern.parallel) against one process.
+
+The reference is the plain single-process decode of the same weights and inputs: the
+parallel decode must give the same image (float32, relative L2 <= 1e-5). Each world size
+is spawned once (gloo on 127.0.0.1) and runs every case, to keep process start-up (about
+5 s on two cores) out of the per-case cost.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+import warnings
+import zlib
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import pidkern
+from pidkern.config import tiny
+from pidkern.parallel import split_rows
+
+FAMILIES = ("flux-2k", "flux2-2k", "siglip-2k", "sdxl-2kto4k", "dinov2-2k", "flux-2kto4k-v1.5",
+            "flux2-2kto4k-v1.5", "qwenimage-2kto4k-v1.5")
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def case_inputs(name: str, base: str, lh: int, lw: int, batch: int = 1, with_text: bool = False):
+    """The same latent, sigma and text on every rank and in the parent."""
+    cfg = tiny(base)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    latent = torch.randn(batch, cfg.latent_channels, lh, lw, generator=g)
+    sigma = torch.rand(batch, generator=g) * 0.5
+    text = torch.randn(batch, 7, cfg.text_dim, generator=g) if with_text else None
+    return cfg, latent, sigma, text
+
+
+# name -> (base preset, latent h, latent w, batch, with text, decode kwargs)
+# 1x1 latents: 4 to 16 patch rows, uneven over 3 ranks for most families
+CASES = {f"{b}": (b, 1, 1, 1, False, dict(steps=2)) for b in FAMILIES}
+CASES.update({
+    "odd-4steps-text": ("flux-2k", 3, 5, 1, True, dict(steps=4, seed=11)),   # 12 x 20 patch rows x cols
+    "batch2-ode": ("flux-2kto4k-v1.5", 1, 3, 2, True, dict(steps=3, sampler="ode", seed=5)),
+    "philox": ("sdxl-2kto4k", 2, 1, 1, False, dict(steps=4, noise="philox", seed=3)),
+})
+
+
+def _decoder(cfg, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # random weights: intended here
+        return pidkern.load(preset=cfg, device="cpu", dtype="float32", **kw)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results, errors = {}, {}
+    try:
+        decoders = {}
+        for name, (base, lh, lw, batch, with_text, kw) in CASES.items():
+            cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text)
+            dec = decoders.get(base) or decoders.setdefault(base, _decoder(cfg, parallel="sequence"))
+            results[name] = dec.decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
+        # every rank gets the image with output="all"
+        cfg, latent, sigma, _ = case_inputs("flux-2k", "flux-2k", 1, 1)
+        results["all"] = decoders["flux-2k"].decode(latent, sigma, steps=2, seed=0, output="all")
+
+        # misconfigured groups: each rank raises, naming what differs
+        def expect_error(key, fn):
+            try:
+                fn()
+                errors[key] = None
+            except (ValueError, TypeError) as e:
+                errors[key] = str(e)
+        dec = decoders["flux-2k"]
+        expect_error("seed", lambda: dec.decode(latent, sigma, steps=1, seed=rank))
+        expect_error("sigma", lambda: dec.decode(latent, 0.1 * rank, steps=1, seed=0))
+        expect_error("latent", lambda: dec.decode(latent + rank, sigma, steps=1, seed=0))
+        other = _decoder(cfg if rank == 0 else tiny("sd3-2k"), parallel="sequence")
+        expect_error("preset", lambda: other.decode(latent, sigma, steps=1, seed=0))
+        changed = _decoder(cfg, parallel="sequence")
+        if rank == world - 1:
+            with torch.no_grad():
+                changed.net.final_layer.linear.bias.add_(1e-3)
+            changed.fingerprint = pidkern.parallel.fingerprint(changed.net)
+        expect_error("weights", lambda: changed.decode(latent, sigma, steps=1, seed=0))
+        few = _decoder(tiny("flux-2k", patch=32), parallel="sequence")   # 1 patch row
+        expect_error("rows", lambda: few.decode(torch.zeros(1, 16, 1, 1), 0.0, steps=1, seed=0))
+        expect_error("fast", lambda: dec.decode(latent, sigma, steps=1, backend="fast"))
+        # seed=None on every rank: one shared seed, so still one image
+        results["seed-none"] = dec.decode(latent, sigma, steps=2, seed=None, output="all")
+    except Exception:
+        errors["crash"] = traceback.format_exc()
+    torch.save(dict(results=results, errors=errors), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path):
+    ctx = mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")
+    import time
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def single_process(name):
+    base, lh, lw, batch, with_text, kw = CASES[name]
+    kw = dict(kw)
+    cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text)
+    return _decoder(cfg).decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference_images():
+    return {name: single_process(name) for name in CASES}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_matches_one_process(world, tmp_path, reference_images):
+    ranks = _spawn(world, tmp_path)
+    for r, got in enumerate(ranks):
+        assert "crash" not in got["errors"], f"rank {r}:\n{got['errors']['crash']}"
+    rank0 = ranks[0]["results"]
+    for name, want in reference_images.items():
+        got = rank0[name]
+        assert got.shape == want.shape, name
+        err = rel_l2(got, want)
+        assert err <= 1e-5, f"{name} on {world} ranks: relative L2 {err:.2e}"
+        for r in range(1, world):
+            assert ranks[r]["results"][name] is None, f"rank {r} got an image without output='all'"
+    for r in range(world):   # output="all", and a shared seed drawn when every rank passes None
+        assert rel_l2(ranks[r]["results"]["all"], reference_images["flux-2k"]) <= 1e-5
+        assert torch.equal(ranks[r]["results"]["seed-none"], ranks[0]["results"]["seed-none"])
+
+    for r in range(world):
+        errs = ranks[r]["errors"]
+        assert "seed: rank 0 has 0, rank 1 has 1" in errs["seed"], errs["seed"]
+        assert "sigma:" in errs["sigma"] and "weights" not in errs["sigma"], errs["sigma"]
+        assert "latent:" in errs["latent"] and "latent_shape" not in errs["latent"], errs["latent"]
+        assert "preset: rank 0 has 'tiny-flux-2k', rank 1 has 'tiny-sd3-2k'" in errs["preset"], errs["preset"]
+        assert f"rank {world - 1} has" in errs["weights"] and "weights:" in errs["weights"], errs["weights"]
+        assert "1 patch rows, fewer than the" in errs["rows"] and f"{world} ranks" in errs["rows"], errs["rows"]
+        assert "backend='fast'" in errs["fast"], errs["fast"]
+
+
+def test_split_rows_is_contiguous_and_even():
+    for rows in range(1, 40):
+        for world in range(1, rows + 1):
+            bands = split_rows(rows, world)
+            counts = [n for _, n in bands]
+            assert sum(counts) == rows and max(counts) - min(counts) <= 1 and min(counts) >= 1
+            assert all(bands[i][0] + bands[i][1] == bands[i + 1][0] for i in range(world - 1))
+    with pytest.raises(ValueError, match="3 patch rows, fewer than the 4 ranks"):
+        split_rows(3, 4)
+
+
+def test_load_parallel_needs_a_group():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(ValueError, match="initialised torch.distributed process group"):
+        _decoder(tiny("flux-2k"), parallel="sequence")
+    with pytest.raises(ValueError, match="parallel='pipeline': expected one of"):
+        _decoder(tiny("flux-2k"), parallel="pipeline")
+    with pytest.raises(ValueError, match="parallel='sequence' was probably meant"):
+        _decoder(tiny("flux-2k"), group=object())
