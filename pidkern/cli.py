@@ -145,6 +145,8 @@ def _load_decoder(args):
     if args.text_encoder is not None:
         _quiet_libraries(args)
         extra["text_encoder"] = args.text_encoder
+    if getattr(args, "sequence_parallel", False):
+        extra["parallel"] = "sequence"
     dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
     t_load = time.perf_counter() - t0
     _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
@@ -170,6 +172,17 @@ def _text_for(args, dec, batch: int) -> dict:
 
 
 def cmd_decode(args) -> int:
+    if getattr(args, "sequence_parallel", False):
+        from .parallel import torchrun_group
+        with torchrun_group(args.device) as group:   # torchrun's process group, made and ended here
+            import torch.distributed as dist
+            if dist.get_rank(group) != 0:   # rank 0 alone reports and writes
+                args.quiet = True
+            return _decode(args)
+    return _decode(args)
+
+
+def _decode(args) -> int:
     latent = read_tensor(args.latent, "LATENT", LATENT_KEYS)
     # Checked before loading: a load can take many seconds.
     if not 1 <= args.steps <= 4:
@@ -239,6 +252,8 @@ def cmd_decode(args) -> int:
                 raise type(e)(f"{flag} {str(path)!r}:{msg[len(api_name) + 1:]}") from None
         raise
     t_dec = time.perf_counter() - t1
+    if images is None:   # a rank other than 0 of a sequence-parallel decode: rank 0 has the image
+        return 0
     from .api import save_images
     for p in save_images(images, args.output, quality=args.quality):
         print(p)
@@ -524,6 +539,10 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--noise", default="release", choices=NOISE_STREAMS,
                    help="release: the release's torch.Generator stream, its images for a seed (default); philox: "
                         "a counter-based stream drawn inside the fast path's CUDA graph (less memory, other images)")
+    d.add_argument("--sequence-parallel", action="store_true",
+                   help="split the decode by image rows over the processes of a torchrun job (torchrun "
+                        "--nproc-per-node N -m pidkern decode ...); rank 0 writes the image, the same as one "
+                        "process would (reference backend)")
     d.set_defaults(func=cmd_decode)
 
     u = sub.add_parser("upscale", help="upscale image(s) 4x: VAE encode, then PiD",

@@ -27,17 +27,22 @@ def adapter_input_channels(config: PiDConfig) -> int:
     return config.adapter_in_channels
 
 
-def _step_parts(config: PiDConfig, height: int, width: int, text_tokens: int) -> dict:
-    """FLOPs of one network call for one sample, adapter excluded, by part."""
+def _step_parts(config: PiDConfig, height: int, width: int, text_tokens: int, query_rows: int | None = None) -> dict:
+    """FLOPs of one network call for one sample, adapter excluded, by part.
+
+    query_rows: the patch rows whose tokens this process computes (a sequence-parallel
+    band, pidkern.parallel); their queries still attend to the whole image, and the
+    text stream is computed whole. None: every row."""
     D, Ly = config.hidden, text_tokens
     Hs, Ws = _grid(config, height, width)
     L = Hs * Ws
+    Lq = L if query_rows is None else query_rows * Ws
     P2 = config.pixels_per_patch
     A, Dp = config.pixel_attn_dim, config.pixel_dim
 
     per_token = 2 * (3 * D * D + D * D + 3 * D * config.mlp_hidden)  # qkv, proj, SwiGLU
-    patch_gemm = config.patch_blocks * ((L + Ly) * per_token + 2 * 2 * D * 6 * D)  # + adaLN img/txt
-    patch_attn = config.patch_blocks * 4 * (L + Ly) ** 2 * D
+    patch_gemm = config.patch_blocks * ((Lq + Ly) * per_token + 2 * 2 * D * 6 * D)  # + adaLN img/txt
+    patch_attn = config.patch_blocks * 4 * (Lq + Ly) * (L + Ly) * D
 
     pixel_gemm_block = (
         L * 2 * D * 6 * Dp * P2            # per-patch adaLN_modulation
@@ -45,18 +50,19 @@ def _step_parts(config: PiDConfig, height: int, width: int, text_tokens: int) ->
         + L * 2 * (3 * A * A + A * A)      # qkv and proj
         + L * P2 * 2 * 2 * Dp * config.pixel_mlp_hidden  # per-pixel fc1 + fc2
     )
-    pixel_gemm = config.pixel_blocks * pixel_gemm_block
-    pixel_attn = config.pixel_blocks * 4 * L * L * A
+    pixel_gemm = config.pixel_blocks * pixel_gemm_block * Lq // L
+    pixel_attn = config.pixel_blocks * 4 * Lq * L * A
 
     gate_out = 1 if config.is_v15 else D
     n_gates = config.num_lq_heads + (1 if config.is_v15 else 0)  # v1.5: pit_lq_gate
-    gates = n_gates * L * 2 * 2 * D * gate_out
+    gates = n_gates * Lq * 2 * 2 * D * gate_out
 
-    embed = (L * 2 * 3 * P2 * D                        # s_embedder
+    pixels = Lq * P2                                    # this band's pixels
+    embed = (Lq * 2 * 3 * P2 * D                       # s_embedder
              + 2 * (config.time_freq_dim * D + D * D)   # t_embedder
              + Ly * 2 * config.text_dim * D             # y_embedder
-             + height * width * 2 * 3 * Dp              # pixel_embedder
-             + height * width * 2 * Dp * 3)             # final_layer.linear
+             + pixels * 2 * 3 * Dp                      # pixel_embedder
+             + pixels * 2 * Dp * 3)                     # final_layer.linear
     return {"patch_gemm": patch_gemm, "patch_attention": patch_attn, "pixel_gemm": pixel_gemm,
             "pixel_attention": pixel_attn, "adapter_gates": gates, "embed_and_head": embed}
 

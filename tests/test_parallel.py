@@ -181,3 +181,79 @@ def test_load_parallel_needs_a_group():
         _decoder(tiny("flux-2k"), parallel="pipeline")
     with pytest.raises(ValueError, match="parallel='sequence' was probably meant"):
         _decoder(tiny("flux-2k"), group=object())
+
+
+def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m pidkern decode ... --sequence-parallel` against the
+    single-process command on the same tiny checkpoint: the same PNG."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from pidkern.api import random_net
+    from pidkern.checkpoint import convert
+    from pidkern.cli import main
+
+    cfg = tiny("flux-2kto4k-v1.5")
+    torch.save(random_net(cfg, torch.device("cpu"), torch.float32, seed=4).state_dict(), tmp_path / "net.pt")
+    ckpt, _ = convert(tmp_path / "net.pt", tmp_path / "tiny.safetensors", preset=cfg)
+    torch.save(torch.randn(cfg.latent_channels, 3, 2, generator=torch.Generator().manual_seed(1)), tmp_path / "lat.pt")
+    common = [str(tmp_path / "lat.pt"), "--checkpoint", str(ckpt), "--steps", "3", "--seed", "7", "--sigma", "0.3",
+              "--device", "cpu"]
+    assert main(["decode", *common, "-o", str(tmp_path / "one.png")]) == 0
+    capsys.readouterr()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "pidkern", "decode", *common, "-o", str(tmp_path / "two.png"),
+           "--sequence-parallel"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(tmp_path / "two.png")]   # rank 0 alone writes and prints
+    one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
+    assert one.shape == two.shape == (96, 64, 3)
+    assert np.abs(one - two).max() <= 1
+
+    # outside torchrun the flag says how to launch
+    assert main(["decode", *common, "-o", str(tmp_path / "x.png"), "--sequence-parallel"]) == 2
+    assert "run under torchrun" in capsys.readouterr().err
+
+
+def test_rank_flops_split_the_image_work_and_replicate_the_text():
+    """Summed over the bands, a rank's FLOPs (pidkern.flops query_rows=) give one process's,
+    plus the text queries every rank computes again: 4 (Ly)(L+Ly)D per patch block."""
+    from pidkern.config import get_preset
+    from pidkern.flops import _step_parts
+    cfg, side, ly, world = get_preset("flux-2k"), 1024, 300, 3
+    hs = side // cfg.patch
+    L = hs * hs
+    whole = _step_parts(cfg, side, side, ly)
+    bands = [_step_parts(cfg, side, side, ly, n) for _, n in split_rows(hs, world)]
+    assert _step_parts(cfg, side, side, ly, hs) == whole
+    text_attn = cfg.patch_blocks * 4 * ly * (L + ly) * cfg.hidden
+    assert sum(b["patch_attention"] for b in bands) == whole["patch_attention"] + (world - 1) * text_attn
+    for part in ("pixel_attention", "pixel_gemm", "adapter_gates"):
+        assert sum(b[part] for b in bands) == whole[part], part
+
+
+def test_cost_model_table():
+    from bench import parallel_cost as pc
+    from pidkern.config import get_preset
+    cfg = get_preset("flux-2k")
+    assert pc.measured_ms()[2048] == pytest.approx(428.0, abs=0.1)   # the H200 run in bench/results
+    # every rank receives the K and V of the other bands at all 16 attention layers, in bf16
+    L = (4096 // 16) ** 2
+    per_token = 2 * (14 * 1536 + 2 * 1152) * 2
+    assert pc.kv_gather_bytes(cfg, 4096, 4) == 3 * (L // 4) * per_token
+    rows = pc.table()
+    assert [(r["side"], r["world"]) for r in rows] == [(s, n) for s in (2048, 4096, 8192) for n in (1, 2, 4, 8)]
+    for r in rows:
+        if r["world"] == 1:
+            assert r["kv_bytes"] == 0 and r["NVLink"]["speedup"] == pytest.approx(1.0)
+        else:   # compute shrinks at most N-fold, and a slower link never helps
+            assert r["compute_ms"] >= r["one_gpu_step_ms"] / r["world"]
+            assert r["PCIe"]["step_ms"] > r["NVLink"]["step_ms"] > r["compute_ms"]
+    text = pc.render(rows)
+    assert text.count("\n") == 13 and "8192² (extrapolated)" in text

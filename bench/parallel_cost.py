@@ -1,0 +1,129 @@
+"""Cost model of sequence-parallel decoding (pidkern.parallel) for machines this one is not.
+
+    python -m bench.parallel_cost              # the README table (flux-2k, 4 steps, bf16)
+    python -m bench.parallel_cost --markdown
+
+Inputs, nothing else:
+- measured single-H200 decode times of the fast path (bench/results/engine_check_nvidia-h200_
+  2026-11-26.json: 2048² and 4096²; 8192² is not measured and is extrapolated at 4096²'s
+  achieved TFLOP/s, which attention dominates at both sizes);
+- pidkern.flops: the per-rank FLOPs of a band of rows (its queries attend to the whole
+  image; the text stream and the latent adapter are computed whole on every rank);
+- link bandwidths: NVLink-class 450 GB/s per direction effective (H200 NVLink 4), PCIe-class
+  25 GB/s (PCIe 4 x16 effective), and a per-collective latency.
+
+Per step, a rank's compute time is the single-GPU step time times its share of the FLOPs
+(so a band is assumed as efficient as the whole image: optimistic for small bands). Its
+traffic is what pidkern.parallel moves: one all-gather of the image keys and values per
+attention layer (14 patch + 2 pixel), each rank receiving the (N-1)/N it does not hold, in
+bf16. The collectives are not overlapped with compute in pidkern.parallel, so a step costs
+compute + communication. For comparison the table also gives what a Ulysses all-to-all
+scheme would move (q, k, v in and the output back: 4 L x width x (N-1)/N^2 per layer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pidkern.config import PiDConfig, get_preset
+from pidkern.flops import _step_parts, decode_flops
+from pidkern.parallel import split_rows
+
+RESULTS = Path(__file__).parent / "results" / "engine_check_nvidia-h200_2026-11-26.json"
+LINKS = {  # name: (bytes/s per direction, seconds per collective step)
+    "NVLink": (450e9, 10e-6),
+    "PCIe": (25e9, 20e-6),
+}
+SIZES = (2048, 4096, 8192)
+WORLDS = (1, 2, 4, 8)
+STEPS = 4
+BYTES = 2  # bf16 activations
+
+
+def measured_ms(path: Path = RESULTS) -> dict[int, float]:
+    """{side: median decode ms} of square batch-1 decodes measured on one H200."""
+    rows = json.loads(path.read_text())["memory"]
+    return {r["height"]: r["median_ms"] for r in rows if r["batch"] == 1 and r["height"] == r["width"]}
+
+
+def single_gpu_ms(cfg: PiDConfig, side: int, measured: dict[int, float]) -> tuple[float, bool]:
+    """(decode ms on one GPU, measured?): measured, or at the largest measured size's TFLOP/s."""
+    if side in measured:
+        return measured[side], True
+    ref = max(measured)
+    rate = decode_flops(cfg, 1, ref, ref, STEPS)["total"] / measured[ref]
+    return decode_flops(cfg, 1, side, side, STEPS)["total"] / rate, False
+
+
+def kv_gather_bytes(cfg: PiDConfig, side: int, world: int) -> float:
+    """Bytes one rank receives per step: every attention layer's image K and V it lacks
+    (its all-gather is padded to the longest band, as pidkern.parallel pads it)."""
+    hs = side // cfg.patch
+    longest = max(n for _, n in split_rows(hs, world))
+    tokens_received = (world - 1) * longest * (side // cfg.patch)
+    per_token = 2 * (cfg.patch_blocks * cfg.hidden + cfg.pixel_blocks * cfg.pixel_attn_dim)  # K and V
+    return tokens_received * per_token * BYTES
+
+
+def ulysses_bytes(cfg: PiDConfig, side: int, world: int) -> float:
+    """Bytes one rank sends per step under an all-to-all (Ulysses) scheme, for comparison."""
+    L = (side // cfg.patch) ** 2
+    width = cfg.patch_blocks * cfg.hidden + cfg.pixel_blocks * cfg.pixel_attn_dim
+    return 4 * L * width * (world - 1) / world ** 2 * BYTES
+
+
+def rank_model(cfg: PiDConfig, side: int, world: int, measured: dict[int, float]) -> dict:
+    """Per-step and per-decode time of the busiest rank (the longest band), per link."""
+    decode_ms, was_measured = single_gpu_ms(cfg, side, measured)
+    total = decode_flops(cfg, 1, side, side, STEPS)
+    step_ms = decode_ms * total["per_step"] / total["total"]
+    once_ms = decode_ms * total["once"] / total["total"]          # the adapter: replicated
+    longest = max(n for _, n in split_rows(side // cfg.patch, world))
+    share = sum(_step_parts(cfg, side, side, cfg.max_text, longest).values()) / total["per_step"]
+    compute_ms = step_ms * share
+    gathered = kv_gather_bytes(cfg, side, world)
+    image_bytes = 3 * side * side * 4 * (world - 1) / world     # float32 image to rank 0, once
+    out = dict(side=side, world=world, measured=was_measured, one_gpu_step_ms=step_ms, compute_ms=compute_ms,
+               kv_bytes=gathered, ulysses_bytes=ulysses_bytes(cfg, side, world))
+    layers = cfg.patch_blocks + cfg.pixel_blocks
+    for name, (bw, latency) in LINKS.items():
+        comm_ms = 0.0 if world == 1 else 1e3 * (gathered / bw + layers * (world - 1) * latency)
+        step = compute_ms + comm_ms
+        decode = once_ms + STEPS * step + (1e3 * image_bytes / bw if world > 1 else 0.0)
+        out[name] = dict(comm_ms=comm_ms, step_ms=step, decode_ms=decode, speedup=decode_ms / decode)
+    return out
+
+
+def table(preset: str = "flux-2k") -> list[dict]:
+    cfg, measured = get_preset(preset), measured_ms()
+    return [rank_model(cfg, side, n, measured) for side in SIZES for n in WORLDS]
+
+
+def render(rows: list[dict]) -> str:
+    head = ("| size | N | one-GPU ms/step | compute ms/step/rank | K/V all-gather MB/step/rank | NVLink ms/step "
+            "(decode speed-up) | PCIe ms/step (decode speed-up) | Ulysses MB/step/rank |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        size = f"{r['side']}²" + ("" if r["measured"] else " (extrapolated)")
+        cells = [size, str(r["world"]), f"{r['one_gpu_step_ms']:.0f}", f"{r['compute_ms']:.0f}",
+                 f"{r['kv_bytes'] / 1e6:,.0f}"]
+        cells += [f"{r[k]['step_ms']:.0f} ({r[k]['speedup']:.2f}x)" for k in LINKS]
+        cells.append(f"{r['ulysses_bytes'] / 1e6:,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.parallel_cost", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="flux-2k")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = parser.parse_args(argv)
+    rows = table(args.preset)
+    print(json.dumps(rows, indent=1) if args.json else render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
