@@ -274,7 +274,10 @@ def setup(mode, group, device):
         hint = " (group= is given, so parallel='sequence' was probably meant)" if mode is None else ""
         raise ValueError(f"parallel={mode!r}: expected one of {MODES}, or None for one process{hint}")
     group = resolve_group(group)
-    return group, default_device(device, group)
+    device = default_device(device, group)
+    if device.type == "cuda":   # NCCL's object collectives (the entry check) use the current device
+        torch.cuda.set_device(device)
+    return group, device
 
 
 def sequence_parallel(dec: Decoder, group, output: str = "rank0") -> SequenceParallelDecoder:

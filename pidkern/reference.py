@@ -52,20 +52,24 @@ def ntk_theta(grid: int, ref_grid: int, head_dim: int) -> float:
     return ROPE_THETA * (grid / ref_grid) ** (a / (a - 2))
 
 
-def rope_angles_2d(hs: int, ws: int, head_dim: int, ref_grid: int, device=None) -> torch.Tensor:
+def rope_angles_2d(hs: int, ws: int, head_dim: int, ref_grid: int, device=None,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Angles [hs*ws, head_dim/2] in float64 for image tokens in row-major grid order.
 
     Pair 2k turns by the column position, pair 2k+1 by the row position; positions are
     linspace(0, 16, n), not integers, and theta grows NTK-style with the grid (SPEC §3).
+    rows (first, count): only the tokens of those grid rows, [count*ws, head_dim/2].
     """
     k = torch.arange(head_dim // 4, dtype=torch.float64, device=device)
     gx = ntk_theta(ws, ref_grid, head_dim) ** (-4 * k / head_dim)
     gy = ntk_theta(hs, ref_grid, head_dim) ** (-4 * k / head_dim)
     px = torch.linspace(0, 16, ws, dtype=torch.float64, device=device)
     py = torch.linspace(0, 16, hs, dtype=torch.float64, device=device)
-    ax = (px[None, :, None] * gx).expand(hs, ws, -1)
-    ay = (py[:, None, None] * gy).expand(hs, ws, -1)
-    return torch.stack([ax, ay], dim=-1).reshape(hs * ws, head_dim // 2)
+    if rows is not None:
+        py = py[rows[0]:rows[0] + rows[1]]
+    ax = (px[None, :, None] * gx).expand(len(py), ws, -1)
+    ay = (py[:, None, None] * gy).expand(len(py), ws, -1)
+    return torch.stack([ax, ay], dim=-1).reshape(len(py) * ws, head_dim // 2)
 
 
 def rope_angles_1d(n: int, head_dim: int, device=None) -> torch.Tensor:
@@ -94,16 +98,17 @@ def lq_gate(x, lq, weight, bias, log_alpha, sigma):
     return x + torch.sigmoid(logits - torch.exp(log_alpha) * sigma.float()[:, None, None]) * lq
 
 
-def pixel_sincos(h: int, w: int, dim: int, device=None) -> torch.Tensor:
-    """The fixed [h, w, dim] float64 pixel embedding: column half, then row half (SPEC §2)."""
+def pixel_sincos(h: int, w: int, dim: int, device=None, first_row: int = 0) -> torch.Tensor:
+    """The fixed [h, w, dim] float64 pixel embedding: column half, then row half (SPEC §2).
+    first_row: the table of pixel rows first_row .. first_row+h-1 of a taller image."""
     quarter = dim // 4
     freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
 
-    def half(n):
-        ang = torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs
+    def half(n, start=0):
+        ang = torch.arange(start, start + n, dtype=torch.float64, device=device)[:, None] * freqs
         return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
 
-    return torch.cat([half(w)[None].expand(h, -1, -1), half(h)[:, None].expand(-1, w, -1)], dim=-1)
+    return torch.cat([half(w)[None].expand(h, -1, -1), half(h, first_row)[:, None].expand(-1, w, -1)], dim=-1)
 
 
 def to_patch_pixels(t: torch.Tensor, patch: int) -> torch.Tensor:
@@ -377,18 +382,16 @@ class PiDNet(nn.Module):
         """(image, text, pixel) RoPE tables of an hs x ws grid; `rows` (first, count): only
         the tokens of those patch rows, at their positions in the whole grid."""
         cfg = self.cfg
-        band = slice(None) if rows is None else slice(rows[0] * ws, (rows[0] + rows[1]) * ws)
-        return (rope_tables(rope_angles_2d(hs, ws, cfg.head_dim, cfg.rope_ref_grid, device)[band]),
+        return (rope_tables(rope_angles_2d(hs, ws, cfg.head_dim, cfg.rope_ref_grid, device, rows)),
                 rope_tables(rope_angles_1d(text_len, cfg.head_dim, device)),
-                rope_tables(rope_angles_2d(hs, ws, cfg.pixel_head_dim, cfg.rope_ref_grid, device)[band]))
+                rope_tables(rope_angles_2d(hs, ws, cfg.pixel_head_dim, cfg.rope_ref_grid, device, rows)))
 
-    def embed_pixels(self, x: torch.Tensor, row0: int = 0, height: int | None = None) -> torch.Tensor:
-        """Pixel tokens of x; x may be the pixel rows row0.. of an image `height` rows tall
-        (the sin-cos embedding takes each pixel's row in the whole image)."""
+    def embed_pixels(self, x: torch.Tensor, row0: int = 0) -> torch.Tensor:
+        """Pixel tokens of x; x may be the pixel rows row0.. of a taller image (the sin-cos
+        embedding takes each pixel's row in the whole image)."""
         b, _, h, w = x.shape
         p = self.pixel_embedder(x.permute(0, 2, 3, 1))
-        table = pixel_sincos(height or h, w, self.cfg.pixel_dim, x.device)[row0:row0 + h]
-        p = p + table.to(p.dtype)
+        p = p + pixel_sincos(h, w, self.cfg.pixel_dim, x.device, row0).to(p.dtype)
         return to_patch_pixels(p, self.cfg.patch)
 
     def forward(self, x, t, text, latent, sigma, lq_tokens=None, shard=None):
@@ -416,7 +419,7 @@ class PiDNet(nn.Module):
         c = F.silu(temb)
         y = self.y_embedder(text) + self.y_pos_embedding[:, :text.shape[1]]
         xs = self.s_embedder(F.unfold(x, cfg.patch, stride=cfg.patch).transpose(1, 2))
-        p = self.embed_pixels(x, row0 * cfg.patch, grid_rows * cfg.patch)
+        p = self.embed_pixels(x, row0 * cfg.patch)
 
         lq = self.lq_proj
         for i, block in enumerate(self.patch_blocks):

@@ -257,3 +257,13 @@ def test_cost_model_table():
             assert r["PCIe"]["step_ms"] > r["NVLink"]["step_ms"] > r["compute_ms"]
     text = pc.render(rows)
     assert text.count("\n") == 13 and "8192² (extrapolated)" in text
+
+
+def test_band_tables_are_rows_of_the_whole_image_tables():
+    from pidkern.reference import pixel_sincos, rope_angles_2d
+    hs, ws = 7, 5
+    whole = rope_angles_2d(hs, ws, 16, 64)
+    for first, count in split_rows(hs, 3):
+        assert torch.equal(rope_angles_2d(hs, ws, 16, 64, rows=(first, count)), whole[first * ws:(first + count) * ws])
+    table = pixel_sincos(40, 24, 16)
+    assert torch.equal(pixel_sincos(16, 24, 16, first_row=8), table[8:24])
