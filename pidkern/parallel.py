@@ -204,24 +204,33 @@ class SequenceParallelDecoder(Decoder):
                              "(use backend='reference' or 'auto')")
         return "reference"
 
-    def _agree(self, args: dict) -> int:
-        """Check that every rank decodes the same thing; returns the seed they share.
-
-        Everything is gathered to every rank, so every rank raises the same error (no rank
-        is left waiting in a collective)."""
-        mine = dict(
+    def _describe(self, args: dict, output: str) -> dict:
+        """What this rank is about to decode, for the entry check."""
+        return dict(
             preset=self.config.name, weights=self.fingerprint, dtype=str(self.dtype),
             autocast=str(self.autocast), device_type=self.device.type,
             latent_shape=tuple(args["latent"].shape), latent=_tensor_hash(args["latent"]),
             text_shape=tuple(args["text"].shape), text=_tensor_hash(args["text"]),
             sigma=[round(float(s), 9) for s in args["sigma"].tolist()], steps=args["steps"],
             sampler=args["sampler"], noise=args["noise"], size=tuple(args["size"]),
-            seed=args["seed"], output=self.output)
-        drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
+            seed=args["seed"], output=output)
+
+    def _agree(self, mine: dict | None, drawn: int | None, error: Exception | None) -> int:
+        """Check that every rank decodes the same thing; returns the seed they share.
+
+        Every rank sends its description (or the error its own checks raised) to every
+        rank, so all of them raise the same error and none is left waiting in a
+        collective."""
         everyone = [None] * self.world_size
-        _dist().all_gather_object(everyone, (mine, drawn), group=self.group)
+        _dist().all_gather_object(everyone, (mine, drawn, None if error is None else str(error)), group=self.group)
+        if error is not None:
+            raise error
+        for r, (_, _, theirs) in enumerate(everyone):
+            if theirs is not None:
+                raise ValueError(f"sequence-parallel decode: rank {r} of the group refused its inputs ({theirs}); "
+                                 f"every rank must decode the same inputs")
         first = everyone[0][0]
-        for r, (theirs, _) in enumerate(everyone):
+        for r, (theirs, _, _) in enumerate(everyone):
             bad = [k for k in first if theirs[k] != first[k]]
             if bad:
                 what = "; ".join(f"{k}: rank 0 has {first[k]!r}, rank {r} has {theirs[k]!r}" for k in bad)
@@ -236,12 +245,22 @@ class SequenceParallelDecoder(Decoder):
         sampler, noise), on every rank of the group at once. Returns the images on rank 0
         (None on the other ranks), or on every rank with output="all" (default: the
         decoder's `output`, "rank0")."""
-        if output is not None and output not in OUTPUTS:
-            raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
-        self.backend_for(backend)
-        args = self.prepare(latent, sigma, **inputs)
-        args["seed"] = self._agree(args)
-        return self._decode_sharded(**args, progress=progress, output=output or self.output)
+        mine = drawn = error = None
+        try:   # a rank's own input errors go to every rank through the entry check
+            if output is not None and output not in OUTPUTS:
+                raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
+            output = output or self.output
+            self.backend_for(backend)
+            if inputs.pop("plan", None) is not None:
+                raise ValueError("plan=: a plan configures the fast backend, which sequence-parallel decodes do "
+                                 "not run")
+            args = self.prepare(latent, sigma, **inputs)
+            drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
+            mine = self._describe(args, output)
+        except (ValueError, TypeError) as e:
+            error = e
+        args["seed"] = self._agree(mine, drawn, error)
+        return self._decode_sharded(**args, progress=progress, output=output)
 
     def _decode_sharded(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output):
         b = latent.shape[0]

@@ -95,6 +95,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         few = _decoder(tiny("flux-2k", patch=32), parallel="sequence")   # 1 patch row
         expect_error("rows", lambda: few.decode(torch.zeros(1, 16, 1, 1), 0.0, steps=1, seed=0))
         expect_error("fast", lambda: dec.decode(latent, sigma, steps=1, backend="fast"))
+        # one rank's own bad input: every rank raises (none waits in a collective)
+        expect_error("local", lambda: dec.decode(latent, sigma, steps=1 if rank == 0 else 9, seed=0))
+        expect_error("output", lambda: dec.decode(latent, sigma, steps=1, seed=0, output="all" if rank else None))
         # seed=None on every rank: one shared seed, so still one image
         results["seed-none"] = dec.decode(latent, sigma, steps=2, seed=None, output="all")
     except Exception:
@@ -158,6 +161,9 @@ def test_sequence_parallel_matches_one_process(world, tmp_path, reference_images
         assert f"rank {world - 1} has" in errs["weights"] and "weights:" in errs["weights"], errs["weights"]
         assert "1 patch rows, fewer than the" in errs["rows"] and f"{world} ranks" in errs["rows"], errs["rows"]
         assert "backend='fast'" in errs["fast"], errs["fast"]
+        want = "steps=9: expected an integer from 1 to 4" if r else "rank 1 of the group refused its inputs (steps=9"
+        assert want in errs["local"], errs["local"]
+        assert "output: rank 0 has 'rank0', rank 1 has 'all'" in errs["output"], errs["output"]
 
 
 def test_split_rows_is_contiguous_and_even():
