@@ -57,14 +57,16 @@ def single_gpu_ms(cfg: PiDConfig, side: int, measured: dict[int, float]) -> tupl
     return decode_flops(cfg, 1, side, side, STEPS)["total"] / rate, False
 
 
-def kv_gather_bytes(cfg: PiDConfig, side: int, world: int) -> float:
+def kv_gather_bytes(cfg: PiDConfig, side: int, world: int, width: int | None = None, batch: int = 1,
+                    dtype_bytes: int = BYTES) -> int:
     """Bytes one rank receives per step: every attention layer's image K and V it lacks
-    (its all-gather is padded to the longest band, as pidkern.parallel pads it)."""
-    hs = side // cfg.patch
+    (its all-gather is padded to the longest band, as pidkern.parallel pads it). `side`
+    is the height (and the width unless `width` is given)."""
+    hs, ws = side // cfg.patch, (width or side) // cfg.patch
     longest = max(n for _, n in split_rows(hs, world))
-    tokens_received = (world - 1) * longest * (side // cfg.patch)
+    tokens_received = batch * (world - 1) * longest * ws
     per_token = 2 * (cfg.patch_blocks * cfg.hidden + cfg.pixel_blocks * cfg.pixel_attn_dim)  # K and V
-    return tokens_received * per_token * BYTES
+    return tokens_received * per_token * dtype_bytes
 
 
 def ulysses_bytes(cfg: PiDConfig, side: int, world: int) -> float:

@@ -123,6 +123,7 @@ class RowShard:
         self.bands = split_rows(grid_rows, self.world)
         self.row0, self.rows = self.bands[self.rank]
         self.max_rows = max(n for _, n in self.bands)
+        self.bytes_received = 0      # by the K/V all-gathers: what bench.parallel_cost models
 
     def _all_gather_padded(self, t: torch.Tensor, dim: int, unit: int) -> list[torch.Tensor]:
         """Every rank's `t` (its band's rows * unit entries along `dim`), padded to the
@@ -146,6 +147,8 @@ class RowShard:
         if self.world == 1:
             return k, v
         parts = self._all_gather_padded(torch.stack([k, v]), 3, self.grid_cols)
+        chunk = k.numel() // k.shape[2] * self.max_rows * self.grid_cols   # one rank's padded K (or V)
+        self.bytes_received += 2 * (self.world - 1) * chunk * k.element_size()
         full = torch.cat(parts, dim=3)
         return full[0], full[1]
 
@@ -184,6 +187,7 @@ class SequenceParallelDecoder(Decoder):
         self.group = group
         self.output = output
         self.fingerprint = fingerprint(self.net)
+        self.last_kv_bytes = 0   # what this rank received through the K/V all-gathers in its last decode
 
     @property
     def rank(self) -> int:
@@ -284,6 +288,7 @@ class SequenceParallelDecoder(Decoder):
 
             x = sample(velocity, (b, 3, shard.rows * p, w), steps=steps, sampler=sampler, draw=draw,
                        device=self.device, progress=progress)
+        self.last_kv_bytes = shard.bytes_received
         return shard.collect(x, p, output)
 
 

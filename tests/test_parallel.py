@@ -69,6 +69,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
             cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text)
             dec = decoders.get(base) or decoders.setdefault(base, _decoder(cfg, parallel="sequence"))
             results[name] = dec.decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
+        # what the cost model says a rank receives (bench.parallel_cost), in float32
+        from bench.parallel_cost import kv_gather_bytes
+        base, lh, lw, batch, _, kw = CASES["odd-4steps-text"]
+        cfg = tiny(base)
+        h, w = cfg.output_size(lh, lw)
+        results["traffic"] = (decoders[base].last_kv_bytes,
+                              kw["steps"] * kv_gather_bytes(cfg, h, world, width=w, batch=batch, dtype_bytes=4))
         # every rank gets the image with output="all"
         cfg, latent, sigma, _ = case_inputs("flux-2k", "flux-2k", 1, 1)
         results["all"] = decoders["flux-2k"].decode(latent, sigma, steps=2, seed=0, output="all")
@@ -148,6 +155,9 @@ def test_sequence_parallel_matches_one_process(world, tmp_path, reference_images
         assert err <= 1e-5, f"{name} on {world} ranks: relative L2 {err:.2e}"
         for r in range(1, world):
             assert ranks[r]["results"][name] is None, f"rank {r} got an image without output='all'"
+    for r in range(world):
+        got, modelled = ranks[r]["results"]["traffic"]
+        assert got == modelled and got > 0, f"rank {r}: received {got} bytes, the cost model says {modelled}"
     for r in range(world):   # output="all", and a shared seed drawn when every rank passes None
         assert rel_l2(ranks[r]["results"]["all"], reference_images["flux-2k"]) <= 1e-5
         assert torch.equal(ranks[r]["results"]["seed-none"], ranks[0]["results"]["seed-none"])
