@@ -45,12 +45,12 @@ def _step_parts(config: PiDConfig, height: int, width: int, text_tokens: int, qu
     patch_attn = config.patch_blocks * 4 * (Lq + Ly) * (L + Ly) * D
 
     pixel_gemm_block = (
-        L * 2 * D * 6 * Dp * P2            # per-patch adaLN_modulation
-        + L * 2 * P2 * Dp * A * 2          # compress_to_attn and expand_from_attn
-        + L * 2 * (3 * A * A + A * A)      # qkv and proj
-        + L * P2 * 2 * 2 * Dp * config.pixel_mlp_hidden  # per-pixel fc1 + fc2
+        Lq * 2 * D * 6 * Dp * P2           # per-patch adaLN_modulation
+        + Lq * 2 * P2 * Dp * A * 2         # compress_to_attn and expand_from_attn
+        + Lq * 2 * (3 * A * A + A * A)     # qkv and proj
+        + Lq * P2 * 2 * 2 * Dp * config.pixel_mlp_hidden  # per-pixel fc1 + fc2
     )
-    pixel_gemm = config.pixel_blocks * pixel_gemm_block * Lq // L
+    pixel_gemm = config.pixel_blocks * pixel_gemm_block
     pixel_attn = config.pixel_blocks * 4 * Lq * L * A
 
     gate_out = 1 if config.is_v15 else D
