@@ -125,19 +125,21 @@ class RowShard:
         self.max_rows = max(n for _, n in self.bands)
         self.bytes_received = 0      # by the K/V all-gathers: what bench.parallel_cost models
 
-    def _all_gather_padded(self, t: torch.Tensor, dim: int, unit: int) -> list[torch.Tensor]:
-        """Every rank's `t` (its band's rows * unit entries along `dim`), padded to the
-        longest band for the collective (gloo and NCCL want equal sizes) and cut back."""
-        dist = _dist()
-        n_max = self.max_rows * unit
-        n = t.shape[dim]
-        if n < n_max:
+    def _padded(self, t: torch.Tensor, dim: int, unit: int) -> torch.Tensor:
+        """`t` (this band's rows * unit entries along `dim`) grown with zeros to the longest
+        band's: the collectives want equal sizes on every rank (gloo and NCCL alike)."""
+        missing = self.max_rows * unit - t.shape[dim]
+        if missing:
             pad = list(t.shape)
-            pad[dim] = n_max - n
+            pad[dim] = missing
             t = torch.cat([t, t.new_zeros(pad)], dim=dim)
-        t = t.contiguous()
+        return t.contiguous()
+
+    def _all_gather_padded(self, t: torch.Tensor, dim: int, unit: int) -> list[torch.Tensor]:
+        """Every rank's `t` (its band's rows * unit entries along `dim`), in rank order."""
+        t = self._padded(t, dim, unit)
         out = t.new_empty((self.world * t.shape[0], *t.shape[1:]))   # the concatenated form: gloo has no stacked one
-        dist.all_gather_single(out, t, group=self.group)
+        _dist().all_gather_single(out, t, group=self.group)
         out = out.view(self.world, *t.shape)
         return [out[r].narrow(dim, 0, rows * unit) for r, (_, rows) in enumerate(self.bands)]
 
@@ -164,8 +166,7 @@ class RowShard:
         dist = _dist()
         if output == "all":
             return torch.cat(self._all_gather_padded(x, 2, patch), dim=2)
-        n_max = self.max_rows * patch
-        padded = torch.cat([x, x.new_zeros((*x.shape[:2], n_max - x.shape[2], x.shape[3]))], dim=2).contiguous()
+        padded = self._padded(x, 2, patch)
         if self.rank == 0:
             bufs = [torch.empty_like(padded) for _ in range(self.world)]
             dist.gather(padded, bufs, group=self.group, group_dst=0)
