@@ -12,6 +12,7 @@ import socket
 import traceback
 import warnings
 import zlib
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -137,9 +138,22 @@ def single_process(name):
     return _decoder(cfg).decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
 
 
+@contextmanager
+def one_thread():
+    """Tiny decodes gain nothing from a second intra-op thread, and lose 10-40x when
+    another process holds the other core (OpenMP's workers wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def reference_images():
-    return {name: single_process(name) for name in CASES}
+    with one_thread():
+        return {name: single_process(name) for name in CASES}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -218,7 +232,8 @@ def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, cap
     torch.save(torch.randn(cfg.latent_channels, 3, 2, generator=torch.Generator().manual_seed(1)), tmp_path / "lat.pt")
     common = [str(tmp_path / "lat.pt"), "--checkpoint", str(ckpt), "--steps", "3", "--seed", "7", "--sigma", "0.3",
               "--device", "cpu"]
-    assert main(["decode", *common, "-o", str(tmp_path / "one.png")]) == 0
+    with one_thread():
+        assert main(["decode", *common, "-o", str(tmp_path / "one.png")]) == 0
     capsys.readouterr()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
