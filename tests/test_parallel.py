@@ -8,7 +8,6 @@ is spawned once (gloo on 127.0.0.1) and runs every case, to keep process start-u
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 import warnings
 import zlib
@@ -27,10 +26,8 @@ FAMILIES = ("flux-2k", "flux2-2k", "siglip-2k", "sdxl-2kto4k", "dinov2-2k", "flu
 TIMEOUT_S = 120
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# gloo's connections between the ranks stay on the loopback interface
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
 def case_inputs(name: str, base: str, lh: int, lw: int, batch: int = 1, with_text: bool = False):
@@ -59,10 +56,12 @@ def _decoder(cfg, **kw):
         return pidkern.load(preset=cfg, device="cpu", dtype="float32", **kw)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str):
+def _worker(rank: int, world: int, out_dir: str):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.environ.update(LOOPBACK)
+    # rendezvous through a file: no port to pick, none another process can take first
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     results, errors = {}, {}
     try:
         decoders = {}
@@ -115,7 +114,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def _spawn(world: int, tmp_path):
-    ctx = mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
     import time
     deadline = time.monotonic() + TIMEOUT_S
@@ -235,9 +234,10 @@ def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, cap
     with one_thread():
         assert main(["decode", *common, "-o", str(tmp_path / "one.png")]) == 0
     capsys.readouterr()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "pidkern", "decode", *common, "-o", str(tmp_path / "two.png"),
+    env = dict(os.environ, OMP_NUM_THREADS="1", **LOOPBACK)
+    # --standalone: torchrun's own rendezvous on localhost, on a port it binds itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pidkern", "decode", *common, "-o", str(tmp_path / "two.png"),
            "--sequence-parallel"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
