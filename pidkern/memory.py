@@ -66,7 +66,7 @@ def weight_bytes(preset, dtype_bytes: int = 2) -> int:
 
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
-                    dtype_bytes: int = 2, noise: str = "release") -> int:
+                    dtype_bytes: int = 2, noise: str = "release", world_size: int = 1) -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -75,15 +75,29 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     normed/roped copy, the output) and the pixel block (attention of the compressed
     tokens, or one modulation band). Checked against measurements by bench/engine_check.py.
     noise: the decode's noise stream ("release" or "philox", see Decoder.decode).
+    world_size: the ranks of a sequence-parallel decode (pidkern.parallel, docs/parallel.md):
+    the bytes of the rank with the longest band of rows. The band's tokens and images
+    shrink with N; the weights, the text stream, one full-size image (the noise draw every
+    rank takes whole; rank 0's gathered result) and the gathered keys and values of one
+    attention (the whole image's) do not. A forecast: sequence-parallel decodes run the
+    reference backend today, and no multi-GPU run has checked it.
     """
     cfg = _config(preset)
     check_noise(noise)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r}: expected a positive int (the ranks of the decode)")
     t = cfg.max_text if text_len is None else text_len
-    L = (height // cfg.patch) * (width // cfg.patch)
+    grid_rows, grid_cols = height // cfg.patch, width // cfg.patch
+    rows = grid_rows
+    if world_size > 1:
+        from .parallel import split_rows   # late: pidkern.parallel imports the API
+        rows = max(n for _, n in split_rows(grid_rows, world_size))
+    L = rows * grid_cols                                      # this rank's tokens
     n = batch * L
+    n_all = batch * grid_rows * grid_cols
     e = dtype_bytes
     d = cfg.hidden
-    image = batch * 3 * height * width * 4                    # one float32 image
+    image = batch * 3 * rows * cfg.patch * width * 4          # one float32 image (this rank's rows)
     n_heads = cfg.num_lq_heads + cfg.is_v15
     heads = n_heads * n * d * e if heads_fit(cfg, n, e) else n * d * e
     per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
@@ -95,6 +109,7 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         # buffers, only the initial image, which the graph makes itself
         + image * (4 if noise == "release" else 1)
         + n * per_pixel * e                                   # pixel tokens
+        + (batch * 3 * height * width * 4 if world_size > 1 else 0)   # the full-size draw / gathered image
     )
     m = batch * (L + t)
     patch_peak = n * d * 4 + m * 3 * d * e * 2 + m * d * e    # residual, qkv + its roped copy, output
@@ -102,6 +117,12 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     band = modulation_band_rows(cfg, n, e)
     pixel_peak = n * d * e + max(pa * 8,                      # s; compressed tokens, qkv x2, output
                                  pa + band * per_pixel * e * (4 + 1 + 1))  # or a band's m, e, tokens
+    if world_size > 1:
+        # K and V stacked to send, every rank's (padded to the longest band), the whole image's
+        def gathered(width_):
+            return 2 * width_ * e * (n + world_size * n + n_all)
+        patch_peak += gathered(d) + 2 * batch * t * d * e     # + the text keys joined to them
+        pixel_peak += gathered(cfg.pixel_attn_dim)
     transient = max(patch_peak, pixel_peak)
     return weight_bytes(cfg, e) + persistent + int(GRAPH_POOL_FACTOR * transient) + FIXED_OVERHEAD
 

@@ -298,3 +298,21 @@ def test_band_tables_are_rows_of_the_whole_image_tables():
         assert torch.equal(rope_angles_2d(hs, ws, 16, 64, rows=(first, count)), whole[first * ws:(first + count) * ws])
     table = pixel_sincos(40, 24, 16)
     assert torch.equal(pixel_sincos(16, 24, 16, first_row=8), table[8:24])
+
+
+def test_estimate_memory_per_rank():
+    from pidkern.memory import estimate_memory, weight_bytes
+    w = weight_bytes("flux-2k")
+    assert estimate_memory("flux-2k", 1, 2048, 2048, world_size=1) == estimate_memory("flux-2k", 1, 2048, 2048)
+    one = estimate_memory("flux-2k", 1, 8192, 8192) - w
+    per_rank = [estimate_memory("flux-2k", 1, 8192, 8192, world_size=n) - w for n in (2, 4, 8)]
+    assert one > per_rank[0] > per_rank[1] > per_rank[2]
+    # what every rank holds whole (a full-size float32 image, the gathered K and V of one
+    # patch attention in bf16) bounds how far a rank's share can fall
+    floor = 3 * 8192 * 8192 * 4 + 2 * (8192 // 16) ** 2 * 1536 * 2
+    assert all(r > floor for r in per_rank)
+    with pytest.raises(ValueError, match="the image has 2 patch rows, fewer than the 4 ranks"):
+        estimate_memory("flux-2k", 1, 32, 64, world_size=4)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"world_size={bad!r}: expected a positive int"):
+            estimate_memory("flux-2k", 1, 64, 64, world_size=bad)
