@@ -72,20 +72,27 @@ class Engine:
         return self._tables[key]
 
     # -- one decode ----------------------------------------------------------------------
-    def run(self, latent, sigma, text, noise, steps, sampler, h, w, plan: Plan, racing=False):
+    def run(self, latent, sigma, text, noise, steps, sampler, h, w, plan: Plan, racing=False, shard=None):
         """The whole decode. noise: the release stream's draws (noise[0] the initial image,
         noise[k] the k-th eps), or a 0-d int64 Philox key, whose draw k is made here, in
-        the graph (the initial image by philox_normal, the eps inside the output stage)."""
+        the graph (the initial image by philox_normal, the eps inside the output stage).
+        shard: decode that band of the h x w image (pidkern.parallel; no graph); noise is
+        then the band's rows of the release stream's draws."""
         from . import _ext
         cfg, model = self.cfg, self.model
-        tab = self.tables(h, w, text.shape[1])
-        heads, y = model.prologue(latent, text, h, w, plan["keep_heads"])
+        if shard is None:
+            tab = self.tables(h, w, text.shape[1])
+        else:
+            tab = model.tables(h, w, text.shape[1], self.device, shard)
+            h = shard.rows * cfg.patch           # from here on, the band is the image
+        heads, y = model.prologue(latent, text, h if shard is None else shard.grid_rows * cfg.patch, w,
+                                  plan["keep_heads"], shard)
         fl = model.net.final_layer
         philox = isinstance(noise, torch.Tensor)
         x = _ext.philox_normal(noise, self._counter(0), (latent.shape[0], 3, h, w)) if philox else noise[0]
         times = schedule(steps)
         for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-            p = model.forward(x, t, heads, y, sigma, tab, plan, racing)
+            p = model.forward(x, t, heads, y, sigma, tab, plan, racing, shard)
             head = (p, fl.norm.weight, fl.linear.weight, fl.linear.bias, x, self._scalar(t))
             if sampler == "sde" and t_next > 0:
                 eps = dict(seed=noise, step=self._counter(i + 1)) if philox else dict(noise=noise[i + 1])

@@ -89,21 +89,29 @@ class FastPiD:
                             [six(b.adaLN_modulation_txt) for b in net.patch_blocks])
 
     # -- once per decode -------------------------------------------------------------------
-    def tables(self, h: int, w: int, text_len: int, device) -> dict:
-        """RoPE tables (the reference's own builder) and the pixel sin-cos rows/columns."""
+    def tables(self, h: int, w: int, text_len: int, device, shard=None) -> dict:
+        """RoPE tables (the reference's own builder) and the pixel sin-cos rows/columns; with
+        a `shard` (pidkern.parallel), those of its band of an h x w image."""
         cfg = self.cfg
         hs, ws = h // cfg.patch, w // cfg.patch
         half = cfg.pixel_dim // 2
-        rope_img, rope_txt, rope_pix = self.net.rope(hs, ws, text_len, device)
+        rows = None if shard is None else (shard.row0, shard.rows)
+        first, n = (0, h) if shard is None else (shard.row0 * cfg.patch, shard.rows * cfg.patch)
+        rope_img, rope_txt, rope_pix = self.net.rope(hs, ws, text_len, device, rows)
         return dict(rope_img=rope_img, rope_txt=rope_txt, rope_pix=rope_pix,
                     sincos_col=pixel_sincos(1, w, cfg.pixel_dim, device)[0, :, :half].float().contiguous(),
-                    sincos_row=pixel_sincos(h, 1, cfg.pixel_dim, device)[:, 0, half:].float().contiguous())
+                    sincos_row=pixel_sincos(n, 1, cfg.pixel_dim, device, first)[:, 0, half:].float().contiguous())
 
-    def prologue(self, latent, text, h: int, w: int, keep_heads: bool):
+    def prologue(self, latent, text, h: int, w: int, keep_heads: bool, shard=None):
         """The adapter's tokens and heads (independent of t: once per decode) and the text
-        stream y (PiDNet.forward: `y = y_embedder(text) + y_pos_embedding`), float32."""
+        stream y (PiDNet.forward: `y = y_embedder(text) + y_pos_embedding`), float32.
+        With a `shard`: the heads of its band (the adapter runs whole: its convolutions
+        read neighbouring rows)."""
         net = self.net
         tokens = net.adapter_tokens(latent.to(self.dtype), h, w)
+        if shard is not None:
+            ws = w // self.cfg.patch
+            tokens = tokens[:, shard.row0 * ws:(shard.row0 + shard.rows) * ws]
         heads = AdapterHeads(net.lq_proj, tokens, keep=keep_heads)
         ye = net.y_embedder
         y = ops.rms_norm(ops.linear(text.to(self.dtype), ye.proj.weight, ye.proj.bias), ye.norm.weight,
@@ -111,10 +119,11 @@ class FastPiD:
         return heads, y + net.y_pos_embedding[:, :text.shape[1]].float()
 
     # -- the network, one call ---------------------------------------------------------------
-    def forward(self, x, t: float, heads, y, sigma, tab, plan: Plan, racing: bool = False):
+    def forward(self, x, t: float, heads, y, sigma, tab, plan: Plan, racing: bool = False, shard=None):
         """The network at time t on the image x [B, 3, H, W]: pixel tokens [B*L, P2, Dp]
         before the final layer. y: the text stream from `prologue`. racing: time the plan's
-        open choices here (the warm-up before capture)."""
+        open choices here (the warm-up before capture). shard: x is that band of a larger
+        image (pidkern.parallel); its attentions gather the other bands' keys and values."""
         net, cfg = self.net, self.cfg
         cond = self.cond[t]                                   # temb, c and adaLN(c): precomputed
         b = x.shape[0]
@@ -124,7 +133,7 @@ class FastPiD:
         xs, p = self._run(plan, "embed", racing, lambda: ops.patch_pixel_embed(
             xin, se.weight, se.bias, pe.weight, pe.bias, tab["sincos_col"], tab["sincos_row"], cfg.patch))
         del xin
-        xs = self.patch_blocks(xs.float(), y, heads, sigma, cond, tab, plan, racing)
+        xs = self.patch_blocks(xs.float(), y, heads, sigma, cond, tab, plan, racing, shard)
         s = ops.silu(cond.temb + xs)                          # s = SiLU(temb + xs)
         if cfg.is_v15:                                        # s = pit_lq_gate(s, pit_head(tokens), sigma)
             g = net.pit_lq_gate
@@ -133,9 +142,9 @@ class FastPiD:
                                                                     g.content_proj.bias, g.log_alpha, sigma))
             del head
         s = s.to(self.dtype).reshape(b * xs.shape[1], -1)
-        return self.pixel_blocks(p, s, b, tab, plan, racing)  # p = block(p, s, rope_pix, b) for each
+        return self.pixel_blocks(p, s, b, tab, plan, racing, shard)  # p = block(p, s, rope_pix, b) for each
 
-    def patch_blocks(self, xs, y, heads, sigma, cond, tab, plan, racing):
+    def patch_blocks(self, xs, y, heads, sigma, cond, tab, plan, racing, shard=None):
         """The 14 patch blocks with their adapter gates (PatchBlock.forward).
 
         Each block's second residual update (x + g2 * mlp) is handed to the next block's
@@ -165,7 +174,7 @@ class FastPiD:
             y, hy = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
                 y, blk.norm_y1.weight, th1, tc1, *(pend_y or (None, None)), eps=eps, out_dtype=self.dtype))
             pend_x = pend_y = None
-            ox, oy = self.patch_attention(i, hx, hy, tab, plan, racing)       # the joint attention
+            ox, oy = self.patch_attention(i, hx, hy, tab, plan, racing, shard)   # the joint attention
             del hx, hy  # every temporary is dropped as soon as it is read: the peak is the sum
             ax = ops.linear(ox, a.proj_x.weight, a.proj_x.bias)
             ay = ops.linear(oy, a.proj_y.weight, a.proj_y.bias) if not last else None
@@ -183,11 +192,20 @@ class FastPiD:
                 del hy
         return ops.add_scaled(xs, pend_x[1], pend_x[0])    # the last block's x = x + g2 * mlp
 
-    def patch_attention(self, i, hx, hy, tab, plan, racing):
-        """JointAttention.forward from the block's normalised inputs: (o_img, o_txt) before proj."""
+    def patch_attention(self, i, hx, hy, tab, plan, racing, shard=None):
+        """JointAttention.forward from the block's normalised inputs: (o_img, o_txt) before proj.
+
+        With a shard the keys and values of the other bands are gathered between the
+        QK-norm/RoPE prep and the attention core, so it takes the qkv_rope+sdpa route
+        (the fully fused kernels have no such point)."""
         a = self.net.patch_blocks[i].attn
         norms_x, norms_y = self.qk_norms[i]
         heads = self.cfg.heads
+        if shard is not None:
+            q, k, v = ops.qkv_rope(hx, a.qkv_x.weight, norms_x, tab["rope_img"], hy, a.qkv_y.weight, norms_y,
+                                   tab["rope_txt"], heads=heads)
+            k, v = shard.gather_kv(k, v, dim=1, text=hy.shape[1])
+            return ops.attend(q, k, v, hy.shape[1], True)
 
         def route(backend):
             if backend == "qkv_rope+sdpa":
@@ -212,7 +230,7 @@ class FastPiD:
             return routes[value]()
         return ops.linear(self._route(plan, name, racing, route), w2).view(shape)
 
-    def pixel_blocks(self, p, s, batch, tab, plan, racing):
+    def pixel_blocks(self, p, s, batch, tab, plan, racing, shard=None):
         """PixelBlock.forward for each pixel block, its modulation in bands of patches (the
         plan's band_rows): no more than one band's [rows, 256*96] exists at once."""
         cfg = self.cfg
@@ -230,9 +248,16 @@ class FastPiD:
                 a[r0:r1] = ops.linear(u.reshape(r1 - r0, p2 * dp), blk.compress_to_attn.weight,
                                       blk.compress_to_attn.bias)
             at = blk.attn
-            qkv = ops.linear(a.view(batch, rows // batch, -1), at.qkv.weight)
-            o = self.pixel_attention(qkv, at, tab, plan, racing)                  # a = attn(a, rope)
-            del qkv
+            if shard is None:
+                qkv = ops.linear(a.view(batch, rows // batch, -1), at.qkv.weight)
+                o = self.pixel_attention(qkv, at, tab, plan, racing)              # a = attn(a, rope)
+                del qkv
+            else:   # the band's queries against every band's keys and values
+                q, k, v = ops.qkv_rope(a.view(batch, rows // batch, -1), at.qkv.weight,
+                                       torch.stack([at.q_norm.weight, at.k_norm.weight]), tab["rope_pix"],
+                                       heads=self.cfg.pixel_heads)
+                o = ops.attend(q, *shard.gather_kv(k, v, dim=1), 0, False)[0]
+                del q, k, v
             a = ops.linear(o, at.proj.weight, at.proj.bias).view(rows, -1)
             del o
             for r0 in range(0, rows, band):

@@ -143,15 +143,22 @@ class RowShard:
         out = out.view(self.world, *t.shape)
         return [out[r].narrow(dim, 0, rows * unit) for r, (_, rows) in enumerate(self.bands)]
 
-    def gather_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v [B, heads, rows*Ws, hd] of this band -> [B, heads, L, hd] of the image, in
-        row order. One collective for both (they are stacked)."""
+    def gather_kv(self, k: torch.Tensor, v: torch.Tensor, dim: int = 2,
+                  text: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of this band -> of the whole image, in row order: the sequence is dimension
+        `dim` (the reference's [B, heads, N, hd]: 2; the fast path's [B, N, heads, hd]: 1),
+        its first `text` entries are text tokens, replicated, kept as they are. One
+        collective for both (they are stacked)."""
         if self.world == 1:
             return k, v
-        parts = self._all_gather_padded(torch.stack([k, v]), 3, self.grid_cols)
-        chunk = k.numel() // k.shape[2] * self.max_rows * self.grid_cols   # one rank's padded K (or V)
+        n = k.shape[dim] - text
+        img = torch.stack([k.narrow(dim, text, n), v.narrow(dim, text, n)])
+        parts = self._all_gather_padded(img, dim + 1, self.grid_cols)
+        chunk = img[0].numel() // n * self.max_rows * self.grid_cols   # one rank's padded K (or V)
         self.bytes_received += 2 * (self.world - 1) * chunk * k.element_size()
-        full = torch.cat(parts, dim=3)
+        full = torch.cat(parts, dim=dim + 1)
+        if text:
+            full = torch.cat([torch.stack([k.narrow(dim, 0, text), v.narrow(dim, 0, text)]), full], dim=dim + 1)
         return full[0], full[1]
 
     def pixel_band(self, t: torch.Tensor, patch: int) -> torch.Tensor:
@@ -203,11 +210,8 @@ class SequenceParallelDecoder(Decoder):
                 f"device={self.device}, dtype={self.dtype}, source={self.source})")
 
     def backend_for(self, backend: str) -> str:
-        which = super().backend_for(backend)
-        if which == "fast" and backend == "fast":
-            raise ValueError("backend='fast': sequence-parallel decoding runs the reference backend only for now "
-                             "(use backend='reference' or 'auto')")
-        return "reference"
+        """As Decoder.backend_for: "auto" is the fast path on CUDA with 16-bit weights."""
+        return super().backend_for(backend)
 
     def _describe(self, args: dict, output: str) -> dict:
         """What this rank is about to decode, for the entry check."""
@@ -255,17 +259,50 @@ class SequenceParallelDecoder(Decoder):
             if output is not None and output not in OUTPUTS:
                 raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
             output = output or self.output
-            self.backend_for(backend)
-            if inputs.pop("plan", None) is not None:
-                raise ValueError("plan=: a plan configures the fast backend, which sequence-parallel decodes do "
-                                 "not run")
+            which = self.backend_for(backend)
+            plan = inputs.pop("plan", None)
+            if plan is not None and which != "fast":
+                raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
+                                 f"backend={which!r}")
             args = self.prepare(latent, sigma, **inputs)
             drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
             mine = self._describe(args, output)
+            mine["backend"] = which
         except (ValueError, TypeError) as e:
             error = e
         args["seed"] = self._agree(mine, drawn, error)
-        return self._decode_sharded(**args, progress=progress, output=output)
+        run = self._decode_sharded_fast if which == "fast" else self._decode_sharded
+        if which == "fast":
+            args["plan"] = plan
+        return run(**args, progress=progress, output=output)
+
+    def _decode_sharded_fast(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output,
+                             plan=None):
+        """The fast path (FastPiD, pidkern.engine) on this rank's band, without CUDA graphs:
+        the noise of either stream is drawn whole and cut to the band, and the attention
+        routes are the ones with a point to gather keys and values at."""
+        from . import _ext
+        from .plan import check_overrides
+        from .sampler import philox_key, renoise_count
+        b = latent.shape[0]
+        h, w = size
+        p = self.config.patch
+        eng = self.engine()
+        shard = RowShard(self.group, h // p, w // p)
+        the_plan = eng.plan(b, h, w, text.shape[1], {**check_overrides(plan), "graphs": False})
+        full = (b, 3, h, w)
+        if noise == "philox":   # the output stage would number a band's draws from its own start
+            key = philox_key(seed, self.device)
+            draws = [_ext.philox_normal(key, torch.tensor(k, dtype=torch.int64, device=self.device), full)
+                     for k in range(1 + renoise_count(steps, sampler))]
+        else:
+            draws = eng.draw_noise(full, steps, sampler, seed)
+        draws = [shard.pixel_band(d, p).contiguous() for d in draws]
+        x = eng.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True, shard=shard)
+        if progress:
+            progress(steps, steps)
+        self.last_kv_bytes = shard.bytes_received
+        return shard.collect(x, p, output)
 
     def _decode_sharded(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output):
         b = latent.shape[0]
