@@ -542,7 +542,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--sequence-parallel", action="store_true",
                    help="split the decode by image rows over the processes of a torchrun job (torchrun "
                         "--nproc-per-node N -m pidkern decode ...); rank 0 writes the image, the same as one "
-                        "process would (reference backend)")
+                        "process would")
     d.set_defaults(func=cmd_decode)
 
     u = sub.add_parser("upscale", help="upscale image(s) 4x: VAE encode, then PiD",

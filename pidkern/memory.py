@@ -79,8 +79,8 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     the bytes of the rank with the longest band of rows. The band's tokens and images
     shrink with N; the weights, the text stream, one full-size image (the noise draw every
     rank takes whole; rank 0's gathered result) and the gathered keys and values of one
-    attention (the whole image's) do not. A forecast: sequence-parallel decodes run the
-    reference backend today, and no multi-GPU run has checked it.
+    attention (the whole image's) do not. A forecast: the sequence-parallel fast path runs
+    without CUDA graphs today, and no multi-GPU run has checked it.
     """
     cfg = _config(preset)
     check_noise(noise)

@@ -9,7 +9,8 @@ draws the full-size noise from the seed's stream and keeps its rows, so the numb
 those of one process). Attention is the only place bands meet: each rank all-gathers the
 image keys and values of the other bands (torch.distributed's all_gather_single, padded
 to the longest band) and attends with its own queries. The output stage runs on each
-band; rank 0 (or every rank) gathers the whole image at the end. See docs/parallel.md.
+band; rank 0 (or every rank) gathers the whole image at the end. Both backends run this
+way (the fast one without CUDA graphs). See docs/parallel.md.
 
     torchrun --nproc-per-node 2 -m pidkern decode latent.safetensors -o out.png \\
         --checkpoint flux-2k.safetensors --sequence-parallel
@@ -183,7 +184,7 @@ class RowShard:
 
 
 class SequenceParallelDecoder(Decoder):
-    """A Decoder whose reference decodes are split by image rows across a process group.
+    """A Decoder whose decodes are split by image rows across a process group.
 
     Every rank of the group calls `decode` with the same arguments; the result is the
     image one process would decode (rank 0 gets it; with output="all" every rank does)."""
