@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,13 +123,35 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin).copy_(t)
 
 
+# The live Decoders of each network. A Decoder parks weights only of a network no other
+# Decoder uses: another one would not know to bring them back before running the net.
+_decoders_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_decoders_lock = threading.Lock()
+
+
+def _adopt(decoder, net) -> None:
+    """Register `decoder` as a user of `net`, bringing back weights another one parked."""
+    with _decoders_lock:
+        others = list(_decoders_of.setdefault(net, weakref.WeakSet()))
+        _decoders_of[net].add(decoder)
+    for other in others:
+        if other is not decoder:
+            other.reference_weights_on_device()
+
+
+def _sole_user(decoder, net) -> bool:
+    with _decoders_lock:
+        return set(_decoders_of.get(net, ())) == {decoder}
+
+
 class Decoder:
     """A loaded PiD network and the sampler around it. `net` is the reference PiDNet.
 
     On CUDA, a fast decode parks the net's parameters the fast path never reads (its
     `FastPiD.unread_parameters`: 1.56 GiB of flux-2k in bf16) in pinned host memory; any
     use of the reference network (`net`, `using_net`, a reference decode) brings them back
-    first. See `using_net` for the cost of alternating."""
+    first. See `using_net` for the cost of alternating. Several Decoders may share one
+    net; none of them parks while they do."""
 
     def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None,
                  text_encoder=None):
@@ -148,6 +171,7 @@ class Decoder:
         # Re-entrant: building the engine (under the lock) reads `net`, which takes it too.
         self._lock = threading.RLock()
         self.text_encoder = text_encoder
+        _adopt(self, self._net)
 
     @property
     def net(self) -> PiDNet:
@@ -163,6 +187,9 @@ class Decoder:
         # A replaced network (torch.compile's wrapper, other weights) gets a new fast engine.
         with self._lock:
             self._restore()
+            with _decoders_lock:
+                _decoders_of.get(self._net, weakref.WeakSet()).discard(self)
+            _adopt(self, value)
             self._net = value
             self._engine = None
 
@@ -188,7 +215,7 @@ class Decoder:
         if self._park_to is None or self._parked:     # the cheap check every fast decode makes
             return
         with self._lock:
-            if self._parked or self._net_users:
+            if self._parked or self._net_users or not _sole_user(self, self._net):
                 return
             params = dict(self._net.named_parameters())
             for name in names:

@@ -3,6 +3,7 @@ memory during fast decodes and brings them back for any use of the reference net
 
 On the CPU a decoder parks nothing by default; these tests point `_park_to` at the CPU
 (a real copy to fresh storage) to run the same mechanism under the Triton interpreter."""
+import gc
 import re
 import warnings
 
@@ -121,3 +122,22 @@ def test_cpu_decoders_park_nothing_and_a_replaced_net_gets_a_new_engine():
     dec.net = other                                    # restores the old net first
     assert dec.net is other and not dec.parked_parameters() and dec.engine() is not eng
     assert dec.engine().model.net is other
+
+
+def test_decoders_sharing_a_net_never_leave_it_parked_for_another():
+    """A second Decoder on the same network brings back what the first parked, and while
+    both live neither parks (each would not know to restore for the other)."""
+    cfg = tiny("flux-2k")
+    a = pidkern.load(preset=cfg, device="cpu")
+    a._park_to = torch.device("cpu")
+    unread = a.engine().model.unread_parameters
+    a._park(unread)
+    assert a.parked_parameters()
+    b = pidkern.Decoder(a._net, a.device, a.dtype, "shared")
+    assert not a.parked_parameters()
+    a._park(unread)
+    assert not a.parked_parameters()
+    del b
+    gc.collect()
+    a._park(unread)
+    assert a.parked_parameters()
