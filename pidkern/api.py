@@ -11,6 +11,8 @@ import logging
 import math
 import threading
 import warnings
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -112,12 +114,53 @@ def random_net(cfg: PiDConfig, device, dtype: torch.dtype, seed: int = 0) -> PiD
     return fill_random_(net, seed).eval().requires_grad_(False)
 
 
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh copy of `t` on `device` (pinned when it is host memory for a CUDA tensor, so
+    the copies back run at full PCIe speed), made outside inference mode: the copy becomes
+    a parameter's data, which the user may later train or load_state_dict into."""
+    with torch.inference_mode(False), torch.no_grad():
+        pin = device.type == "cpu" and t.device.type == "cuda"
+        return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin).copy_(t)
+
+
+# The live Decoders of each network. A Decoder parks weights only of a network no other
+# Decoder uses: another one would not know to bring them back before running the net.
+_decoders_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_decoders_lock = threading.Lock()
+
+
+def _adopt(decoder, net) -> None:
+    """Register `decoder` as a user of `net`, bringing back weights another one parked."""
+    with _decoders_lock:
+        others = list(_decoders_of.setdefault(net, weakref.WeakSet()))
+        _decoders_of[net].add(decoder)
+    for other in others:
+        if other is not decoder:
+            other.reference_weights_on_device()
+
+
+def _sole_user(decoder, net) -> bool:
+    with _decoders_lock:
+        return set(_decoders_of.get(net, ())) == {decoder}
+
+
 class Decoder:
-    """A loaded PiD network and the sampler around it. `net` is the reference PiDNet."""
+    """A loaded PiD network and the sampler around it. `net` is the reference PiDNet.
+
+    On CUDA, a fast decode parks the net's parameters the fast path never reads (its
+    `FastPiD.unread_parameters`: 1.56 GiB of flux-2k in bf16) in pinned host memory; any
+    use of the reference network (`net`, `using_net`, a reference decode) brings them back
+    first. See `using_net` for the cost of alternating. Several Decoders may share one
+    net; none of them parks while they do."""
 
     def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None,
                  text_encoder=None):
-        self.net = net.eval().requires_grad_(False)
+        self._net = net.eval().requires_grad_(False)
+        # Where a fast decode parks the weights the fast path never reads, or None: only on
+        # CUDA, where they would hold GPU memory; the mechanism itself works for any pair.
+        self._park_to = torch.device("cpu") if device.type == "cuda" else None
+        self._parked: dict = {}          # parameter name -> the device it came from
+        self._net_users = 0              # using_net() blocks in progress: never park under them
         self.device = device
         self.dtype = dtype
         self.source = source
@@ -125,8 +168,74 @@ class Decoder:
         # turns float32 at the first adapter gate). float32 weights may opt in too.
         self.autocast = autocast if autocast is not None else (None if dtype == torch.float32 else dtype)
         self._engine = None
-        self._lock = threading.Lock()
+        # Re-entrant: building the engine (under the lock) reads `net`, which takes it too.
+        self._lock = threading.RLock()
         self.text_encoder = text_encoder
+        _adopt(self, self._net)
+
+    @property
+    def net(self) -> PiDNet:
+        """The reference PiDNet, whole on the decoder's device: weights a fast decode parked
+        come back first. Keep using it in other threads while fast decodes run only inside
+        `using_net()` (a later fast decode parks them again)."""
+        with self._lock:
+            self._restore()
+            return self._net
+
+    @net.setter
+    def net(self, value):
+        # A replaced network (torch.compile's wrapper, other weights) gets a new fast engine.
+        with self._lock:
+            self._restore()
+            with _decoders_lock:
+                _decoders_of.get(self._net, weakref.WeakSet()).discard(self)
+            _adopt(self, value)
+            self._net = value
+            self._engine = None
+
+    @contextmanager
+    def using_net(self):
+        """`with decoder.using_net() as net:` the reference network, whole on the device, and
+        kept so until the block ends, even while other threads decode fast.
+
+        Alternating reference use and fast decodes moves the parked weights each time:
+        device -> host at the first fast decode after a use, host -> device at the next
+        use (flux-2k bf16: 1.56 GiB each way, some 30-70 ms over PCIe 5; not measured)."""
+        with self._lock:
+            self._restore()
+            self._net_users += 1
+        try:
+            yield self._net
+        finally:
+            with self._lock:
+                self._net_users -= 1
+
+    def _park(self, names) -> None:
+        """Move the named parameters' data to `_park_to`; the Parameter objects stay."""
+        if self._park_to is None or self._parked:     # the cheap check every fast decode makes
+            return
+        with self._lock:
+            if self._parked or self._net_users or not _sole_user(self, self._net):
+                return
+            params = dict(self._net.named_parameters())
+            for name in names:
+                p = params[name]
+                self._parked[name] = p.device
+                p.data = _moved(p.data, self._park_to)
+
+    def _restore(self) -> None:
+        """Bring parked parameters back to the devices they came from (call under the lock)."""
+        if not self._parked:
+            return
+        params = dict(self._net.named_parameters())
+        for name, device in self._parked.items():
+            params[name].data = _moved(params[name].data, device)
+        self._parked = {}
+
+    def parked_parameters(self) -> tuple[str, ...]:
+        """Names of the net's parameters parked in host memory right now (empty when the
+        net is whole on the device)."""
+        return tuple(self._parked)
 
     @property
     def text_encoder(self):
@@ -141,7 +250,7 @@ class Decoder:
 
     @property
     def config(self) -> PiDConfig:
-        return self.net.cfg
+        return self._net.cfg
 
     def __repr__(self):
         return f"Decoder({self.config.name}, device={self.device}, dtype={self.dtype}, source={self.source})"
@@ -309,7 +418,9 @@ class Decoder:
         args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt)
         which = self.backend_for(backend)
         if which == "fast":
-            return self.engine().decode(**args, progress=progress, plan=plan)
+            eng = self.engine()
+            self._park(eng.model.unread_parameters)
+            return eng.decode(**args, progress=progress, plan=plan)
         if plan is not None:
             raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
                              f"backend={which!r}")
@@ -323,13 +434,18 @@ class Decoder:
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
 
     def reference_weights_on_device(self) -> None:
-        """Kept for compatibility: the fast path no longer moves any of `net`'s weights, so
-        `net` is always ready to use."""
+        """Bring back the weights a fast decode parked in host memory (reading `net` does
+        the same)."""
+        with self._lock:
+            self._restore()
 
     def _decode_reference(self, latent, sigma, text, steps, seed, size, sampler, noise="release", progress=None):
+        with self.using_net() as net:
+            return self._sample_reference(net, latent, sigma, text, steps, seed, size, sampler, noise, progress)
+
+    def _sample_reference(self, net, latent, sigma, text, steps, seed, size, sampler, noise, progress):
         b = latent.shape[0]
         h, w = size
-        net = self.net
         with self._autocast():
             tokens = net.adapter_tokens(latent.to(self.dtype), h, w)   # once per decode, not per step
             text = text.to(self.dtype)

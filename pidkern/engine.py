@@ -46,7 +46,8 @@ class Engine:
             self.overrides.update(check_overrides({"graphs": graphs}))
         if self.overrides.get("graphs") and self.device.type != "cuda":
             raise ValueError(f"graphs=True: CUDA graphs need a CUDA device, got {self.device}")
-        self.model = FastPiD(decoder.net, self.dtype)
+        with decoder.using_net() as net:      # whole on the device while FastPiD reads it
+            self.model = FastPiD(net, self.dtype)
         self.plans: dict = {}
         self._scalars: dict = {}
         self._tables: dict = {}

@@ -12,6 +12,10 @@ another layout (`fast_copy_params` in pidkern.memory counts them):
 - the conditioning of every time of the sampler's schedules (the time embedding and every
   patch block's adaLN vectors depend on t alone), computed once in float32.
 
+`unread_parameters` names the net's parameters FastPiD never reads after construction
+(those it copied or precomputed from, and the last block's text update, which it skips):
+the Decoder may park exactly those in host memory while it decodes fast.
+
 `forward` follows `PiDNet.forward` line by line (the comments name the reference line)
 and calls only `pidkern.ops`; which implementation each op runs comes from a `Plan`. It
 returns the pixel tokens before the final layer: the output stage (`pidkern._ext`) does
@@ -43,8 +47,26 @@ def schedule_times() -> list[float]:
     return sorted({t for n in range(1, 5) for t in schedule(n)[:-1]})
 
 
+def unread_after_build(net) -> tuple[str, ...]:
+    """Names (as in `net.named_parameters()`) of the parameters FastPiD reads only while it
+    is built: w1/w3 of every SwiGLU and the q/k norms (copied into w13 and qk_norms), the
+    time embedder and every adaLN Linear (precomputed into cond, or regrouped into
+    pixel_mod), and the last patch block's text-update weights (never run: nothing reads
+    that block's text stream)."""
+    last = net.patch_blocks[-1]
+    modules = [net.t_embedder, last.attn.proj_y, last.norm_y2, last.mlp_y]
+    for b in net.patch_blocks:
+        a = b.attn
+        modules += [b.mlp_x.w1, b.mlp_x.w3, b.mlp_y.w1, b.mlp_y.w3, a.q_norm_x, a.k_norm_x, a.q_norm_y, a.k_norm_y,
+                    b.adaLN_modulation_img, b.adaLN_modulation_txt]
+    modules += [b.adaLN_modulation for b in net.pixel_blocks]
+    unread = {id(p) for m in modules for p in m.parameters()}
+    return tuple(n for n, p in net.named_parameters() if id(p) in unread)
+
+
 class FastPiD:
-    """The fast path's model. `net` is never modified; keep it alive alongside."""
+    """The fast path's model. `net` is never modified; keep it alive alongside. Of the
+    net's parameters, it reads those named in `unread_parameters` only in __init__."""
 
     def __init__(self, net, dtype: torch.dtype):
         self.net = net
@@ -59,16 +81,22 @@ class FastPiD:
                              for b in net.patch_blocks]
             self.pixel_mod = [self._split_modulation(b.adaLN_modulation[0]) for b in net.pixel_blocks]
             self.cond = {t: self._conditioning(t) for t in schedule_times()}
+        self.unread_parameters = unread_after_build(net)
 
     # -- load-time work ------------------------------------------------------------------
     def _split_modulation(self, lin):
         """(w_pre, b_pre, w_post, b_post): per pixel, (shift1, scale1) rows and then
-        (gate1, shift2, scale2, gate2) rows, so each half is one contiguous GEMM."""
+        (gate1, shift2, scale2, gate2) rows, so each half is one contiguous GEMM. Always
+        copies (with one pixel per patch a half is already contiguous, and a view would
+        keep the Linear's storage alive when the Decoder parks it)."""
         dp, p2 = self.cfg.pixel_dim, self.cfg.pixels_per_patch
         w = lin.weight.view(p2, 6, dp, -1)
         b = lin.bias.view(p2, 6, dp)
-        return (w[:, :2].reshape(p2 * 2 * dp, -1).contiguous(), b[:, :2].reshape(-1).contiguous(),
-                w[:, 2:].reshape(p2 * 4 * dp, -1).contiguous(), b[:, 2:].reshape(-1).contiguous())
+        d = w.shape[-1]
+
+        def own(t, *shape):
+            return t.clone(memory_format=torch.contiguous_format).view(*shape)
+        return own(w[:, :2], -1, d), own(b[:, :2], -1), own(w[:, 2:], -1, d), own(b[:, 2:], -1)
 
     def _conditioning(self, t: float) -> Conditioning:
         """PiDNet.forward's `temb = t_embedder(t*1000)`, `c = SiLU(temb)` and every block's

@@ -56,12 +56,17 @@ def fast_copy_params(cfg: PiDConfig) -> int:
 
 
 def weight_bytes(preset, dtype_bytes: int = 2) -> int:
-    """Device bytes of the weights a fast decoder holds: the reference network's (all of
-    them: `Decoder.net` stays usable) plus FastPiD's own copies (fast_copy_params)."""
+    """Device bytes of the weights a fast decoder holds while it decodes fast: the
+    reference network's, less those the Decoder parks in host memory (the ones FastPiD
+    never reads after it is built, `pidkern.fast.unread_after_build`), plus FastPiD's own
+    copies (fast_copy_params). A reference decode brings the parked ones back."""
     cfg = _config(preset)
+    from .fast import unread_after_build
     from .reference import PiDNet
     with torch.device("meta"):
-        n = sum(p.numel() for p in PiDNet(cfg).parameters())
+        net = PiDNet(cfg)
+    params = dict(net.named_parameters())
+    n = sum(p.numel() for p in params.values()) - sum(params[k].numel() for k in unread_after_build(net))
     return (n + fast_copy_params(cfg)) * dtype_bytes
 
 
