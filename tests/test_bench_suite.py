@@ -2,7 +2,6 @@
 import argparse
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -17,9 +16,7 @@ from pidkern.config import tiny
 def test_smoke_suite_runs_and_writes_outputs(tmp_path, monkeypatch, capsys):
     # PyTorch math for the fused ops: the interpreter would time nothing useful and is slow
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    t0, c0 = time.perf_counter(), time.process_time()
     rc = bench_main.main(["--smoke", "--out", str(tmp_path)])
-    took, cpu = time.perf_counter() - t0, time.process_time() - c0
     files = sorted(p.suffix for p in tmp_path.iterdir())
     assert ".json" in files and ".md" in files
     payload = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -37,8 +34,6 @@ def test_smoke_suite_runs_and_writes_outputs(tmp_path, monkeypatch, capsys):
     md = next(tmp_path.glob("*.md")).read_text()
     assert "| release |" in md and "VAE + TSD-SR | not modelled" in md
     assert payload["gemm_ceiling"]["tflops"] > 0 and payload["env"]["torch"] == torch.__version__
-    # CPU seconds, not wall: CI machines are shared; on an idle 2-core runner wall <= CPU
-    assert cpu < 60, f"smoke suite used {cpu:.0f} s of CPU ({took:.0f} s wall)"
 
 
 def test_dry_run_lists_rows(capsys):
