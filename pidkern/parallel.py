@@ -210,10 +210,6 @@ class SequenceParallelDecoder(Decoder):
         return (f"SequenceParallelDecoder({self.config.name}, rank {self.rank} of {self.world_size}, "
                 f"device={self.device}, dtype={self.dtype}, source={self.source})")
 
-    def backend_for(self, backend: str) -> str:
-        """As Decoder.backend_for: "auto" is the fast path on CUDA with 16-bit weights."""
-        return super().backend_for(backend)
-
     def _describe(self, args: dict, output: str) -> dict:
         """What this rank is about to decode, for the entry check."""
         return dict(
