@@ -53,6 +53,13 @@ def resolve_dtype(dtype, device: torch.device, name: str = "dtype") -> torch.dty
     return dtype
 
 
+def resolve_precision(precision) -> str:
+    from .plan import PRECISIONS
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    return precision
+
+
 def resolve_text_encoder(value, device: torch.device):
     """None, a CaptionEncoder, or a path to Gemma-2-2B-it (loaded on `device`)."""
     if value is None:
@@ -154,7 +161,8 @@ class Decoder:
     net; none of them parks while they do."""
 
     def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None,
-                 text_encoder=None):
+                 text_encoder=None, precision: str = "native"):
+        self.precision = resolve_precision(precision)
         self._net = net.eval().requires_grad_(False)
         # Where a fast decode parks the weights the fast path never reads, or None: only on
         # CUDA, where they would hold GPU memory; the mechanism itself works for any pair.
@@ -253,7 +261,8 @@ class Decoder:
         return self._net.cfg
 
     def __repr__(self):
-        return f"Decoder({self.config.name}, device={self.device}, dtype={self.dtype}, source={self.source})"
+        fp8 = ", precision=fp8" if self.precision == "fp8" else ""
+        return f"Decoder({self.config.name}, device={self.device}, dtype={self.dtype}{fp8}, source={self.source})"
 
     # -- input checks -------------------------------------------------------------------
     def _check_latent(self, latent) -> torch.Tensor:
@@ -389,7 +398,9 @@ class Decoder:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         if backend == "auto":
-            return "fast" if self.device.type == "cuda" and self.dtype != torch.float32 else "reference"
+            # the 8-bit GEMMs exist on the fast path only
+            fast = self.precision == "fp8" or (self.device.type == "cuda" and self.dtype != torch.float32)
+            return "fast" if fast else "reference"
         return backend
 
     @torch.inference_mode()
@@ -405,7 +416,9 @@ class Decoder:
         `text_encoder` with the release's recipe (see `encode_prompt`).
         steps: 1..4 of the distilled schedule; seed: same seed, same noise stream.
         size: optional (H, W) check against the latent's natural output size.
-        backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto".
+        backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto" (fast on CUDA
+        in 16-bit, and for a precision="fp8" decoder anywhere; the reference otherwise).
+        A reference decode runs the network's own weights whatever the precision.
         progress: optional callable(step, steps).
         noise: "release" (the release's torch.Generator stream: its images for a seed) or
         "philox" (a counter-based stream the fast engine draws inside its CUDA graph: no
@@ -467,7 +480,7 @@ class Decoder:
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None) -> Decoder:
+         text_encoder=None, parallel=None, group=None, precision: str = "native") -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -486,11 +499,16 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         initialised default process group, e.g. torchrun's) calls this and then `decode`
         with the same arguments, and each decodes a band of image rows
         (pidkern.parallel; the device defaults to the rank's own GPU under NCCL).
+    precision: "native" (the GEMMs in `dtype`) or "fp8": the fast path's large GEMMs in
+        8-bit e4m3 with per-row scales (docs/fp8.md), quantized once when the fast model is
+        built; the 8-bit copies replace the originals in device memory during fast decodes.
+        Needs an Ada/Hopper or later GPU on CUDA; on the CPU the same math runs emulated.
     """
+    precision = resolve_precision(precision)
     if parallel is not None or group is not None:
         from .parallel import sequence_parallel, setup
         group, device = setup(parallel, group, device)
-        dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder)
+        dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, precision=precision)
         return sequence_parallel(dec, group)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -503,28 +521,35 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
                f"its images are not real decodes")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast, enc)
+        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast, enc, precision)
     from .checkpoint import load_checkpoint
     state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset), ema=ema)
     with torch.device("meta"):
         net = PiDNet(cfg)
     net.load_state_dict(state, assign=True, strict=True)
     net = net.to(dev, dt)
-    return Decoder(net, dev, dt, str(checkpoint), autocast, enc)
+    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision)
 
 
 _cache: dict = {}
 _cache_lock = threading.Lock()
 
 
-def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encoder=None, **kwargs) -> torch.Tensor:
+def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encoder=None, precision=None,
+           **kwargs) -> torch.Tensor:
     """One call from latent to image, reusing a cached Decoder.
 
     model: a Decoder, a preset name (random weights), or a checkpoint path; default
-    "flux-2k". text_encoder: for `prompt=`, as in `load` (a Decoder brings its own).
-    Other keyword arguments go to `Decoder.decode`.
+    "flux-2k". text_encoder, precision: as in `load` (a Decoder brings its own; a
+    precision given with one must be its own). Other keyword arguments go to
+    `Decoder.decode`.
     """
+    if precision is not None:
+        precision = resolve_precision(precision)
     if isinstance(model, Decoder):
+        if precision is not None and precision != model.precision:
+            raise ValueError(f"precision={precision!r}: model is a Decoder loaded with precision="
+                             f"{model.precision!r}; load another with pidkern.load(..., precision={precision!r})")
         if text_encoder is not None and text_encoder is not model.text_encoder:
             raise ValueError("text_encoder: model is a Decoder with its own encoder; attach this one with "
                              "decoder.text_encoder = ... instead")
@@ -534,7 +559,7 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
         dev = resolve_device(device)
         # Decoders with different encoders are different decoders: the encoder is in the key.
         enc_key = str(Path(text_encoder).expanduser().resolve()) if isinstance(text_encoder, (str, Path)) else text_encoder
-        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key)
+        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key, precision or "native")
         with _cache_lock:
             dec = _cache.get(key)
             if dec is None:
@@ -543,7 +568,8 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
                     raise ValueError(f"model={model!r}: neither a preset name ({', '.join(sorted(PRESETS))}) "
                                      f"nor an existing checkpoint path")
                 where = dict(checkpoint=model) if is_path else dict(preset=model)
-                dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder)
+                dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder,
+                           precision=precision or "native")
                 _cache[key] = dec
     return dec.decode(latent, sigma, **kwargs)
 

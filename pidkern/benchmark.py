@@ -42,10 +42,10 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def random_decoder(config, device, dtype: torch.dtype, autocast=None, net=None):
+def random_decoder(config, device, dtype: torch.dtype, autocast=None, net=None, precision: str = "native"):
     from .api import Decoder
     net = net if net is not None else random_net(config, device, dtype)
-    return Decoder(net, torch.device(device), dtype, "random", autocast)
+    return Decoder(net, torch.device(device), dtype, "random", autocast, precision=precision)
 
 
 # -- measuring ----------------------------------------------------------------------------
@@ -150,6 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print what would be measured and exit")
     g.add_argument("--attention-backend", default=None, choices=ATTENTION_ROUTES,
                    help="patch attention route of the fast path (same as --plan attention=...)")
+    g.add_argument("--precision", default="native", choices=("native", "fp8"),
+                   help="fp8: the large GEMMs in 8-bit e4m3 (docs/fp8.md; default native)")
     g.add_argument("--plan", default=None, metavar="KEY=VALUE,...",
                    help="fast-path plan overrides, e.g. attention=prep+sdpa,swiglu=split,graphs=off "
                         "(see `pidkern info --plan`)")
@@ -201,7 +203,8 @@ def run_default(args) -> dict:
     off = disabled_options(args)
     plan = ablation_plan(off, args.attention_backend, parse(args.plan) if args.plan else None)
     what = (f"{cfg.name} random weights, {batch}x{size}x{size}, {args.steps} steps, {str(dtype)[6:]}, "
-            f"backend={args.backend}" + (f", disabled: {','.join(off)}" if off else "")
+            f"backend={args.backend}" + (f", precision={args.precision}" if args.precision != "native" else "")
+            + (f", disabled: {','.join(off)}" if off else "")
             + (f", plan overrides: {plan}" if plan else ""))
     if args.dry_run:
         log(f"would time on {device}: {what}; {flop['tflop']:.2f} TFLOP per decode; "
@@ -214,7 +217,7 @@ def run_default(args) -> dict:
     t0 = time.perf_counter()
     nparams = sum(p.numel() for p in _meta_net(cfg).parameters())
     log(f"building random weights ({nparams / 1e9:.2f} B parameters, {str(dtype)[6:]}) ...")
-    dec = random_decoder(cfg, device, dtype)
+    dec = random_decoder(cfg, device, dtype, precision=args.precision)
     log(f"  built in {time.perf_counter() - t0:.1f} s")
     latent, sigma, text = decode_inputs(cfg, batch, size, size, device)
     ceiling = gemm_ceiling(device) if device.type == "cuda" else None
@@ -237,7 +240,7 @@ def run_default(args) -> dict:
     res.update(tflop=flop["tflop"], tflops=tflops(flop["total"], res["median_ms"]),
                flop_breakdown=flop["breakdown"], what=what, preset=cfg.name, size=size, batch=batch,
                steps=args.steps, dtype=str(dtype), backend=args.backend, backend_used=used,
-               disabled=off, plan_overrides=plan)
+               disabled=off, plan_overrides=plan, precision=args.precision)
     if fast:
         the_plan = dec.plan(latent.shape, text.shape[1], plan)
         res["plan"] = the_plan.as_dict()

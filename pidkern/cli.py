@@ -147,6 +147,8 @@ def _load_decoder(args):
         extra["text_encoder"] = args.text_encoder
     if getattr(args, "sequence_parallel", False):
         extra["parallel"] = "sequence"
+    if getattr(args, "precision", "native") != "native":
+        extra["precision"] = args.precision
     dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
     t_load = time.perf_counter() - t0
     _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
@@ -412,7 +414,7 @@ def info_lines() -> list[str]:
     return lines
 
 
-def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None) -> list[str]:
+def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, precision: str = "native") -> list[str]:
     """`pidkern info --plan PRESET HxW`: the fast path's plan for one output size, without
     building a model (on CUDA the raced entries are filled by the first decode; `pidkern
     bench` prints them after its run)."""
@@ -431,14 +433,15 @@ def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None) -
         raise ValueError(f"--plan {preset} {size}: height and width must be positive multiples of {cfg.patch}")
     dev = resolve_device(device)
     dtype = resolve_dtype(None, dev)
+    from .fp8 import torchao_available
     p = resolve(cfg, batch, h, w, cfg.max_text, dev, torch.finfo(dtype).bits // 8, ops.triton_available(dev),
-                parse(plan) if plan else None)
+                parse(plan) if plan else None, precision, precision == "fp8" and torchao_available(dev))
     return [f"{cfg.name}, {str(dtype)[6:]} weights", str(p)]
 
 
 def cmd_info(args) -> int:
     if getattr(args, "plan", None):
-        print("\n".join(plan_lines(*args.plan, device=args.device)))
+        print("\n".join(plan_lines(*args.plan, device=args.device, precision=args.precision)))
         return 0
     if args.checkpoint is None:
         print("\n".join(info_lines()))
@@ -494,6 +497,8 @@ def _add_common_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
+    p.add_argument("--precision", default="native", choices=("native", "fp8"),
+                   help="fp8: the fast path's large GEMMs in 8-bit e4m3 (docs/fp8.md; default native)")
     p.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1 to 95 (default 95)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timings on stderr")
@@ -588,6 +593,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--plan", nargs=2, metavar=("PRESET", "HxW"), default=None,
                    help="print the fast path's plan (routes, bands, graphs) for PRESET at output size HxW")
     i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")
+    i.add_argument("--precision", default="native", choices=("native", "fp8"), help="the model's precision for --plan")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")

@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from . import ops
+from . import fp8, ops
 from .fast import FastPiD
 from .graphs import GraphCache, Runner, capture
 from .memory import InsufficientMemoryError, check_fits, estimate_memory, weight_bytes  # noqa: F401  (re-exported)
@@ -46,8 +46,13 @@ class Engine:
             self.overrides.update(check_overrides({"graphs": graphs}))
         if self.overrides.get("graphs") and self.device.type != "cuda":
             raise ValueError(f"graphs=True: CUDA graphs need a CUDA device, got {self.device}")
+        self.precision = getattr(decoder, "precision", "native")
+        if self.precision == "fp8":
+            why = fp8.fp8_supported(self.device)
+            if why:
+                raise ValueError(f"precision='fp8': {why}")
         with decoder.using_net() as net:      # whole on the device while FastPiD reads it
-            self.model = FastPiD(net, self.dtype)
+            self.model = FastPiD(net, self.dtype, self.precision)
         self.plans: dict = {}
         self._scalars: dict = {}
         self._tables: dict = {}
@@ -63,7 +68,9 @@ class Engine:
         with self._lock:
             if key not in self.plans:
                 self.plans[key] = resolve(self.cfg, batch, h, w, text_len, self.device,
-                                          torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over)
+                                          torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over,
+                                          self.precision,
+                                          self.precision == "fp8" and fp8.torchao_available(self.device))
             return self.plans[key]
 
     def tables(self, h: int, w: int, text_len: int) -> dict:

@@ -16,6 +16,11 @@ another layout (`fast_copy_params` in pidkern.memory counts them):
 (those it copied or precomputed from, and the last block's text update, which it skips):
 the Decoder may park exactly those in host memory while it decodes fast.
 
+With precision="fp8" FastPiD also owns e4m3 copies (pidkern.fp8) of the weights of the
+layer groups in `FP8_LAYERS` (its own w13 and pixel_mod among them); the originals of
+the net's Linears it quantized join `unread_parameters`. docs/fp8.md says which groups
+and why.
+
 `forward` follows `PiDNet.forward` line by line (the comments name the reference line)
 and calls only `pidkern.ops`; which implementation each op runs comes from a `Plan`. It
 returns the pixel tokens before the final layer: the output stage (`pidkern._ext`) does
@@ -27,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-from .plan import CHOICES, Plan, race
+from . import fp8, ops
+from .plan import CHOICES, PRECISIONS, Plan, race
 from .reference import pixel_sincos, timestep_embedding
 from .sampler import schedule
 
@@ -47,12 +52,64 @@ def schedule_times() -> list[float]:
     return sorted({t for n in range(1, 5) for t in schedule(n)[:-1]})
 
 
-def unread_after_build(net) -> tuple[str, ...]:
+# The layer groups an fp8 model may hold in e4m3, and the net's Linears of each ("patch.w13"
+# and "pixel.mod" are FastPiD's own copies: w1|w3 of every SwiGLU, the pixel blocks'
+# per-pixel modulation). The last patch block's text update never runs: not listed.
+FP8_GROUPS = ("patch.qkv", "patch.proj", "patch.w13", "patch.w2",
+              "pixel.mod", "pixel.compress", "pixel.qkv", "pixel.proj", "pixel.expand")
+# The groups precision="fp8" quantizes, measured by bench/fp8_accuracy.py (docs/fp8.md): the
+# patch blocks' GEMMs. The pixel blocks' stay native: closest to the output, their fp8
+# error reaches the image least damped (the modulation GEMM alone costs more image error
+# than all patch GEMMs together), for 8% of a 2048² decode's FLOPs.
+FP8_LAYERS = ("patch.qkv", "patch.proj", "patch.w13", "patch.w2")
+
+
+def check_fp8_layers(layers) -> tuple[str, ...]:
+    if isinstance(layers, str) or not all(g in FP8_GROUPS for g in layers):
+        raise ValueError(f"fp8_layers={layers!r}: expected a sequence of {FP8_GROUPS}")
+    return tuple(layers)
+
+
+def fp8_linears(net, layers) -> dict:
+    """{module name: nn.Linear} of the net's Linears whose weights the fp8 groups `layers`
+    quantize (those meeting fp8.quantizable; the others stay native)."""
+    last = len(net.patch_blocks) - 1
+    picks = {
+        "patch.qkv": lambda i, b: [b.attn.qkv_x, b.attn.qkv_y],
+        "patch.proj": lambda i, b: [b.attn.proj_x] + ([b.attn.proj_y] if i < last else []),
+        "patch.w2": lambda i, b: [b.mlp_x.w2] + ([b.mlp_y.w2] if i < last else []),
+        "pixel.compress": lambda i, b: [b.compress_to_attn],
+        "pixel.qkv": lambda i, b: [b.attn.qkv],
+        "pixel.proj": lambda i, b: [b.attn.proj],
+        "pixel.expand": lambda i, b: [b.expand_from_attn],
+    }
+    chosen = set()
+    for g in check_fp8_layers(layers):
+        if g in picks:
+            blocks = net.patch_blocks if g.startswith("patch") else net.pixel_blocks
+            chosen |= {id(m) for i, b in enumerate(blocks) for m in picks[g](i, b)}
+    return {n: m for n, m in net.named_modules() if id(m) in chosen and fp8.quantizable(m.weight)}
+
+
+def fp8_owned_shapes(cfg, layers) -> list[tuple[int, int]]:
+    """Shapes [N, K] of FastPiD's own copies that the fp8 groups `layers` quantize."""
+    layers = check_fp8_layers(layers)
+    dp, p2 = cfg.pixel_dim, cfg.pixels_per_patch
+    shapes = []
+    if "patch.w13" in layers:
+        shapes += [(2 * cfg.mlp_hidden, cfg.hidden)] * (2 * cfg.patch_blocks)
+    if "pixel.mod" in layers:
+        shapes += [(2 * dp * p2, cfg.hidden), (4 * dp * p2, cfg.hidden)] * cfg.pixel_blocks
+    return [s for s in shapes if s[0] % 16 == 0 and s[1] % 16 == 0]     # fp8.quantizable's rule
+
+
+def unread_after_build(net, fp8_layers=()) -> tuple[str, ...]:
     """Names (as in `net.named_parameters()`) of the parameters FastPiD reads only while it
     is built: w1/w3 of every SwiGLU and the q/k norms (copied into w13 and qk_norms), the
     time embedder and every adaLN Linear (precomputed into cond, or regrouped into
-    pixel_mod), and the last patch block's text-update weights (never run: nothing reads
-    that block's text stream)."""
+    pixel_mod), the last patch block's text-update weights (never run: nothing reads
+    that block's text stream), and the weights of the Linears an fp8 model quantized
+    (`fp8_layers`; their biases stay in use)."""
     last = net.patch_blocks[-1]
     modules = [net.t_embedder, last.attn.proj_y, last.norm_y2, last.mlp_y]
     for b in net.patch_blocks:
@@ -61,17 +118,26 @@ def unread_after_build(net) -> tuple[str, ...]:
                     b.adaLN_modulation_img, b.adaLN_modulation_txt]
     modules += [b.adaLN_modulation for b in net.pixel_blocks]
     unread = {id(p) for m in modules for p in m.parameters()}
+    unread |= {id(m.weight) for m in fp8_linears(net, fp8_layers).values()}
     return tuple(n for n, p in net.named_parameters() if id(p) in unread)
 
 
 class FastPiD:
     """The fast path's model. `net` is never modified; keep it alive alongside. Of the
-    net's parameters, it reads those named in `unread_parameters` only in __init__."""
+    net's parameters, it reads those named in `unread_parameters` only in __init__.
 
-    def __init__(self, net, dtype: torch.dtype):
+    precision: "native" (the net's dtype) or "fp8": the GEMMs of the groups `fp8_layers`
+    (default FP8_LAYERS) in e4m3 with per-row scales (pidkern.fp8), fixed here."""
+
+    def __init__(self, net, dtype: torch.dtype, precision: str = "native", fp8_layers=None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
         self.net = net
         self.cfg = net.cfg
         self.dtype = dtype
+        self.precision = precision
+        self.fp8_layers = () if precision == "native" else check_fp8_layers(
+            FP8_LAYERS if fp8_layers is None else fp8_layers)
         with torch.no_grad():
             # w1 | w3 per SwiGLU, q | k norms per attention: one tensor each, in FastPiD.
             self.w13 = [(torch.cat([b.mlp_x.w1.weight, b.mlp_x.w3.weight]),
@@ -81,7 +147,24 @@ class FastPiD:
                              for b in net.patch_blocks]
             self.pixel_mod = [self._split_modulation(b.adaLN_modulation[0]) for b in net.pixel_blocks]
             self.cond = {t: self._conditioning(t) for t in schedule_times()}
-        self.unread_parameters = unread_after_build(net)
+            self._fp8 = self._quantize()
+        self.unread_parameters = unread_after_build(net, self.fp8_layers)
+
+    def _quantize(self) -> dict:
+        """e4m3 copies of the fp8 groups' weights: FastPiD's own w13 / pixel_mod replaced in
+        place, and {id(Linear): Fp8Weight} for the net's (read through `_w`)."""
+        def q(w):
+            return fp8.Fp8Weight.quantize(w) if fp8.quantizable(w) else w
+        if "patch.w13" in self.fp8_layers:
+            self.w13 = [(q(a), q(b)) for a, b in self.w13]
+        if "pixel.mod" in self.fp8_layers:
+            self.pixel_mod = [(q(wa), ba, q(wb), bb) for wa, ba, wb, bb in self.pixel_mod]
+        return {id(m): fp8.Fp8Weight.quantize(m.weight) for m in fp8_linears(self.net, self.fp8_layers).values()}
+
+    def _w(self, linear):
+        """The weight the fast path multiplies by for one of the net's Linears: its fp8 copy
+        where the model has one, else the Linear's own."""
+        return self._fp8.get(id(linear), linear.weight)
 
     # -- load-time work ------------------------------------------------------------------
     def _split_modulation(self, lin):
@@ -152,6 +235,31 @@ class FastPiD:
         before the final layer. y: the text stream from `prologue`. racing: time the plan's
         open choices here (the warm-up before capture). shard: x is that band of a larger
         image (pidkern.parallel); its attentions gather the other bands' keys and values."""
+        if self.precision == "native":
+            return self._forward(x, t, heads, y, sigma, tab, plan, racing, shard)
+        if plan["gemm"] is None:
+            self._race_gemm(plan, racing, x)
+        with ops.gemm_route(plan["gemm"]):
+            return self._forward(x, t, heads, y, sigma, tab, plan, racing, shard)
+
+    def _race_gemm(self, plan, racing, x):
+        """Time the fp8 GEMM routes on the decode's largest fp8 GEMM shape that every model
+        has: the image stream's gate-up GEMM (w13) over all patch tokens."""
+        if not racing:
+            raise RuntimeError("plan entry 'gemm' is still open: run a warm-up with racing=True first")
+        w = next((w for w in (self.w13[0][0], *self._fp8.values()) if isinstance(w, fp8.Fp8Weight)), None)
+        if w is None:
+            plan.set("gemm", "scaled_mm", "rule: no fp8 GEMM in this model")
+            return
+        rows = x.shape[0] * (x.shape[2] // self.cfg.patch) * (x.shape[3] // self.cfg.patch)
+        u = torch.randn(rows, w.shape[1], device=x.device, dtype=self.dtype)
+
+        def run(value):
+            with ops.gemm_route(value):
+                return ops.linear(u, w)
+        race(plan, "gemm", {v: (lambda v=v: run(v)) for v in CHOICES["gemm"][2]}, x.device)
+
+    def _forward(self, x, t, heads, y, sigma, tab, plan, racing, shard):
         net, cfg = self.net, self.cfg
         cond = self.cond[t]                                   # temb, c and adaLN(c): precomputed
         b = x.shape[0]
@@ -204,19 +312,19 @@ class FastPiD:
             pend_x = pend_y = None
             ox, oy = self.patch_attention(i, hx, hy, tab, plan, racing, shard)   # the joint attention
             del hx, hy  # every temporary is dropped as soon as it is read: the peak is the sum
-            ax = ops.linear(ox, a.proj_x.weight, a.proj_x.bias)
-            ay = ops.linear(oy, a.proj_y.weight, a.proj_y.bias) if not last else None
+            ax = ops.linear(ox, self._w(a.proj_x), a.proj_x.bias)
+            ay = ops.linear(oy, self._w(a.proj_y), a.proj_y.bias) if not last else None
             del ox, oy
             # x = x + g1 * ax; then modulate(norm_x2(x), sh2, sc2)
             xs, hx = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
                 xs, blk.norm_x2.weight, sh2, sc2, ax, g1, eps=eps, out_dtype=self.dtype))
             del ax
-            pend_x = (self.swiglu(plan, "swiglu.image", self.w13[i][0], blk.mlp_x.w2.weight, hx, racing), g2)
+            pend_x = (self.swiglu(plan, "swiglu.image", self.w13[i][0], self._w(blk.mlp_x.w2), hx, racing), g2)
             del hx
             if not last:  # the last block's text stream is never read
                 y, hy = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
                     y, blk.norm_y2.weight, th2, tc2, ay, tg1, eps=eps, out_dtype=self.dtype))
-                pend_y = (self.swiglu(plan, "swiglu.text", self.w13[i][1], blk.mlp_y.w2.weight, hy, racing), tg2)
+                pend_y = (self.swiglu(plan, "swiglu.text", self.w13[i][1], self._w(blk.mlp_y.w2), hy, racing), tg2)
                 del hy
         return ops.add_scaled(xs, pend_x[1], pend_x[0])    # the last block's x = x + g2 * mlp
 
@@ -227,20 +335,21 @@ class FastPiD:
         QK-norm/RoPE prep and the attention core, so it takes the qkv_rope+sdpa route
         (the fully fused kernels have no such point)."""
         a = self.net.patch_blocks[i].attn
+        wx, wy = self._w(a.qkv_x), self._w(a.qkv_y)
         norms_x, norms_y = self.qk_norms[i]
         heads = self.cfg.heads
         if shard is not None:
-            q, k, v = ops.qkv_rope(hx, a.qkv_x.weight, norms_x, tab["rope_img"], hy, a.qkv_y.weight, norms_y,
+            q, k, v = ops.qkv_rope(hx, wx, norms_x, tab["rope_img"], hy, wy, norms_y,
                                    tab["rope_txt"], heads=heads)
             k, v = shard.gather_kv(k, v, dim=1, text=hy.shape[1])
             return ops.attend(q, k, v, hy.shape[1], True)
 
         def route(backend):
             if backend == "qkv_rope+sdpa":
-                q, k, v = ops.qkv_rope(hx, a.qkv_x.weight, norms_x, tab["rope_img"], hy, a.qkv_y.weight, norms_y,
+                q, k, v = ops.qkv_rope(hx, wx, norms_x, tab["rope_img"], hy, wy, norms_y,
                                        tab["rope_txt"], heads=heads)
                 return ops.attend(q, k, v, hy.shape[1], True)
-            qkv_x, qkv_y = ops.linear(hx, a.qkv_x.weight), ops.linear(hy, a.qkv_y.weight)
+            qkv_x, qkv_y = ops.linear(hx, wx), ops.linear(hy, wy)
             return ops.attention(qkv_x, qkv_y, norms_x[0], norms_x[1], norms_y[0], norms_y[1], tab["rope_img"],
                                  tab["rope_txt"], heads, backend=backend)
         return self._route(plan, "attention.patch", racing, route)
@@ -273,26 +382,26 @@ class FastPiD:
                 m = ops.linear(s[r0:r1], w_pre, b_pre).view(r1 - r0, p2, 2 * dp)
                 _, u = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
                     p[r0:r1], blk.norm1.weight, m[..., :dp], m[..., dp:], eps=eps, out_dtype=self.dtype))
-                a[r0:r1] = ops.linear(u.reshape(r1 - r0, p2 * dp), blk.compress_to_attn.weight,
+                a[r0:r1] = ops.linear(u.reshape(r1 - r0, p2 * dp), self._w(blk.compress_to_attn),
                                       blk.compress_to_attn.bias)
             at = blk.attn
             if shard is None:
-                qkv = ops.linear(a.view(batch, rows // batch, -1), at.qkv.weight)
+                qkv = ops.linear(a.view(batch, rows // batch, -1), self._w(at.qkv))
                 o = self.pixel_attention(qkv, at, tab, plan, racing)              # a = attn(a, rope)
                 del qkv
             else:   # the band's queries against every band's keys and values
-                q, k, v = ops.qkv_rope(a.view(batch, rows // batch, -1), at.qkv.weight,
+                q, k, v = ops.qkv_rope(a.view(batch, rows // batch, -1), self._w(at.qkv),
                                        torch.stack([at.q_norm.weight, at.k_norm.weight]), tab["rope_pix"],
                                        heads=self.cfg.pixel_heads)
                 o = ops.attend(q, *shard.gather_kv(k, v, dim=1), 0, False)[0]
                 del q, k, v
-            a = ops.linear(o, at.proj.weight, at.proj.bias).view(rows, -1)
+            a = ops.linear(o, self._w(at.proj), at.proj.bias).view(rows, -1)
             del o
             for r0 in range(0, rows, band):
                 r1 = min(rows, r0 + band)
                 # p = p + g1 * expand(a); p = p + g2 * mlp(modulate(norm2(p), sh2, sc2))
                 m = ops.linear(s[r0:r1], w_post, b_post)
-                e = ops.linear(a[r0:r1], blk.expand_from_attn.weight, blk.expand_from_attn.bias)
+                e = ops.linear(a[r0:r1], self._w(blk.expand_from_attn), blk.expand_from_attn.bias)
                 mlp = blk.mlp
                 # a band's new tokens depend on that band alone: update p in place
                 p[r0:r1] = self._kernel(plan, "pixel_modulate", lambda: ops.pixel_post(

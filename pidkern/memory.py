@@ -55,23 +55,35 @@ def fast_copy_params(cfg: PiDConfig) -> int:
     return w13 + pixel_mod + norms
 
 
-def weight_bytes(preset, dtype_bytes: int = 2) -> int:
+def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int:
     """Device bytes of the weights a fast decoder holds while it decodes fast: the
     reference network's, less those the Decoder parks in host memory (the ones FastPiD
     never reads after it is built, `pidkern.fast.unread_after_build`), plus FastPiD's own
-    copies (fast_copy_params). A reference decode brings the parked ones back."""
-    cfg = _config(preset)
-    from .fast import unread_after_build
+    copies (fast_copy_params). A reference decode brings the parked ones back.
+
+    precision="fp8": the matrices of the fp8 layer groups (`pidkern.fast.FP8_LAYERS`) take
+    one byte per weight and four per output row (their scales); the originals of the
+    net's quantized Linears are parked."""
+    from .fast import FP8_LAYERS, fp8_linears, fp8_owned_shapes, unread_after_build
+    from .plan import PRECISIONS
     from .reference import PiDNet
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    cfg = _config(preset)
+    layers = FP8_LAYERS if precision == "fp8" else ()
     with torch.device("meta"):
         net = PiDNet(cfg)
     params = dict(net.named_parameters())
-    n = sum(p.numel() for p in params.values()) - sum(params[k].numel() for k in unread_after_build(net))
-    return (n + fast_copy_params(cfg)) * dtype_bytes
+    n = sum(p.numel() for p in params.values()) - sum(params[k].numel() for k in unread_after_build(net, layers))
+    owned = fp8_owned_shapes(cfg, layers)
+    shapes = owned + [tuple(m.weight.shape) for m in fp8_linears(net, layers).values()]
+    n += fast_copy_params(cfg) - sum(r * c for r, c in owned)
+    return n * dtype_bytes + sum(r * c + 4 * r for r, c in shapes)
 
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
-                    dtype_bytes: int = 2, noise: str = "release", world_size: int = 1) -> int:
+                    dtype_bytes: int = 2, noise: str = "release", world_size: int = 1,
+                    precision: str = "native") -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -86,6 +98,9 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     rank takes whole; rank 0's gathered result) and the gathered keys and values of one
     attention (the whole image's) do not. A forecast: the sequence-parallel fast path runs
     without CUDA graphs today, and no multi-GPU run has checked it.
+    precision: the model's ("native" or "fp8", see weight_bytes); the fp8 activations'
+    codes (one byte per element of one GEMM input at a time) are left out, a forecast
+    no GPU run has checked.
     """
     cfg = _config(preset)
     check_noise(noise)
@@ -129,7 +144,7 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         patch_peak += gathered(d) + 2 * batch * t * d * e     # + the text keys joined to them
         pixel_peak += gathered(cfg.pixel_attn_dim)
     transient = max(patch_peak, pixel_peak)
-    return weight_bytes(cfg, e) + persistent + int(GRAPH_POOL_FACTOR * transient) + FIXED_OVERHEAD
+    return weight_bytes(cfg, e, precision) + persistent + int(GRAPH_POOL_FACTOR * transient) + FIXED_OVERHEAD
 
 
 def free_device_bytes(device: torch.device) -> int:

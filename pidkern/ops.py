@@ -19,7 +19,8 @@ import torch
 
 import torch.nn.functional as F
 
-from . import reference
+from . import fp8, reference
+from .fp8 import Fp8Weight
 from .reference import apply_rope, rms_norm
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -62,9 +63,28 @@ def disabled(*ops: str):
         _local.off = before
 
 
+@contextlib.contextmanager
+def gemm_route(route: str):
+    """Run the fp8 weights' GEMMs inside the block by `route` (fp8.GEMM_ROUTES; this thread
+    only): the Plan's "gemm" entry, set by FastPiD around each forward."""
+    if route not in fp8.GEMM_ROUTES:
+        raise ValueError(f"route={route!r}: expected one of {fp8.GEMM_ROUTES}")
+    before = getattr(_local, "gemm", "scaled_mm")
+    _local.gemm = route
+    try:
+        yield
+    finally:
+        _local.gemm = before
+
+
 # --- plain ops: cuBLAS / ATen, no fused kernel ---
 
 def linear(x, weight, bias=None):
+    """x W^T + b; W a tensor, or an fp8.Fp8Weight (the GEMM in e4m3 by the gemm_route)."""
+    if isinstance(weight, Fp8Weight):
+        if getattr(_local, "gemm", "scaled_mm") == "torchao":
+            return fp8.torchao_linear(x, weight, bias)
+        return fp8.scaled_mm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -221,7 +241,9 @@ def qkv_rope(h_img, w_img, norms_img, rope_img, h_txt=None, w_txt=None, norms_tx
     RoPE in the GEMM's epilogue (power-of-two head dims, 16-byte aligned rows on CUDA);
     otherwise cuBLAS + the PyTorch chain, rounding the Linear's output the same way."""
     hd = w_img.shape[0] // (3 * heads) if isinstance(heads, int) and heads > 0 else 0
-    fused = use_triton("qkv_rope", h_img, w_img) and hd >= 16 and hd & (hd - 1) == 0
+    # the fused GEMM reads 16-bit weights: fp8 ones take the unfused chain
+    fused = (not isinstance(w_img, Fp8Weight) and use_triton("qkv_rope", h_img, w_img) and hd >= 16
+             and hd & (hd - 1) == 0)
     if fused and h_img.is_cuda:
         from pidkern.kernels.qkv_rope import rows_aligned
         fused = rows_aligned(h_img, w_img) and (h_txt is None or rows_aligned(h_txt, w_txt))
@@ -230,8 +252,8 @@ def qkv_rope(h_img, w_img, norms_img, rope_img, h_txt=None, w_txt=None, norms_tx
         cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
         return tuple(torch.ops.pidkern.qkv_rope(h_img, w_img, norms_img, *rope_img, h_txt, w_txt, norms_txt,
                                                 cos_t, sin_t, heads, float(eps)))
-    qkv_txt = F.linear(h_txt, w_txt) if h_txt is not None else None
-    return _prep_torch(F.linear(h_img, w_img), qkv_txt, norms_img[0], norms_img[1],
+    qkv_txt = linear(h_txt, w_txt) if h_txt is not None else None
+    return _prep_torch(linear(h_img, w_img), qkv_txt, norms_img[0], norms_img[1],
                        *((None, None) if norms_txt is None else (norms_txt[0], norms_txt[1])),
                        rope_img, rope_txt, heads, eps)
 
@@ -271,7 +293,15 @@ def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch
 def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor, split: bool = False) -> torch.Tensor:
     """SiLU(u w1^T) * (u w3^T) for u [M, D] and w13 = cat([w1, w3]) [2*Hm, D]; the w2
     GEMM that follows stays a plain matmul. The Triton path is one GEMM with the product
-    in its epilogue, or with split=True a cuBLAS GEMM against w13 and one silu_mul pass."""
+    in its epilogue, or with split=True a cuBLAS GEMM against w13 and one silu_mul pass.
+    An fp8 w13 (fp8.Fp8Weight) always takes the split form: its GEMM is the fp8 one."""
+    if isinstance(w13, Fp8Weight):
+        h = linear(u, w13)
+        if use_triton("swiglu", u, h):
+            from pidkern.kernels.swiglu import silu_mul
+            return silu_mul(h)
+        g, up = h.chunk(2, -1)
+        return torch.nn.functional.silu(g) * up
     if use_triton("swiglu", u, w13):
         from pidkern.kernels.swiglu import silu_mul, swiglu_gate_up as fused
         return silu_mul(u @ w13.T) if split else fused(u, w13)

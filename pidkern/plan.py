@@ -3,8 +3,9 @@
 A `Plan` says, for one decode shape, which implementation every step of `FastPiD.forward`
 runs: the attention route of the patch and of the pixel blocks, the SwiGLU route of the
 image and of the text stream, whether each memory-bound fusion runs its Triton kernel,
-the modulation band size, whether adapter heads are kept, and whether the decode is one
-CUDA graph. Each entry is decided one of three ways, recorded beside it:
+the modulation band size, whether adapter heads are kept, whether the decode is one
+CUDA graph, the model's precision and the route of its 8-bit GEMMs. Each entry is
+decided one of three ways, recorded beside it:
 
 - "override": the caller said so (`Decoder.decode(..., plan={...})`, `pidkern bench
   --plan ...`, or the PIDKERN_PLAN debugging switch, read here and nowhere else);
@@ -32,6 +33,12 @@ PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch")
 # w13 then one silu_mul pass; "torch": two cuBLAS GEMMs and the PyTorch product.
 SWIGLU = ("triton", "split", "torch")
 KERNEL = ("triton", "torch")
+# The GEMMs of the layers a precision="fp8" model holds in e4m3 (pidkern.fp8): "native"
+# when the model has none; "scaled_mm" (torch._scaled_mm, rowwise scales) or "torchao"
+# (torchao's float8 inference over the same bytes) otherwise. Raced on CUDA when torchao
+# imports and the card has fp8 tensor cores; "scaled_mm" by rule elsewhere.
+GEMM = ("native", "scaled_mm", "torchao")
+PRECISIONS = ("native", "fp8")
 
 # name -> (allowed values, the op of pidkern.ops it configures, the candidates raced on CUDA
 # in this order (ties go to the first), or () when a rule decides)
@@ -44,8 +51,11 @@ CHOICES: dict[str, tuple] = {
     "embed": (KERNEL, "embed", ("triton", "torch")),
     "rms_modulate": (KERNEL, "rms_modulate", ()),
     "pixel_modulate": (KERNEL, "pixel_modulate", ()),
+    "gemm": (GEMM, "linear", ("scaled_mm", "torchao")),
 }
-SETTINGS = ("graphs", "band_rows", "keep_heads")
+# precision is the model's (fixed when `pidkern.load` builds it): the plan records it, and
+# an override may only repeat it
+SETTINGS = ("graphs", "band_rows", "keep_heads", "precision")
 ENV = "PIDKERN_PLAN"
 
 
@@ -61,6 +71,10 @@ def _parse_value(key: str, value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"plan band_rows={value!r}: expected a positive number of patches")
+        return value
+    if key == "precision":
+        if value not in PRECISIONS:
+            raise ValueError(f"plan precision={value!r}: expected one of {PRECISIONS}")
         return value
     allowed = CHOICES[key][0]
     if value not in allowed:
@@ -151,18 +165,46 @@ class Plan:
         return "\n".join(lines)
 
 
+def _gemm_rule(precision: str, cuda: bool, torchao_ok: bool, over: dict):
+    """(value, how) of the "gemm" entry for a model of `precision`."""
+    value = over.get("gemm")
+    if value is not None:
+        if (value == "native") != (precision == "native"):
+            raise ValueError(f"plan gemm={value!r}: the model was loaded with precision={precision!r}, whose "
+                             f"GEMMs are {'native' if precision == 'native' else 'scaled_mm or torchao'} "
+                             f"(pidkern.load(..., precision=...) fixes it)")
+        if value == "torchao" and not torchao_ok:
+            raise ValueError("plan gemm='torchao': torchao cannot run here (not installed, or a CUDA card "
+                             "without fp8 tensor cores); use gemm='scaled_mm' or pip install 'pidkern[fp8]'")
+        return value, "override"
+    if precision == "native":
+        return "native", "rule: native precision"
+    if cuda and torchao_ok:
+        return None, "race"
+    return "scaled_mm", "rule" if not cuda else "rule: no torchao here"
+
+
 def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dtype_bytes: int,
-            triton_ok: bool, overrides=None) -> Plan:
+            triton_ok: bool, overrides=None, precision: str = "native", torchao_ok: bool = False) -> Plan:
     """The plan for one shape before any timing: overrides, then rules; on CUDA the raced
     choices stay open (None, "race") until the warm-up run times them.
 
-    triton_ok: whether the Triton kernels can run on this device (ops.triton_available)."""
+    triton_ok: whether the Triton kernels can run on this device (ops.triton_available).
+    precision: the model's ("native" or "fp8"; an override naming another is an error).
+    torchao_ok: whether the torchao GEMM route can run here (fp8.torchao_available)."""
     from .memory import heads_fit, modulation_band_rows
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     over = {**env_overrides(), **check_overrides(overrides)}
+    if over.get("precision", precision) != precision:
+        raise ValueError(f"plan precision={over['precision']!r}: this model was loaded with precision={precision!r}; "
+                         f"the precision is fixed when the model is built (pidkern.load(..., precision=...))")
     cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
     plan = Plan((batch, height, width, text_len), str(device), overrides=over)
     for name, (_, _, raced) in CHOICES.items():
-        if name in over:
+        if name == "gemm":
+            plan.set(name, *_gemm_rule(precision, cuda, torchao_ok, over))
+        elif name in over:
             plan.set(name, over[name], "override")
         elif not triton_ok:
             plan.set(name, "torch", "rule: no Triton here")
@@ -173,7 +215,8 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
     rows = batch * (height // cfg.patch) * (width // cfg.patch)
     settings = {"graphs": (cuda, "rule: CUDA" if cuda else "rule: not CUDA"),
                 "band_rows": (modulation_band_rows(cfg, rows, dtype_bytes), "rule: 128 MiB per band"),
-                "keep_heads": (heads_fit(cfg, rows, dtype_bytes), "rule: kept while <= 256 MiB")}
+                "keep_heads": (heads_fit(cfg, rows, dtype_bytes), "rule: kept while <= 256 MiB"),
+                "precision": (precision, "load")}
     for name, (value, how) in settings.items():
         plan.set(name, *((over[name], "override") if name in over else (value, how)))
     if plan["graphs"] and not cuda:
@@ -197,4 +240,5 @@ def race(plan: Plan, name: str, runs: dict, device) -> None:
                           stacklevel=2)
     ok = {v: ms for v, ms in times.items() if isinstance(ms, float)}
     plan.race_ms[name] = times
-    plan.set(name, min(ok, key=ok.get) if ok else "torch", "race" if ok else "race: every route failed")
+    fallback = "scaled_mm" if name == "gemm" else "torch"
+    plan.set(name, min(ok, key=ok.get) if ok else fallback, "race" if ok else "race: every route failed")
