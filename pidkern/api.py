@@ -509,7 +509,9 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         from .parallel import sequence_parallel, setup
         group, device = setup(parallel, group, device)
         dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, precision=precision)
-        return sequence_parallel(dec, group)
+        sp = sequence_parallel(dec, group)
+        sp.precision = dec.precision        # read when its fast engine is built, on the first fast decode
+        return sp
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if autocast is not None:
@@ -568,8 +570,9 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
                     raise ValueError(f"model={model!r}: neither a preset name ({', '.join(sorted(PRESETS))}) "
                                      f"nor an existing checkpoint path")
                 where = dict(checkpoint=model) if is_path else dict(preset=model)
-                dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder,
-                           precision=precision or "native")
+                if precision not in (None, "native"):
+                    where["precision"] = precision
+                dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder)
                 _cache[key] = dec
     return dec.decode(latent, sigma, **kwargs)
 
