@@ -195,3 +195,30 @@ def test_cli_info_plan_shows_fp8(capsys):
     assert main(["info", "--plan", "flux-2k", "1024x1024", "--device", "cpu", "--precision", "fp8"]) == 0
     out = capsys.readouterr().out
     assert "precision        fp8" in out and "gemm             scaled_mm" in out
+
+
+def test_accuracy_tool_reports_every_block_and_group(tmp_path, capsys, monkeypatch):
+    """`python -m bench.fp8_accuracy` at its smallest: a row per block with each of its
+    groups, an image row per group, and the chosen set within the bar. Run as a user runs
+    it on a CPU, without the Triton interpreter (whose bfloat16 decodes are off on the CPU
+    with or without fp8, a separate matter)."""
+    import json
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    from bench import fp8_accuracy
+    from pidkern.fast import FP8_GROUPS
+    out = tmp_path / "acc.json"
+    assert fp8_accuracy.main(["--preset", "tiny:flux-2k", "--size", "32x32", "--steps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    cfg = tiny("flux-2k")
+    assert [r["block"] for r in res["blocks"]] == [f"patch.{i}" for i in range(cfg.patch_blocks)] + \
+        [f"pixel.{i}" for i in range(cfg.pixel_blocks)]
+    for r in res["blocks"]:
+        kind = r["block"].split(".")[0]
+        assert set(r) == {"block", "all", *(g for g in FP8_GROUPS if g.startswith(kind))}
+        assert all(0 < r[g]["out"] <= r[g]["update"] < 0.2 for g in r if g != "block")
+    rows = {r["layers"]: r for r in res["images"]}
+    assert set(rows) == {"none (bf16 fast)", *FP8_GROUPS, "FP8_LAYERS (precision='fp8')", "all"}
+    assert rows["FP8_LAYERS (precision='fp8')"]["rel_l2_vs_fp32_ref"] <= 3e-2
+    assert all(r["psnr_vs_bf16_fast"] > 20 for r in res["images"])
+    assert "largest per block" in capsys.readouterr().out
