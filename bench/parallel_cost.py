@@ -69,11 +69,32 @@ def kv_gather_bytes(cfg: PiDConfig, side: int, world: int, width: int | None = N
     return tokens_received * per_token * dtype_bytes
 
 
-def ulysses_bytes(cfg: PiDConfig, side: int, world: int) -> float:
-    """Bytes one rank sends per step under an all-to-all (Ulysses) scheme, for comparison."""
-    L = (side // cfg.patch) ** 2
-    width = cfg.patch_blocks * cfg.hidden + cfg.pixel_blocks * cfg.pixel_attn_dim
-    return 4 * L * width * (world - 1) / world ** 2 * BYTES
+def ulysses_bytes(cfg: PiDConfig, side: int, world: int, width: int | None = None, batch: int = 1,
+                  dtype_bytes: int = BYTES, text_len: int | None = None, rank: int | None = None) -> int:
+    """Bytes one rank receives per step under sp_attention="ulysses" (pidkern.parallel's
+    two all-to-alls per attention layer), for `rank` (default: the one that receives most).
+
+    Heads are padded to a multiple of N, g = ceil(heads / N) per rank. Per layer a rank
+    with n of the L image tokens receives q, k, v of its head group for the L - n tokens
+    it lacks, then the output of every other head group for its n tokens and the T text
+    tokens: B g hd (3 (L - n) + (N - 1)(T + n)). Patch layers carry the text stream
+    (T = text_len, default the preset's 300), pixel layers none."""
+    if world == 1:
+        return 0
+    hs, ws = side // cfg.patch, (width or side) // cfg.patch
+    t = cfg.max_text if text_len is None else text_len
+    L = hs * ws
+
+    def received(n: int) -> int:
+        total = 0
+        for layers, heads, hd, text in ((cfg.patch_blocks, cfg.heads, cfg.head_dim, t),
+                                        (cfg.pixel_blocks, cfg.pixel_heads, cfg.pixel_head_dim, 0)):
+            g = -(-heads // world)
+            total += layers * batch * g * hd * (3 * (L - n) + (world - 1) * (text + n))
+        return total * dtype_bytes
+
+    bands = [rows * ws for _, rows in split_rows(hs, world)]
+    return received(bands[rank]) if rank is not None else max(received(n) for n in set(bands))
 
 
 def rank_model(cfg: PiDConfig, side: int, world: int, measured: dict[int, float]) -> dict:

@@ -31,6 +31,10 @@ from .sampler import philox_draws, release_draws, resolve_seed, sample
 
 MODES = ("sequence",)
 OUTPUTS = ("rank0", "all")
+# How the bands meet in attention: "gather" all-gathers the other bands' keys and values
+# (each rank attends with all heads of its own queries); "ulysses" exchanges heads for
+# sequence with two all-to-alls (each rank attends with all queries of 1/N of the heads).
+SP_ATTENTION = ("gather", "ulysses")
 
 
 def split_rows(rows: int, world: int) -> list[tuple[int, int]]:
@@ -113,10 +117,13 @@ class RowShard:
     """One rank's band of patch rows, and the collectives that let it attend to the rest.
 
     Passed to PiDNet.forward as `shard=` (reference.py reads `row0`, `grid_rows` and
-    `gather_kv`)."""
+    `attend`); FastPiD's attentions call `attend` too."""
 
-    def __init__(self, group, grid_rows: int, grid_cols: int):
+    def __init__(self, group, grid_rows: int, grid_cols: int, attention: str = "gather"):
         dist = _dist()
+        if attention not in SP_ATTENTION:
+            raise ValueError(f"sp_attention={attention!r}: expected one of {SP_ATTENTION}")
+        self.attention = attention
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -124,7 +131,7 @@ class RowShard:
         self.bands = split_rows(grid_rows, self.world)
         self.row0, self.rows = self.bands[self.rank]
         self.max_rows = max(n for _, n in self.bands)
-        self.bytes_received = 0      # by the K/V all-gathers: what bench.parallel_cost models
+        self.bytes_received = 0      # by the attention collectives: what bench.parallel_cost models
 
     def _padded(self, t: torch.Tensor, dim: int, unit: int) -> torch.Tensor:
         """`t` (this band's rows * unit entries along `dim`) grown with zeros to the longest
@@ -162,6 +169,73 @@ class RowShard:
             full = torch.cat([torch.stack([k.narrow(dim, 0, text), v.narrow(dim, 0, text)]), full], dim=dim + 1)
         return full[0], full[1]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, core, dim: int = 2,
+               text: int = 0) -> torch.Tensor:
+        """The attention output of this rank's queries, in q's layout.
+
+        q, k, v hold the sequence along `dim` (the reference's [B, heads, N, hd]: 2; the
+        fast path's [B, N, heads, hd]: 1; the heads along the other of dims 1 and 2): its
+        first `text` entries are the text tokens (replicated on every rank), then this
+        band's image tokens. core(q, k, v) is the attention one process runs (same layout,
+        any sequence length and head count). Exchanges what `attention` says."""
+        if self.world == 1:
+            return core(q, k, v)
+        if self.attention == "gather":
+            return core(q, *self.gather_kv(k, v, dim, text))
+        return self._ulysses(q, k, v, core, dim, text)
+
+    def _ulysses(self, q, k, v, core, dim, text):
+        """Heads for sequence and back (DeepSpeed-Ulysses), with torch.distributed's
+        all_to_all_single and uneven splits for uneven bands.
+
+        Rank r attends with head group r (heads padded with zero q, k, v to a multiple of
+        N, dropped after: a zero head's output is zero and touches no other head) over the
+        whole sequence: the text tokens it holds already, every band's image tokens from
+        the first exchange. The second sends each band its rows of the output and, with
+        them, the text queries' output of this head group, so every rank gets the text
+        stream's output of all heads, as one process computes it."""
+        dist = _dist()
+        hdim, world = 3 - dim, self.world
+        heads = q.shape[hdim]
+        g = -(-heads // world)                          # heads per rank, padding included
+        x = torch.stack([q, k, v])                      # seq at dim + 1, heads at hdim + 1
+        if g * world > heads:
+            pad = list(x.shape)
+            pad[hdim + 1] = g * world - heads
+            x = torch.cat([x, x.new_zeros(pad)], dim=hdim + 1)
+        n = x.shape[dim + 1] - text
+        cols = self.grid_cols
+        # first exchange: rank j gets head group j of this band's image tokens
+        send = x.narrow(dim + 1, text, n).unflatten(hdim + 1, (world, g)).movedim(hdim + 1, 0).contiguous()
+        per_token = send[0].numel() // n                # 3 * B * g * hd
+        recv_splits = [rows * cols * per_token for _, rows in self.bands]
+        recv = send.new_empty(sum(recv_splits))
+        dist.all_to_all_single(recv, send.view(-1), recv_splits, [n * per_token] * world, group=self.group)
+        mine = x.narrow(hdim + 1, self.rank * g, g)
+        parts = [mine.narrow(dim + 1, 0, text)]
+        for part, (_, rows) in zip(recv.split(recv_splits), self.bands):
+            shape = list(mine.shape)
+            shape[dim + 1] = rows * cols
+            parts.append(part.view(shape))
+        full = torch.cat(parts, dim=dim + 1)
+        del send, recv, parts, x, mine
+        o = core(full[0], full[1], full[2])             # head group `rank`, text + every band
+        del full
+        # second exchange: band i's rows (and the text rows) of this head group to rank i
+        back = torch.cat([torch.cat([o.narrow(dim, 0, text), o.narrow(dim, text + r0 * cols, rows * cols)],
+                                    dim=dim).reshape(-1) for r0, rows in self.bands])
+        per_row = o[0].numel() // o.shape[dim] * o.shape[0]   # B * g * hd
+        send_splits = [(text + rows * cols) * per_row for _, rows in self.bands]
+        mine_n = text + n
+        ret = back.new_empty(world * mine_n * per_row)
+        dist.all_to_all_single(ret, back, [mine_n * per_row] * world, send_splits, group=self.group)
+        shape = list(o.shape)
+        shape[dim] = mine_n
+        out = ret.view(world, *shape).movedim(0, hdim).flatten(hdim, hdim + 1).narrow(hdim, 0, heads)
+        self.bytes_received += q.element_size() * (sum(recv_splits) - n * per_token
+                                                   + (world - 1) * mine_n * per_row)
+        return out
+
     def pixel_band(self, t: torch.Tensor, patch: int) -> torch.Tensor:
         """This band's pixel rows of a full-size [..., H, W] tensor."""
         return t[..., self.row0 * patch:(self.row0 + self.rows) * patch, :]
@@ -189,14 +263,17 @@ class SequenceParallelDecoder(Decoder):
     Every rank of the group calls `decode` with the same arguments; the result is the
     image one process would decode (rank 0 gets it; with output="all" every rank does)."""
 
-    def __init__(self, dec: Decoder, group, output: str = "rank0"):
+    def __init__(self, dec: Decoder, group, output: str = "rank0", attention: str = "gather"):
         super().__init__(dec.net, dec.device, dec.dtype, dec.source, dec.autocast, dec.text_encoder)
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
+        if attention not in SP_ATTENTION:
+            raise ValueError(f"sp_attention={attention!r}: expected one of {SP_ATTENTION}")
         self.group = group
         self.output = output
+        self.attention = attention
         self.fingerprint = fingerprint(self.net)
-        self.last_kv_bytes = 0   # what this rank received through the K/V all-gathers in its last decode
+        self.last_kv_bytes = 0   # what this rank received through the attention collectives in its last decode
 
     @property
     def rank(self) -> int:
@@ -208,7 +285,7 @@ class SequenceParallelDecoder(Decoder):
 
     def __repr__(self):
         return (f"SequenceParallelDecoder({self.config.name}, rank {self.rank} of {self.world_size}, "
-                f"device={self.device}, dtype={self.dtype}, source={self.source})")
+                f"sp_attention={self.attention}, device={self.device}, dtype={self.dtype}, source={self.source})")
 
     def _describe(self, args: dict, output: str) -> dict:
         """What this rank is about to decode, for the entry check."""
@@ -219,7 +296,7 @@ class SequenceParallelDecoder(Decoder):
             text_shape=tuple(args["text"].shape), text=_tensor_hash(args["text"]),
             sigma=[round(float(s), 9) for s in args["sigma"].tolist()], steps=args["steps"],
             sampler=args["sampler"], noise=args["noise"], size=tuple(args["size"]),
-            seed=args["seed"], output=output)
+            seed=args["seed"], output=output, sp_attention=self.attention)
 
     def _agree(self, mine: dict | None, drawn: int | None, error: Exception | None) -> int:
         """Check that every rank decodes the same thing; returns the seed they share.
@@ -285,7 +362,7 @@ class SequenceParallelDecoder(Decoder):
         h, w = size
         p = self.config.patch
         eng = self.engine()
-        shard = RowShard(self.group, h // p, w // p)
+        shard = RowShard(self.group, h // p, w // p, self.attention)
         the_plan = eng.plan(b, h, w, text.shape[1], {**check_overrides(plan), "graphs": False})
         full = (b, 3, h, w)
         if noise == "philox":   # the output stage would number a band's draws from its own start
@@ -305,7 +382,7 @@ class SequenceParallelDecoder(Decoder):
         b = latent.shape[0]
         h, w = size
         net, p = self.net, self.config.patch
-        shard = RowShard(self.group, h // p, w // p)
+        shard = RowShard(self.group, h // p, w // p, self.attention)
         ws = w // p
         with self._autocast():
             # The adapter is replicated: its convolutions need the neighbouring rows.
@@ -327,8 +404,12 @@ class SequenceParallelDecoder(Decoder):
         return shard.collect(x, p, output)
 
 
-def setup(mode, group, device):
+def setup(mode, group, device, attention=None):
     """Check `load`'s parallel arguments: the resolved group and this rank's device."""
+    if attention is not None and attention not in SP_ATTENTION:
+        raise ValueError(f"sp_attention={attention!r}: expected one of {SP_ATTENTION}")
+    if attention is not None and mode is None:
+        raise ValueError(f"sp_attention={attention!r}: needs parallel='sequence'")
     if mode not in MODES:
         hint = " (group= is given, so parallel='sequence' was probably meant)" if mode is None else ""
         raise ValueError(f"parallel={mode!r}: expected one of {MODES}, or None for one process{hint}")
@@ -339,8 +420,8 @@ def setup(mode, group, device):
     return group, device
 
 
-def sequence_parallel(dec: Decoder, group, output: str = "rank0") -> SequenceParallelDecoder:
-    return SequenceParallelDecoder(dec, group, output)
+def sequence_parallel(dec: Decoder, group, output: str = "rank0", attention: str = "gather") -> SequenceParallelDecoder:
+    return SequenceParallelDecoder(dec, group, output, attention)
 
 
 @contextmanager

@@ -30,9 +30,9 @@ TIMEOUT_S = 120
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
-def case_inputs(name: str, base: str, lh: int, lw: int, batch: int = 1, with_text: bool = False):
+def case_inputs(name: str, base: str, lh: int, lw: int, batch: int = 1, with_text: bool = False, **shape):
     """The same latent, sigma and text on every rank and in the parent."""
-    cfg = tiny(base)
+    cfg = tiny(base, **shape)
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     latent = torch.randn(batch, cfg.latent_channels, lh, lw, generator=g)
     sigma = torch.rand(batch, generator=g) * 0.5
@@ -51,6 +51,17 @@ CASES.update({
     # against the one-process reference decode (the fast path's own error is ~3e-7)
     "fast-philox-v15": ("flux2-2kto4k-v1.5", 1, 1, 1, True, dict(steps=2, noise="philox", backend="fast")),
 })
+
+
+# sp_attention="ulysses": heads that do not divide by 2 or 3 (3 patch heads, 5 pixel heads: padded
+# on 2 ranks, and the pixel heads on 3). The reference case has 5 patch rows (32-pixel patches),
+# uneven on 2 and 3 ranks; the fast one (8-pixel patches: the interpreter is slow on bigger ones)
+# 8 rows, uneven on 3; the reference one a batch of 2.
+ODD_HEADS = dict(hidden=48, heads=3, pixel_attn_dim=80, pixel_heads=5)
+ULYSSES = {
+    "ulysses-reference": ("flux-2k", 5, 1, 2, True, dict(steps=2, seed=2), dict(patch=32)),
+    "ulysses-fast": ("flux2-2kto4k-v1.5", 1, 1, 1, True, dict(steps=2, noise="philox", backend="fast"), {}),
+}
 
 
 def _decoder(cfg, **kw):
@@ -74,13 +85,22 @@ def _worker(rank: int, world: int, out_dir: str):
             kw = dict(kw)
             results[name] = dec.decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
         # what the cost model says a rank receives (bench.parallel_cost), in float32
-        from bench.parallel_cost import kv_gather_bytes
+        from bench.parallel_cost import kv_gather_bytes, ulysses_bytes
         for case in ("batch2-ode", "fast-philox-v15"):   # each its decoder's last decode
             base, lh, lw, batch, _, kw = CASES[case]
             cfg = tiny(base)
             h, w = cfg.output_size(lh, lw)
             results["traffic", case] = (decoders[base].last_kv_bytes,
                                         kw["steps"] * kv_gather_bytes(cfg, h, world, width=w, batch=batch, dtype_bytes=4))
+        for name, (base, lh, lw, batch, with_text, kw, shape) in ULYSSES.items():
+            cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text, **ODD_HEADS, **shape)
+            dec = _decoder(cfg, parallel="sequence", sp_attention="ulysses")
+            kw = dict(kw)
+            results[name] = dec.decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
+            h, w = cfg.output_size(lh, lw)
+            results["traffic", name] = (dec.last_kv_bytes, kw["steps"] * ulysses_bytes(
+                cfg, h, world, width=w, batch=batch, dtype_bytes=4, text_len=text.shape[1], rank=rank))
+        results["repr"] = repr(dec)
         # every rank gets the image with output="all"
         cfg, latent, sigma, _ = case_inputs("flux-2k", "flux-2k", 1, 1)
         results["all"] = decoders["flux-2k"].decode(latent, sigma, steps=2, seed=0, output="all")
@@ -136,9 +156,10 @@ def rel_l2(a, b):
 
 
 def single_process(name):
-    base, lh, lw, batch, with_text, kw = CASES[name]
+    base, lh, lw, batch, with_text, kw, *shape = {**CASES, **ULYSSES}[name]
     kw = dict(kw, backend="reference")
-    cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text)
+    shape = {**ODD_HEADS, **shape[0]} if shape else {}
+    cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text, **shape)
     return _decoder(cfg).decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
 
 
@@ -157,7 +178,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def reference_images():
     with one_thread():
-        return {name: single_process(name) for name in CASES}
+        return {name: single_process(name) for name in (*CASES, *ULYSSES)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -174,9 +195,10 @@ def test_sequence_parallel_matches_one_process(world, tmp_path, reference_images
         for r in range(1, world):
             assert ranks[r]["results"][name] is None, f"rank {r} got an image without output='all'"
     for r in range(world):
-        for case in ("batch2-ode", "fast-philox-v15"):
+        for case in ("batch2-ode", "fast-philox-v15", *ULYSSES):
             got, modelled = ranks[r]["results"]["traffic", case]
             assert got == modelled and got > 0, f"{case}, rank {r}: received {got} bytes, the cost model says {modelled}"
+    assert "sp_attention=ulysses" in rank0["repr"]
     for r in range(world):   # output="all", and a shared seed drawn when every rank passes None
         assert rel_l2(ranks[r]["results"]["all"], reference_images["flux-2k"]) <= 1e-5
         assert torch.equal(ranks[r]["results"]["seed-none"], ranks[0]["results"]["seed-none"])
@@ -216,11 +238,16 @@ def test_load_parallel_needs_a_group():
         _decoder(tiny("flux-2k"), parallel="pipeline")
     with pytest.raises(ValueError, match="parallel='sequence' was probably meant"):
         _decoder(tiny("flux-2k"), group=object())
+    with pytest.raises(ValueError, match="sp_attention='ring': expected one of"):
+        _decoder(tiny("flux-2k"), parallel="sequence", sp_attention="ring")
+    with pytest.raises(ValueError, match="sp_attention='ulysses': needs parallel='sequence'"):
+        _decoder(tiny("flux-2k"), sp_attention="ulysses")
 
 
 def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, capsys):
     """`torchrun --nproc-per-node 2 -m pidkern decode ... --sequence-parallel` against the
-    single-process command on the same tiny checkpoint: the same PNG."""
+    single-process command on the same tiny checkpoint: the same PNG (with the head
+    all-to-all, --sp-attention ulysses; the default all-gather is checked through the API)."""
     import subprocess
     import sys
 
@@ -244,7 +271,7 @@ def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, cap
     # --standalone: torchrun's own rendezvous on localhost, on a port it binds itself
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pidkern", "decode", *common, "-o", str(tmp_path / "two.png"),
-           "--sequence-parallel"]
+           "--sequence-parallel", "--sp-attention", "ulysses"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(tmp_path / "two.png")]   # rank 0 alone writes and prints
@@ -256,6 +283,8 @@ def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, cap
     # outside torchrun the flag says how to launch
     assert main(["decode", *common, "-o", str(tmp_path / "x.png"), "--sequence-parallel"]) == 2
     assert "run under torchrun" in capsys.readouterr().err
+    assert main(["decode", *common, "-o", str(tmp_path / "x.png"), "--sp-attention", "ulysses"]) == 2
+    assert "--sp-attention ulysses: needs --sequence-parallel" in capsys.readouterr().err
 
 
 def test_rank_flops_split_the_image_work_and_replicate_the_text():
