@@ -8,25 +8,30 @@ to every image key), the per-time conditioning and the sampler's noise draws (ev
 draws the full-size noise from the seed's stream and keeps its rows, so the numbers are
 those of one process). Attention is the only place bands meet: each rank all-gathers the
 image keys and values of the other bands (torch.distributed's all_gather_single, padded
-to the longest band) and attends with its own queries. The output stage runs on each
-band; rank 0 (or every rank) gathers the whole image at the end. Both backends run this
-way (the fast one without CUDA graphs). See docs/parallel.md.
+to the longest band) and attends with its own queries (sp_attention="gather"). The output
+stage runs on each band; rank 0 (or every rank) gathers the whole image at the end. Both
+backends run this way; the fast one is one CUDA graph per shape, collectives inside, under NCCL. With
+sp_attention="ulysses" attention exchanges heads for rows instead (two all-to-alls per
+layer, fewer bytes from N = 3 on). See docs/parallel.md.
 
     torchrun --nproc-per-node 2 -m pidkern decode latent.safetensors -o out.png \\
         --checkpoint flux-2k.safetensors --sequence-parallel
 
     dec = pidkern.load(ckpt, parallel="sequence")      # inside an initialised process group
     image = dec.decode(latent, sigma, seed=0)          # [B, 3, H, W] on rank 0, None elsewhere
+    dec = pidkern.load(ckpt, parallel="sequence", sp_attention="ulysses")   # heads all-to-all
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from .api import Decoder
+from .graphs import GraphCache, Runner, capture
 from .sampler import philox_draws, release_draws, resolve_seed, sample
 
 MODES = ("sequence",)
@@ -257,6 +262,13 @@ class RowShard:
         return None
 
 
+@dataclass
+class BandGraph:
+    """A captured band decode and what one replay receives through its collectives."""
+    runner: Runner
+    kv_bytes: int
+
+
 class SequenceParallelDecoder(Decoder):
     """A Decoder whose decodes are split by image rows across a process group.
 
@@ -274,6 +286,9 @@ class SequenceParallelDecoder(Decoder):
         self.attention = attention
         self.fingerprint = fingerprint(self.net)
         self.last_kv_bytes = 0   # what this rank received through the attention collectives in its last decode
+        self.last_plan = None    # the fast path's plan of the last decode (graphs, sp_attention rows)
+        self.collectives = str(_dist().get_backend(group)).lower()
+        self._graphs = None      # captured band decodes (NCCL on CUDA), built on first use
 
     @property
     def rank(self) -> int:
@@ -352,9 +367,10 @@ class SequenceParallelDecoder(Decoder):
 
     def _decode_sharded_fast(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output,
                              plan=None):
-        """The fast path (FastPiD, pidkern.engine) on this rank's band, without CUDA graphs:
-        the noise of either stream is drawn whole and cut to the band, and the attention
-        routes are the ones with a point to gather keys and values at."""
+        """The fast path (FastPiD, pidkern.engine) on this rank's band: the noise of either
+        stream is drawn whole and cut to the band, and the attention routes are the ones
+        with a point where the bands meet. Under an NCCL group on CUDA the band decode is
+        one CUDA graph with the collectives inside (the plan's graphs; off under gloo)."""
         from . import _ext
         from .plan import check_overrides
         from .sampler import philox_key, renoise_count
@@ -362,8 +378,13 @@ class SequenceParallelDecoder(Decoder):
         h, w = size
         p = self.config.patch
         eng = self.engine()
+        the_plan = eng.plan(b, h, w, text.shape[1], plan, collectives=self.collectives)
+        for name, value in (("attention.patch", "qkv_rope+sdpa"), ("attention.pixel", "prep+sdpa")):
+            if name not in the_plan.overrides:   # what the band decode runs: the shard point needs the prep apart
+                the_plan.set(name, value, "rule: sequence-parallel (QKV + QK-norm/RoPE, exchange, SDPA)")
+        the_plan.set("sp_attention", self.attention, f"load: {self.world_size} ranks")
+        self.last_plan = the_plan
         shard = RowShard(self.group, h // p, w // p, self.attention)
-        the_plan = eng.plan(b, h, w, text.shape[1], {**check_overrides(plan), "graphs": False})
         full = (b, 3, h, w)
         if noise == "philox":   # the output stage would number a band's draws from its own start
             key = philox_key(seed, self.device)
@@ -372,11 +393,80 @@ class SequenceParallelDecoder(Decoder):
         else:
             draws = eng.draw_noise(full, steps, sampler, seed)
         draws = [shard.pixel_band(d, p).contiguous() for d in draws]
-        x = eng.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True, shard=shard)
+        if the_plan["graphs"]:
+            key = (b, *latent.shape[1:], text.shape[1], steps, sampler, noise,
+                   tuple(sorted({**eng.overrides, **check_overrides(plan)}.items())))
+            x, self.last_kv_bytes = self._band_graph(key, latent, sigma, text, draws)
+        else:
+            x, self.last_kv_bytes = self._band_eager(the_plan, latent, sigma, text, draws, steps, sampler, h, w)
         if progress:
             progress(steps, steps)
-        self.last_kv_bytes = shard.bytes_received
         return shard.collect(x, p, output)
+
+    def _band_run(self, shard, plan, latent, sigma, text, draws, steps, sampler, h, w, racing):
+        """One band decode (Engine.run with the shard): what runs eagerly, and what a CUDA
+        graph captures, collectives included."""
+        shard.bytes_received = 0
+        return self.engine().run(latent, sigma, text, draws, steps, sampler, h, w, plan, racing=racing, shard=shard)
+
+    def _band_eager(self, plan, latent, sigma, text, draws, steps, sampler, h, w):
+        shard = RowShard(self.group, h // self.config.patch, w // self.config.patch, self.attention)
+        raced = bool(plan.pending())
+        x = self._band_run(shard, plan, latent, sigma, text, draws, steps, sampler, h, w, racing=True)
+        if raced:   # this decode's routes were each rank's own fastest; from the next one on, rank 0's
+            self._agree_plan(plan)
+        return x, shard.bytes_received
+
+    def _band_graph(self, key, latent, sigma, text, draws):
+        """The band decode as a captured CUDA graph (built once per shape, replayed)."""
+        with self._lock:
+            if self._graphs is None:
+                self._graphs = GraphCache(self._build_band_graph)
+        entry = self._graphs.get(key)
+        with entry.lock:
+            band = entry.runner
+            for buf, d in zip(band.runner.bufs["noise"], draws):
+                buf.copy_(d)
+            return band.runner.replay(latent=latent, sigma=sigma, text=text), band.kv_bytes
+
+    def _build_band_graph(self, key):
+        """Capture one band decode with its collectives (NCCL) inside.
+
+        Static inputs (latent, sigma, text, the band's noise draws) are buffers of the
+        graph; the gather and all-to-all buffers are allocated inside the capture, from
+        the graph's private pool, so their addresses are fixed for every replay. Every
+        rank builds the same key at the same decode, so all capture the same sequence of
+        collectives: two eager warm-ups (the first races the plan's open choices, and
+        then every rank takes rank 0's choices, so the graphs agree), then the capture."""
+        b, c, lh, lw, t_len, steps, sampler, _, over = key
+        h, w = self.config.output_size(lh, lw)
+        plan = self.engine().plan(b, h, w, t_len, dict(over), collectives=self.collectives)   # the decode's
+        p, dev = self.config.patch, self.device
+        shard = RowShard(self.group, h // p, w // p, self.attention)
+        from .sampler import renoise_count
+        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev).normal_(), sigma=torch.zeros(b, device=dev),
+                    text=torch.zeros(b, t_len, self.config.text_dim, device=dev).normal_(),
+                    noise=[torch.zeros(b, 3, shard.rows * p, w, device=dev).normal_()
+                           for _ in range(1 + renoise_count(steps, sampler))])
+
+        def run(first):
+            x = self._band_run(shard, plan, bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps,
+                               sampler, h, w, racing=first)
+            if first:
+                self._agree_plan(plan)
+            return x
+        graph, out = capture(run, dev)
+        return BandGraph(Runner(graph, bufs, out), shard.bytes_received)
+
+    def _agree_plan(self, plan):
+        """Every rank takes rank 0's raced choices: the ranks' graphs then run the same routes."""
+        from .plan import CHOICES
+        mine = {k: plan.choices[k] for k in CHOICES if k in plan.choices}
+        everyone = [None] * self.world_size
+        _dist().all_gather_object(everyone, mine, group=self.group)
+        for k, (value, how) in everyone[0].items():
+            if value != plan[k]:
+                plan.set(k, value, f"{how} (rank 0's)")
 
     def _decode_sharded(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output):
         b = latent.shape[0]
