@@ -230,7 +230,8 @@ def test_sequence_parallel_matches_one_process(world, tmp_path, reference_images
             got, modelled = ranks[r]["results"]["traffic", case]
             assert got == modelled and got > 0, f"{case}, rank {r}: received {got} bytes, the cost model says {modelled}"
     assert "sp_attention=ulysses" in rank0["repr"]
-    assert "sp_attention     ulysses" in rank0["plan"] and "graphs           False          rule: not CUDA" in rank0["plan"]
+    assert "sp_attention     ulysses" in rank0["plan"]
+    assert "graphs           False          rule: not CUDA" in rank0["plan"]
     name = "fast-philox-v15" if world == 2 else "ulysses-fast"   # the captured path: the one-process image
     err = rel_l2(rank0["graph", name], reference_images[name])
     assert err <= 1e-5, f"{name}, captured path, on {world} ranks: relative L2 {err:.2e}"
