@@ -480,7 +480,7 @@ class Decoder:
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None, precision: str = "native") -> Decoder:
+         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native") -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -499,17 +499,20 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         initialised default process group, e.g. torchrun's) calls this and then `decode`
         with the same arguments, and each decodes a band of image rows
         (pidkern.parallel; the device defaults to the rank's own GPU under NCCL).
+    sp_attention: how the bands meet in attention under parallel="sequence": "gather"
+        (default; all-gather the other bands' keys and values) or "ulysses" (all-to-all
+        of heads against sequence: fewer bytes from N = 3 on, for slower links).
     precision: "native" (the GEMMs in `dtype`) or "fp8": the fast path's large GEMMs in
         8-bit e4m3 with per-row scales (docs/fp8.md), quantized once when the fast model is
         built; the 8-bit copies replace the originals in device memory during fast decodes.
         Needs an Ada/Hopper or later GPU on CUDA; on the CPU the same math runs emulated.
     """
     precision = resolve_precision(precision)
-    if parallel is not None or group is not None:
+    if parallel is not None or group is not None or sp_attention is not None:
         from .parallel import sequence_parallel, setup
-        group, device = setup(parallel, group, device)
+        group, device = setup(parallel, group, device, sp_attention)
         dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, precision=precision)
-        sp = sequence_parallel(dec, group)
+        sp = sequence_parallel(dec, group, attention=sp_attention or "gather")
         sp.precision = dec.precision        # read when its fast engine is built, on the first fast decode
         return sp
     dev = resolve_device(device)
