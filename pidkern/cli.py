@@ -438,7 +438,8 @@ def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, p
     dtype = resolve_dtype(None, dev)
     from .fp8 import torchao_available
     p = resolve(cfg, batch, h, w, cfg.max_text, dev, torch.finfo(dtype).bits // 8, ops.triton_available(dev),
-                parse(plan) if plan else None, precision, precision == "fp8" and torchao_available(dev))
+                parse(plan) if plan else None, precision=precision,
+                torchao_ok=precision == "fp8" and torchao_available(dev))
     return [f"{cfg.name}, {str(dtype)[6:]} weights", str(p)]
 
 

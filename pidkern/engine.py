@@ -70,8 +70,8 @@ class Engine:
             if key not in self.plans:
                 self.plans[key] = resolve(self.cfg, batch, h, w, text_len, self.device,
                                           torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over,
-                                          collectives, self.precision,
-                                          self.precision == "fp8" and fp8.torchao_available(self.device))
+                                          collectives, precision=self.precision,
+                                          torchao_ok=self.precision == "fp8" and fp8.torchao_available(self.device))
             return self.plans[key]
 
     def tables(self, h: int, w: int, text_len: int) -> dict:
