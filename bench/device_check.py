@@ -1,6 +1,6 @@
 """Everything pidkern needs a GPU for, in one call: build, test, time.
 
-    python bench/device_check.py --out "$OUT" [--quick] [--budget-s 345]
+    python bench/device_check.py --out "$OUT" [--quick] [--budget-s 480]
 
 Stages, in order of what matters most, each in its own process (a crash in one keeps
 the others' results) and each under its own share of the time budget:
@@ -8,8 +8,19 @@ the others' results) and each under its own share of the time budget:
   2. engine:  fast vs reference images, speed and memory vs the release way, a profile
   3. tests:   every test marked `cuda`, one process per file
   4. kernels: bench/kernels.py, every fused op against its PyTorch path (CUDA-graph timed)
-  5. suite:   end-to-end rows (bf16, cascade baselines), only with time left
+  5. attention8: bench/attention_fp8_check.py, every attention route (bf16 and 8-bit) at
+              the 2048² shapes: ms, TFLOP/s, error against float32
+  6. parallel: bench/parallel_check.py, the one-rank sequence-parallel decode against the
+              plain one (the issue's bar: within 3%)
+  7. suite:   end-to-end rows: fast (bf16), fp8, the release eager and under torch.compile,
+              at 1024² and 2048² (4096² without --quick), only with time left
 Writes its JSON files and log.txt under --out and prints a short table last.
+
+The 8-bit libraries (torchao, sageattention, cuDNN's frontend) are not on the GPU machine:
+`bash bench/device_wheels.sh` here puts their wheels in .whl/; carry .whl and start the
+command there with
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+Routes whose library is missing are recorded as failed and the rest still run.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
     ap.add_argument("--quick", action="store_true", help="a short first look: fewer cases, no suite")
-    ap.add_argument("--budget-s", type=float, default=345, help="whole-run limit (default: under 6 minutes)")
+    ap.add_argument("--budget-s", type=float, default=480, help="whole-run limit (default: 8 minutes)")
     ap.add_argument("--skip", default="", help="comma-separated stages to skip")
     args = ap.parse_args()
     out = Path(args.out)
@@ -85,10 +96,12 @@ def main():
         f"echo '-- {f}'; {py} -m pytest -q -rfE -m cuda -p no:cacheprovider --timeout 60 {f} 2>&1 | tail -n 25"
         for f in files)], 90)
     stage("kernels", [py, "-m", "bench.kernels", "--out", str(out), "--reps", "10"], 70)
-    if not q:
-        stage("suite", [py, "-m", "bench", "--sizes", "2048", "--batches", "1", "--rows", "bf16,cascade",
-                        "--max-row-s", "5", "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)],
-              left() - 5)
+    stage("attention8", [py, "-m", "bench.attention_fp8_check", "--out", str(out), "--budget-s", "50"], 70)
+    stage("parallel", [py, "-m", "bench.parallel_check", "--out", str(out), "--reps", "3"] +
+          (["--sizes", "2048"] if q else []), 90)
+    stage("suite", [py, "-m", "bench", "--sizes", "1024,2048" if q else "1024,2048,4096", "--batches", "1",
+                    "--rows", "fast,fp8,release,compile", "--max-row-s", "5",
+                    "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)], left() - 5)
 
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "device_check.json").write_text(json.dumps(summary, indent=1))
@@ -114,6 +127,8 @@ def table(out: Path, summary: dict):
         for r in json.loads(Path(path).read_text()).get("kernels", []):
             rate = (f"{r['fused_tflops']:6.0f} TF/s" if "fused_tflops" in r else f"{r.get('fused_gbps', 0):6.0f} GB/s")
             print(f"kernel {r['name']:38s} {r['fused']['median_ms']:8.3f} ms {rate}  x{r['speedup']:.2f} vs torch")
+    for path in sorted(glob.glob(str(out / "suite_*.md"))):
+        print(Path(path).read_text())
 
 
 if __name__ == "__main__":

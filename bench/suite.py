@@ -6,6 +6,7 @@
 
 Rows (each at every size x batch that fits; OOM is recorded as a note):
   fast            pidkern's engine, Decoder.decode(backend="fast")
+  fp8             the same engine built with precision="fp8" (docs/fp8.md), same weights
   ablations       the engine with one optimisation off, or one attention route pinned, through
                   its plan (pidkern.benchmark.ablation_plan; 2048², batch 1 only)
   release         the reference the release's way: float32 weights, bf16 autocast, eager,
@@ -37,7 +38,7 @@ from pidkern.config import get_preset, tiny
 from pidkern.flops import decode_flops, tflops
 from pidkern.timing import environment, slug
 
-ROWS = ("fast", "ablations", "release", "bf16", "compile", "cascade")
+ROWS = ("fast", "fp8", "ablations", "release", "bf16", "compile", "cascade")
 
 # PiD paper, 512² latent -> 2048², GB200, torch.compile (ms)
 PAPER_MS = {"PiD": 211.2, "VAE + SeedVR2-3B": 1237.5, "VAE + TSD-SR": 724.8, "VAE + InvSR": 1017.7,
@@ -97,8 +98,8 @@ class Plan:
             self._nets[dtype] = pb.random_net(self.cfg, self.device, dtype)
         return self._nets[dtype]
 
-    def decoder(self, dtype, autocast=None):
-        return pb.random_decoder(self.cfg, self.device, dtype, autocast, net=self.net(dtype))
+    def decoder(self, dtype, autocast=None, precision="native"):
+        return pb.random_decoder(self.cfg, self.device, dtype, autocast, net=self.net(dtype), precision=precision)
 
     def fast_dtype(self):
         return torch.float32 if self.device.type == "cpu" else torch.bfloat16
@@ -115,6 +116,8 @@ class Plan:
             for batch in self.batches:
                 if "fast" in self.rows_on:
                     rows.append(self._pid_row("fast", size, batch, self._fast))
+                if "fp8" in self.rows_on:
+                    rows.append(self._pid_row("fp8", size, batch, self._fp8, note="precision='fp8', same weights"))
                 if "ablations" in self.rows_on and size == self.ablation_size and batch == self.batches[0]:
                     for opt in pb.OPTIMISATIONS:
                         rows.append(self._pid_row(f"fast -{opt}", size, batch, self._fast,
@@ -142,6 +145,13 @@ class Plan:
             dec = self.decoder(self.fast_dtype())
             latent, sigma, text = self._inputs(size, batch)
             return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="fast", plan=plan)
+        return build
+
+    def _fp8(self, size, batch):
+        def build():
+            dec = self.decoder(self.fast_dtype(), precision="fp8")
+            latent, sigma, text = self._inputs(size, batch)
+            return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="fast")
         return build
 
     def _bf16(self, size, batch):

@@ -22,7 +22,7 @@ def test_smoke_suite_runs_and_writes_outputs(tmp_path, monkeypatch, capsys):
     payload = json.loads(next(tmp_path.glob("*.json")).read_text())
     rows = payload["results"]
     names = {r["name"] for r in rows}
-    assert {"fast", "release", "bf16", "compile", "cascade: VAE + Real-ESRGAN", "cascade: VAE + SeedVR2-3B"} <= names
+    assert {"fast", "fp8", "release", "bf16", "compile", "cascade: VAE + Real-ESRGAN", "cascade: VAE + SeedVR2-3B"} <= names
     assert {f"fast -{o}" for o in pb.OPTIMISATIONS} <= names
     for r in rows:
         assert "median_ms" in r or "error" in r or "skipped" in r, r
@@ -31,6 +31,8 @@ def test_smoke_suite_runs_and_writes_outputs(tmp_path, monkeypatch, capsys):
         assert "error" not in r, (r["name"], r.get("traceback"))
         assert r["median_ms"] > 0 and r["first_call_ms"] > 0 and math.isfinite(r["tflops"]) and r["tflop"] > 0
     assert rc == (1 if any("error" in r for r in rows) else 0)
+    fp8 = next(r for r in rows if r["name"] == "fp8")
+    assert "error" not in fp8, fp8.get("traceback")    # the 8-bit engine runs (emulated) on the CPU too
     md = next(tmp_path.glob("*.md")).read_text()
     assert "| release |" in md and "VAE + TSD-SR | not modelled" in md
     assert payload["gemm_ceiling"]["tflops"] > 0 and payload["env"]["torch"] == torch.__version__
