@@ -1,0 +1,391 @@
+"""8-bit attention routes against float64, under the fp8 form of the tolerance rule.
+
+"PyTorch's own error in the same precision" is, for an fp8 route, float32 attention on the
+same e4m3-quantized values (q, k; v and the softmax probabilities P too where the route
+quantizes them), written here from the documented scaling scheme (docs/attention_fp8.md):
+the kernel's error against the float64 attention of the unquantized q, k, v may be at most
+twice that emulation's. Library routes run against stand-in modules that check what they
+receive (layout, dtype, padding, scales) and compute the attention in torch, so the glue
+around each library is what is tested.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pidkern import ops
+from tests.kernels.test_attention import DEV, call, make, prep64, ref64
+from tests.tolerance import assert_within_rule
+
+E4M3_MAX = 448.0
+QK_ONLY = {"fp8qk-triton", "prep+fp8qk-triton"}
+
+
+# ------------------------------------------------------------------------ the fp8 emulation
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round to float8_e4m3fn (nearest even), back in x's dtype."""
+    return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """x quantized with the scale that maps amax onto 448 (amax broadcast against x)."""
+    return e4m3(x * (E4M3_MAX / amax)) * (amax / E4M3_MAX)
+
+
+def tile_amax(q: torch.Tensor, starts, block: int) -> torch.Tensor:
+    """|q|'s max per (batch, query tile, head) broadcast back to q's shape [B, N, H, hd]; the
+    tiles are `block` rows from each start in `starts` (a source's first row) to the next."""
+    out = torch.empty_like(q)
+    bounds = list(starts) + [q.shape[1]]
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        for r in range(s0, s1, block):
+            r1 = min(r + block, s1)
+            out[:, r:r1] = q[:, r:r1].abs().amax((1, 3), keepdim=True)
+    return out
+
+
+def emulate(q, k, v, q_amax, k_amax, pv: bool) -> torch.Tensor:
+    """float32 attention on quantized q, k (and P, v when pv): [B, N, H*hd]."""
+    hd = q.shape[-1]
+    q8, k8 = quant(q, q_amax).float(), quant(k, k_amax).float()
+    if not pv:
+        o = F.scaled_dot_product_attention(q8.transpose(1, 2), k8.transpose(1, 2), v.float().transpose(1, 2))
+        return o.transpose(1, 2).flatten(2)
+    v8 = quant(v, v.abs().amax(1, keepdim=True)).float()         # per (batch, head, channel)
+    s = torch.einsum("bnhd,bmhd->bhnm", q8, k8) / math.sqrt(hd)
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    p8 = e4m3(p * E4M3_MAX) / E4M3_MAX
+    o = torch.einsum("bhnm,bmhd->bnhd", p8, v8) / p.sum(-1).transpose(1, 2)[..., None]
+    return o.flatten(2)
+
+
+def block_m() -> int:
+    from pidkern.kernels.attention import _configs
+    return _configs()[0].kwargs["BLOCK_M"]
+
+
+def fp8_reference(qkv_img, qkv_txt, w, tabs, heads, backend):
+    """(float64 attention, the fp8 emulation of `backend`), both [B, T+L, H*hd], text first."""
+    q, k, v, T = prep64(qkv_img, qkv_txt, w, tabs, heads)
+    hd = q.shape[-1]
+    B, N, H, _ = q.shape
+    r = torch.cat(ref64(qkv_img, qkv_txt, w, tabs, heads)[::-1], 1)
+    if backend.startswith("prep+"):
+        # the core: q tiles over [text; image], k's scale its amax per (batch, head)
+        q_amax = tile_amax(q, [0], block_m())
+        k_amax = k.abs().amax((1, 3), keepdim=True)
+    else:
+        # the fused kernel: q tiles per source; k's scale per source, sqrt(hd) * max|k-norm weight|
+        q_amax = tile_amax(q, [0, T] if T else [0], block_m())
+        k_amax = torch.empty(B, N, H, 1, dtype=torch.float64)
+        k_amax[:, T:] = math.sqrt(hd) * w[1].abs().max().double()
+        if T:
+            k_amax[:, :T] = math.sqrt(hd) * w[3].abs().max().double()
+    return r, emulate(q, k, v, q_amax, k_amax, backend not in QK_ONLY)
+
+
+def check_fp8(B, hs, ws, T, heads, hd, dtype, backend, seed):
+    qkv_img, qkv_txt, w, tabs = make(B, hs, ws, T, heads, hd, dtype, seed=seed)
+    r, emu = fp8_reference(qkv_img, qkv_txt, w, tabs, heads, backend)
+    o_img, o_txt = call(qkv_img, qkv_txt, w, tabs, heads, backend)
+    assert o_img.dtype == dtype and o_img.shape == (B, hs * ws, heads * hd)
+    assert (o_txt is None) == (T == 0)
+    o = torch.cat([o_txt, o_img], 1) if T else o_img
+    assert_within_rule(o, emu, r, f"{backend} hd{hd} {dtype}")
+    return ((o.double() - r).norm() / r.norm()).item()
+
+
+# ---------------------------------------------------------------------------- Triton fp8
+
+@pytest.mark.parametrize("backend", ["fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton"])
+@pytest.mark.parametrize("hd,T,dtype", [(64, 5, torch.float32), (72, 5, torch.float16), (72, 0, torch.float32)])
+def test_fp8_triton_within_rule(backend, hd, T, dtype):
+    # 37 image tokens in a 1 x 37 grid (not a tile multiple), 5 text tokens, batch 2, 2 heads
+    rel = check_fp8(2, 1, 37, T, 2, hd, dtype, backend, seed=11 + hd + T)
+    # quantizing q and k to 3 mantissa bits costs a few percent of the output here (random
+    # heads attend broadly, so the output is a small average): docs/attention_fp8.md
+    assert rel < 0.08, f"{backend}: relative error {rel:.3e} vs the unquantized attention"
+    print(f"{backend} hd{hd} T{T} {dtype}: rel L2 vs float64 {rel:.3e}")
+
+
+def test_fp8_kernel_quantizes():
+    # the fp8 variants must differ from the 16/32-bit kernel: an fp8 flag that changed nothing
+    # would pass the rule above too
+    qkv_img, qkv_txt, w, tabs = make(1, 2, 9, 3, 1, 64, torch.float32, seed=5)
+    base = call(qkv_img, qkv_txt, w, tabs, 1, "triton")[0]
+    qk = call(qkv_img, qkv_txt, w, tabs, 1, "fp8qk-triton")[0]
+    both = call(qkv_img, qkv_txt, w, tabs, 1, "fp8-triton")[0]
+    assert (qk - base).abs().max() > 1e-3 and (both - qk).abs().max() > 1e-4
+
+
+def test_fp8_core_rejects_bad_flag():
+    from pidkern.kernels.attention import attention_core
+    q = torch.randn(1, 5, 1, 64, device=DEV)
+    with pytest.raises(ValueError, match="fp8"):
+        attention_core(q, q, q, fp8=3)
+
+
+def test_fp8_opcheck():
+    from pidkern.kernels import attention as K  # noqa: F401
+    qkv_img, qkv_txt, w, tabs = make(1, 2, 3, 2, 1, 64, torch.float32)
+    args = (qkv_img, qkv_txt, w[0], w[1], w[2], w[3], *tabs[0], *tabs[1], 1, 1e-6)
+    torch.library.opcheck(torch.ops.pidkern.attention_fp8.default, (*args, 2))
+    q, k, v = torch.ops.pidkern.attention_prep(*args)
+    torch.library.opcheck(torch.ops.pidkern.attention_core_fp8.default, (q, k, v, 1))
+
+
+# ------------------------------------------------------------------ library routes, stand-ins
+
+def sdpa32(q, k, v, scale):
+    """float32 attention on [B, N, H, d] tensors (the stand-ins' own math)."""
+    o = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), scale=scale)
+    return o.transpose(1, 2)
+
+
+def assert_padded(t, hd, width):
+    assert t.shape[-1] == width, f"head dim {t.shape[-1]}, expected {width}"
+    assert t.stride(-1) == 1
+    if width > hd:
+        assert (t[..., hd:].float() == 0).all(), "padding columns must be zero"
+
+
+def fake_flash(hd, seen):
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kw):
+        assert q.dtype in (torch.float16, torch.bfloat16) and q.shape == k.shape == v.shape
+        assert not causal and dropout_p == 0.0 and softmax_scale == pytest.approx(1 / math.sqrt(hd))
+        assert_padded(q, hd, hd)
+        seen.append(tuple(q.shape))
+        return sdpa32(q, k, v, softmax_scale).to(q.dtype)
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func)
+
+
+def fake_sage(hd, seen):
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, **kw):
+        assert tensor_layout == "NHD" and not is_causal
+        assert sm_scale == pytest.approx(1 / math.sqrt(hd))
+        assert_padded(q, hd, 64 if hd <= 64 else 96)   # SageAttention 1.0.6 takes 64, 96, 128
+        assert_padded(k, hd, q.shape[-1])
+        assert_padded(v, hd, q.shape[-1])
+        seen.append(tuple(q.shape))
+        return sdpa32(q, k, v, sm_scale).to(q.dtype)
+    return types.SimpleNamespace(sageattn=sageattn)
+
+
+def fake_flash3(hd, seen):
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                        v_descale=None, **kw):
+        B, N, H, d = q.shape
+        assert q.dtype == k.dtype == v.dtype == torch.float8_e4m3fn
+        assert d % 16 == 0 and not causal and softmax_scale == pytest.approx(1 / math.sqrt(hd))
+        for t in (q, k, v):
+            assert_padded(t, hd, -(-hd // 16) * 16)
+        for ds in (q_descale, k_descale, v_descale):
+            assert ds.shape == (B, H) and ds.dtype == torch.float32
+        deq = [t.float() * ds[:, None, :, None] for t, ds in ((q, q_descale), (k, k_descale), (v, v_descale))]
+        seen.append(tuple(q.shape))
+        return sdpa32(*deq, softmax_scale).to(torch.bfloat16), None   # FA3 returns (out, lse) in some releases
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func)
+
+
+class FakeCudnn:
+    """The slice of the cuDNN frontend's graph API that the fp8 SDPA route uses. Tensors are
+    described by dims and strides; execute reads the variant pack through them (so a wrong
+    [B, N, H, d] -> [B, H, N, d] stride claim gives a wrong answer)."""
+
+    class data_type:
+        FP8_E4M3, FLOAT, BFLOAT16 = "fp8_e4m3", "float", "bf16"
+
+    class heur_mode:
+        A, FALLBACK = "a", "fallback"
+
+    def __init__(self, hd, bf16_out_ok, seen):
+        self.hd, self.bf16_out_ok, self.seen = hd, bf16_out_ok, seen
+        outer = self
+
+        class Tensor:
+            def __init__(self, name=None, dim=None, stride=None, data_type=None):
+                self.name, self.dim, self.stride, self.data_type, self.output = name, dim, stride, data_type, False
+
+            def set_output(self, flag):
+                self.output = flag
+                return self
+
+            def set_dim(self, dim):
+                self.dim = list(dim)
+                return self
+
+            def set_stride(self, stride):
+                self.stride = list(stride)
+                return self
+
+            def set_data_type(self, dt):
+                self.data_type = dt
+                return self
+
+        class pygraph:
+            def __init__(self, io_data_type=None, intermediate_data_type=None, compute_data_type=None, handle=None):
+                assert io_data_type == FakeCudnn.data_type.FP8_E4M3
+                assert compute_data_type == FakeCudnn.data_type.FLOAT
+                self.built = False
+
+            def tensor(self, **kw):
+                return Tensor(**kw)
+
+            def sdpa_fp8(self, q, k, v, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o,
+                         generate_stats=True, attn_scale=None, use_causal_mask=False, **kw):
+                assert not generate_stats and not use_causal_mask
+                assert attn_scale == pytest.approx(1 / math.sqrt(outer.hd))
+                self.io = dict(q=q, k=k, v=v, descale_q=descale_q, descale_k=descale_k, descale_v=descale_v,
+                               descale_s=descale_s, scale_s=scale_s, scale_o=scale_o)
+                self.o, self.amax_s, self.amax_o = Tensor(), Tensor(), Tensor()
+                self.scale = attn_scale
+                return self.o, None, self.amax_s, self.amax_o
+
+            def validate(self):
+                pass
+
+            def build_operation_graph(self):
+                pass
+
+            def create_execution_plans(self, modes):
+                pass
+
+            def check_support(self):
+                if self.o.data_type == FakeCudnn.data_type.BFLOAT16 and not outer.bf16_out_ok:
+                    raise RuntimeError("no bf16 output for fp8 SDPA on this card (as on Hopper)")
+
+            def build_plans(self):
+                self.built = True
+
+            def get_workspace_size(self):
+                return 16
+
+            def execute(self, pack, workspace, handle=None):
+                assert self.built
+                io = self.io
+
+                def view(t):   # the pack's tensor seen through the graph tensor's dims and strides
+                    x = pack[t]
+                    assert x.dtype == torch.float8_e4m3fn and x.is_contiguous()
+                    return torch.as_strided(x.float(), t.dim, t.stride)     # [B, H, N, d]
+                for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
+                    assert pack[io[name]].shape == (1, 1, 1, 1) and pack[io[name]].dtype == torch.float32
+                assert pack[io["scale_s"]].item() * pack[io["descale_s"]].item() == pytest.approx(1.0)
+                q, k, v = (view(io[n]) * pack[io["descale_" + n]] for n in ("q", "k", "v"))
+                assert q.shape[-1] % 16 == 0
+                outer.seen.append(tuple(q.shape))
+                p = (torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1) * pack[io["scale_s"]]).to(
+                    torch.float8_e4m3fn).float() * pack[io["descale_s"]]
+                o = p @ v                                                   # [B, H, N, d]
+                out = pack[self.o]
+                o_bnhd = torch.as_strided(out, self.o.dim, self.o.stride)
+                if self.o.data_type == FakeCudnn.data_type.FP8_E4M3:
+                    assert out.dtype == torch.float8_e4m3fn
+                    o = (o * pack[io["scale_o"]]).clamp(-448, 448)
+                o_bnhd.copy_(o.to(out.dtype))
+
+        self.pygraph = pygraph
+
+    def create_handle(self):
+        return object()
+
+    def set_stream(self, handle=None, stream=None):
+        pass
+
+
+@pytest.fixture
+def routes_fresh():
+    from pidkern import attention_routes
+    attention_routes._CUDNN_GRAPHS.clear()
+    attention_routes._CUDNN_FP8_OUT.clear()
+    yield attention_routes
+    attention_routes._CUDNN_GRAPHS.clear()
+    attention_routes._CUDNN_FP8_OUT.clear()
+
+
+STANDINS = {
+    "prep+flash": ("flash_attn", lambda hd, seen: fake_flash(hd, seen), "native"),
+    "prep+sage": ("sageattention", lambda hd, seen: fake_sage(hd, seen), "native"),
+    "prep+flash3-fp8": ("flash_attn_interface", lambda hd, seen: fake_flash3(hd, seen), "per-head"),
+    "prep+cudnn-fp8": ("cudnn", lambda hd, seen: FakeCudnn(hd, False, seen), "per-tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(STANDINS))
+@pytest.mark.parametrize("hd,T", [(64, 5), (72, 0)])
+def test_library_route_glue(monkeypatch, routes_fresh, backend, hd, T):
+    module, fake, scales = STANDINS[backend]
+    seen = []
+    monkeypatch.setitem(sys.modules, module, fake(hd, seen))
+    B, heads, dtype = 2, 2, torch.float16
+    qkv_img, qkv_txt, w, tabs = make(B, 1, 37, T, heads, hd, dtype, seed=3 + hd)
+    o_img, o_txt = call(qkv_img, qkv_txt, w, tabs, heads, backend)
+    assert seen and seen[0][0] == B, "the library was not called"
+    assert o_img.dtype == dtype and o_img.shape == (B, 37, heads * hd) and (o_txt is None) == (T == 0)
+    o = torch.cat([o_txt, o_img], 1) if T else o_img
+    r = torch.cat(ref64(qkv_img, qkv_txt, w, tabs, heads)[::-1], 1)
+    if scales == "native":   # a 16-bit library: the plain rule against the PyTorch chain
+        t = torch.cat([x for x in call(qkv_img, qkv_txt, w, tabs, heads, "torch")[::-1] if x is not None], 1)
+        assert_within_rule(o, t, r, backend)
+        return
+    q, k, v, _ = prep64(qkv_img, qkv_txt, w, tabs, heads)
+    if backend == "prep+cudnn-fp8":
+        emu = emulate_cudnn(q, k, v)
+    else:   # FA3: q, k, v in e4m3 with one scale per (batch, head)
+        q8, k8, v8 = (quant(t, t.abs().amax((1, 3), keepdim=True)) for t in (q, k, v))
+        emu = sdpa32(q8, k8, v8, 1 / math.sqrt(hd)).flatten(2)
+    assert_within_rule(o, emu, r, backend)
+
+
+def emulate_cudnn(q, k, v):
+    """cuDNN's fp8 SDPA as the route drives it: per-tensor e4m3 q, k, v; P * 256 in e4m3; the
+    output in e4m3 scaled by 224 / amax(v)."""
+    amax = [t.abs().amax() for t in (q, k, v)]
+    q8, k8, v8 = (quant(t, a).float() for t, a in zip((q, k, v), amax))
+    s = torch.einsum("bnhd,bmhd->bhnm", q8, k8) / math.sqrt(q.shape[-1])
+    p = e4m3(torch.softmax(s, -1) * 256) / 256
+    o = torch.einsum("bhnm,bmhd->bnhd", p, v8)
+    so = 224 / amax[2].float()
+    return (e4m3(o * so) / so).flatten(2)
+
+
+def test_cudnn_bf16_output_where_allowed(monkeypatch, routes_fresh):
+    seen = []
+    monkeypatch.setitem(sys.modules, "cudnn", FakeCudnn(64, True, seen))
+    qkv_img, qkv_txt, w, tabs = make(1, 1, 21, 3, 1, 64, torch.float16, seed=9)
+    o_img, _ = call(qkv_img, qkv_txt, w, tabs, 1, "prep+cudnn-fp8")
+    assert routes_fresh._CUDNN_FP8_OUT and not any(routes_fresh._CUDNN_FP8_OUT.values())
+    r = ref64(qkv_img, qkv_txt, w, tabs, 1)[0]
+    assert ((o_img.double() - r).norm() / r.norm()) < 0.1
+
+
+@pytest.mark.parametrize("backend", sorted(STANDINS))
+def test_missing_library_names_the_package(monkeypatch, backend):
+    from pidkern.attention_routes import LIBRARIES
+    module = STANDINS[backend][0]
+    monkeypatch.setitem(sys.modules, module, None)     # import of `module` raises ImportError
+    qkv_img, qkv_txt, w, tabs = make(1, 1, 5, 2, 1, 64, torch.float16)
+    with pytest.raises(ImportError, match=LIBRARIES[backend][1].split()[0]):
+        call(qkv_img, qkv_txt, w, tabs, 1, backend)
+
+
+def test_available_routes(monkeypatch):
+    from pidkern.attention_routes import available_attention_routes
+    assert available_attention_routes("cpu") == ()
+    for module in ("flash_attn", "flash_attn_interface", "sageattention", "cudnn"):
+        monkeypatch.setitem(sys.modules, module, None)
+    assert available_attention_routes("cuda") == ("fp8-triton", "prep+fp8-triton", "fp8qk-triton",
+                                                  "prep+fp8qk-triton")
+    assert available_attention_routes("cuda", "native") == ()
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace())
+    assert "prep+sage" in available_attention_routes("cuda")
+    assert available_attention_routes("cuda:0", "native") == ("prep+flash",)
+    with pytest.raises(ValueError, match="precision"):
+        available_attention_routes("cuda", "int4")
