@@ -83,7 +83,7 @@ def fp8_reference(qkv_img, qkv_txt, w, tabs, heads, backend):
     else:
         # the fused kernel: q tiles per source; k's scale per source, sqrt(hd) * max|k-norm weight|
         q_amax = tile_amax(q, [0, T] if T else [0], block_m())
-        k_amax = torch.empty(B, N, H, 1, dtype=torch.float64)
+        k_amax = torch.empty(B, N, H, 1, dtype=torch.float64, device=q.device)
         k_amax[:, T:] = math.sqrt(hd) * w[1].abs().max().double()
         if T:
             k_amax[:, :T] = math.sqrt(hd) * w[3].abs().max().double()
@@ -389,3 +389,66 @@ def test_available_routes(monkeypatch):
     assert available_attention_routes("cuda:0", "native") == ("prep+flash",)
     with pytest.raises(ValueError, match="precision"):
         available_attention_routes("cuda", "int4")
+
+
+# ----------------------------------------------------------------------------------- the plan
+
+def test_plan_accepts_the_new_routes(monkeypatch):
+    import importlib.machinery
+
+    from pidkern import plan
+    for route in plan.ATTENTION_8BIT:
+        assert plan.check_overrides({"attention": route}) == {"attention.patch": route, "attention.pixel": route}
+        assert route in ops.ATTENTION_BACKENDS
+    assert plan.fp8_attention_candidates("cpu") == ()
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert plan.flash_race() == ()
+    fake = types.ModuleType("flash_attn")
+    fake.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    assert plan.flash_race() == ("prep+flash",)
+
+
+# ------------------------------------------- the H200 illegal memory access shape (issue 13)
+
+TRITON_ROUTES = ("triton", "prep+sdpa", "prep+triton", "fp8-triton", "prep+fp8-triton", "fp8qk-triton",
+                 "prep+fp8qk-triton")
+
+
+def check_crash_structure(B, hs, ws, T, heads, hd, dtype, core_n, device=DEV):
+    """Every Triton route on one batch-2, 3-head joint shape, then the core at hd 72 with 3
+    heads (216-element rows): partial last query and key tiles in both sources, the masked
+    hd-72 tail chunk, the B*H grid."""
+    from tests.kernels.test_attention import check
+    check(B, hs, ws, T, heads, hd, dtype, ("triton", "prep+sdpa", "prep+triton"), device=device)
+    for backend in TRITON_ROUTES[3:]:
+        qkv_img, qkv_txt, w, tabs = make(B, hs, ws, T, heads, hd, dtype, device=device, seed=21)
+        r, emu = fp8_reference(qkv_img, qkv_txt, w, tabs, heads, backend)
+        o_img, o_txt = call(qkv_img, qkv_txt, w, tabs, heads, backend)
+        assert_within_rule(torch.cat([o_txt, o_img], 1).cpu(), emu.cpu(), r.cpu(), backend)
+    from pidkern.kernels.attention import attention_core
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, core_n, heads, 72, generator=g).to(device, dtype) for _ in range(3))
+    r = F.scaled_dot_product_attention(*(t.double().transpose(1, 2) for t in (q, k, v))).transpose(1, 2).flatten(2)
+    t = ops.sdpa(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2).flatten(2)
+    assert_within_rule(attention_core(q, k, v), t, r.to(q.device), "core")
+    amax = [x.cpu().double().abs().amax(am, keepdim=True) for x, am in ((k, (1, 3)), (v, 1))]
+    for fp8 in (1, 2):
+        emu = emulate(*(x.cpu().double() for x in (q, k, v)), tile_amax(q.cpu().double(), [0], block_m()), amax[0],
+                      pv=fp8 == 2)
+        assert_within_rule(attention_core(q, k, v, fp8).cpu(), emu, r.cpu(), f"core fp8={fp8}")
+
+
+def test_crash_shape_structure():
+    # the interpreter's tiles are 32 x 16: 38 image tokens and 7 text tokens leave partial
+    # last tiles in both sources, as 600 and 300 do for the GPU's 128 x 64; the core's 50
+    # tokens likewise (1000 on the GPU)
+    assert block_m() == 32 or DEV == "cuda"
+    check_crash_structure(2, 2, 19, 7, 3, 64, torch.float16, 50)
+
+
+@pytest.mark.cuda
+def test_cuda_crash_shape():
+    # the exact shape that hit the H200 illegal memory access (B=2, a 20x30 grid, T=300; then
+    # the core at N=1000, H=3, hd 72), every Triton route, fp8 ones included
+    check_crash_structure(2, 20, 30, 300, 3, 64, torch.bfloat16, 1000, device="cuda")
