@@ -114,7 +114,8 @@ def _to_e4m3(x, inv_scale):
 @triton.jit
 def _weight_bound(w_a, w_b, HD: tl.constexpr):
     """sqrt(HD) * max|w|: no element of RMSNorm(x) * w, roped, exceeds it."""
-    return tl.sqrt(HD * 1.0) * tl.maximum(tl.max(tl.abs(w_a), 0), tl.max(tl.abs(w_b), 0))
+    wmax = tl.maximum(tl.max(tl.abs(w_a), 0), tl.max(tl.abs(w_b), 0))
+    return tl.maximum(tl.sqrt(tl.full([], HD, tl.float32)) * wmax, 1e-30)   # never 0: it divides
 
 
 @triton.jit

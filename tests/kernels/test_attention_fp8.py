@@ -452,3 +452,19 @@ def test_cuda_crash_shape():
     # the exact shape that hit the H200 illegal memory access (B=2, a 20x30 grid, T=300; then
     # the core at N=1000, H=3, hd 72), every Triton route, fp8 ones included
     check_crash_structure(2, 20, 30, 300, 3, 64, torch.bfloat16, 1000, device="cuda")
+
+
+# ------------------------------------------------------------- bench/attention_fp8_check.py
+
+def test_fp8_check_script_shapes_and_refusal(monkeypatch):
+    from bench import attention_fp8_check as chk
+    assert chk.shapes() == (("patch", 24, 64, 16384, 300), ("pixel", 16, 72, 16384, 0))   # PERF.md's shapes
+    assert set(chk.ROUTES) <= set(ops.ATTENTION_BACKENDS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA"):
+        chk.main([])
+    text = chk.table({"results": [{"shape": "pixel", "sdpa_cudnn_core_ms": 3.0, "sdpa_cudnn_core_tflops": 400.0,
+                                   "routes": {"fp8-triton": {"ms": 2.0, "tflops": 600.0, "rel_l2_vs_fp32": 0.03,
+                                                             "speedup_vs_prep+sdpa": 1.5},
+                                              "prep+sage": {"error": "ImportError: sageattention"}}}]})
+    assert "fp8-triton" in text and "1.50" in text and "failed: ImportError" in text
