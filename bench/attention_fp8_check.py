@@ -20,8 +20,9 @@ import time
 
 import torch
 
-ROUTES = ("prep+sdpa", "triton", "fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "prep+sage",
-          "prep+cudnn-fp8", "prep+flash", "prep+flash3-fp8")
+ROUTES = ("prep+sdpa", "triton", "fp8-triton", "prep+fp8-triton", "int8-triton", "prep+int8-triton", "fp8qk-triton",
+          "prep+fp8qk-triton", "int8qk-triton", "prep+int8qk-triton", "prep+sage", "prep+cudnn-fp8", "prep+flash",
+          "prep+flash3-fp8")
 
 
 def shapes():

@@ -33,8 +33,9 @@ LIBRARIES = {
     "prep+sage": ("sageattention", "sageattention"),
     "prep+cudnn-fp8": ("cudnn", "nvidia-cudnn-frontend"),
 }
-FP8_ROUTES = ("fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "prep+sage", "prep+cudnn-fp8",
-              "prep+flash3-fp8")
+# the 8-bit race's candidates, in order (ties go to the first)
+FP8_ROUTES = ("fp8-triton", "prep+fp8-triton", "int8-triton", "prep+int8-triton", "fp8qk-triton", "prep+fp8qk-triton",
+              "int8qk-triton", "prep+int8qk-triton", "prep+sage", "prep+cudnn-fp8", "prep+flash3-fp8")
 
 
 def _import(route: str):

@@ -118,11 +118,14 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
 
 # --------------------------------------------------------------------------- attention
 
-# 8-bit and library routes: docs/attention_fp8.md; "fp8*" are the Triton kernel's FP8 variants
-# ("fp8": QK^T and PV in e4m3, "fp8qk": QK^T only), "prep+<library>" see pidkern.attention_routes
-ATTENTION_BACKENDS = ("triton", "prep+sdpa", "prep+triton", "torch", "fp8-triton", "prep+fp8-triton", "fp8qk-triton",
-                      "prep+fp8qk-triton", "prep+flash", "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8")
-_FP8_TRITON = {"fp8-triton": 2, "fp8qk-triton": 1, "prep+fp8-triton": 2, "prep+fp8qk-triton": 1}
+# 8-bit and library routes (docs/attention_fp8.md): "<mode>-triton" is the fused kernel and
+# "prep+<mode>-triton" the prep then the core in an 8-bit mode of kernels.attention.MODES
+# ("fp8": QK^T and PV in e4m3, "fp8qk": QK^T only, "int8": QK^T in int8 and PV in e4m3,
+# "int8qk": QK^T in int8 only); "prep+<library>": pidkern.attention_routes
+_8BIT_MODES = ("fp8", "fp8qk", "int8", "int8qk")
+ATTENTION_BACKENDS = (("triton", "prep+sdpa", "prep+triton", "torch")
+                      + tuple(f"{p}{m}-triton" for m in _8BIT_MODES for p in ("", "prep+"))
+                      + ("prep+flash", "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8"))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -191,7 +194,9 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     "prep+sdpa" (fused QK-norm/RoPE kernel, then SDPA/cuDNN), "prep+triton" (the same
     prep, then the Triton attention core), "torch" (the unfused chain); 8-bit:
     "fp8-triton" / "prep+fp8-triton" (the fused kernel / the prep then the core, QK^T and PV
-    on e4m3), "fp8qk-triton" / "prep+fp8qk-triton" (QK^T only); the prep then a library:
+    on e4m3), "fp8qk-triton" / "prep+fp8qk-triton" (QK^T only), "int8-triton",
+    "prep+int8-triton" (QK^T in int8, PV in e4m3), "int8qk-triton", "prep+int8qk-triton"
+    (QK^T in int8 only); the prep then a library:
     "prep+flash" (FA2), "prep+flash3-fp8" (FA3 fp8), "prep+sage" (SageAttention),
     "prep+cudnn-fp8" (cuDNN fp8 SDPA), see pidkern.attention_routes. On CUDA, rows that
     do not start 16-byte aligned (a head dim that is not a multiple of 8 in 16-bit types,
@@ -207,11 +212,12 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
     args = (qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, *rope_img, cos_t, sin_t,
             heads, float(eps))
-    if backend in ("triton", "fp8-triton", "fp8qk-triton"):
+    mode = backend.removeprefix("prep+").removesuffix("-triton")
+    if backend in ("triton", f"{mode}-triton"):
         if backend == "triton":
             o_img, o_txt = torch.ops.pidkern.attention(*args)
         else:
-            o_img, o_txt = torch.ops.pidkern.attention_fp8(*args, _FP8_TRITON[backend])
+            o_img, o_txt = torch.ops.pidkern.attention_8bit(*args, mode)
         return o_img, (o_txt if qkv_txt is not None else None)
     q, k, v = torch.ops.pidkern.attention_prep(*args)
     T = q.shape[1] - qkv_img.shape[1]
@@ -219,8 +225,8 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
         return attend(q, k, v, T, qkv_txt is not None)
     if backend == "prep+triton":
         o = torch.ops.pidkern.attention_core(q, k, v)
-    elif backend in _FP8_TRITON:
-        o = torch.ops.pidkern.attention_core_fp8(q, k, v, _FP8_TRITON[backend])
+    elif mode in _8BIT_MODES:
+        o = torch.ops.pidkern.attention_core_8bit(q, k, v, mode)
     else:
         from .attention_routes import ROUTES
         o = ROUTES[backend](q, k, v)

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 # QKV then one flash-attention kernel doing norm, RoPE and softmax; "torch": the unfused chain.
 # "prep+triton" (the fused prep, then the Triton attention core) is never raced: the one
 # shape that crashed it on an H200 is fixed, but it has not been timed on a GPU since.
-# 8-bit and library routes (docs/attention_fp8.md, pidkern.attention_routes): "fp8-triton" /
-# "prep+fp8-triton" (QK^T and PV in e4m3), "fp8qk-triton" / "prep+fp8qk-triton" (QK^T only),
-# "prep+flash" (FA2, bf16), "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8".
-ATTENTION_8BIT = ("fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "prep+flash",
-                  "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8")
+# 8-bit and library routes (docs/attention_fp8.md, ops.ATTENTION_BACKENDS): the Triton kernel
+# in an 8-bit mode ("fp8", "fp8qk", "int8", "int8qk"), fused or after the prep, and the prep
+# then a library: "prep+flash" (FA2, bf16), "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8".
+ATTENTION_8BIT = ("fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "int8-triton",
+                  "prep+int8-triton", "int8qk-triton", "prep+int8qk-triton", "prep+flash", "prep+flash3-fp8",
+                  "prep+sage", "prep+cudnn-fp8")
 PATCH_ATTENTION = ("triton", "prep+sdpa", "qkv_rope+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
 PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
 

@@ -27,6 +27,7 @@ from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET, aligned_rows, dot_p
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = tl.constexpr(448.0)   # largest finite float8_e4m3fn
+I8_MAX = tl.constexpr(127.0)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -112,6 +113,22 @@ def _to_e4m3(x, inv_scale):
 
 
 @triton.jit
+def _to_i8(x, inv_scale):
+    """x * inv_scale rounded (half away from zero) to int8 in [-127, 127]."""
+    y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -127.0), 127.0)
+    return tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+
+
+@triton.jit
+def _row_amax(x_a, x_b, HD_B: tl.constexpr):
+    """max |x| of each row over both head-dim chunks, never 0 (it divides)."""
+    m = tl.max(tl.abs(x_a), 1)
+    if HD_B > 0:
+        m = tl.maximum(m, tl.max(tl.abs(x_b), 1))
+    return tl.maximum(m, 1e-30)
+
+
+@triton.jit
 def _weight_bound(w_a, w_b, HD: tl.constexpr):
     """sqrt(HD) * max|w|: no element of RMSNorm(x) * w, roped, exceeds it."""
     wmax = tl.maximum(tl.max(tl.abs(w_a), 0), tl.max(tl.abs(w_b), 0))
@@ -120,35 +137,41 @@ def _weight_bound(w_a, w_b, HD: tl.constexpr):
 
 @triton.jit
 def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, sin_ptr, wk_a, wk_b,
-             start_n, n_k, eps, qk_descale, inv_sk, inv_sv_a, inv_sv_b,
+             start_n, n_k, eps, sq, sk, inv_sv_a, inv_sv_b,
              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
-             MASK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
-    """One key/value block. FP8 (see _attn_fwd): q_a/q_b are e4m3 already; k is quantized
-    with inv_sk here, qk rescaled by qk_descale; with FP8 == 2, P (scaled by 448) and v
-    (per channel, inv_sv_*) are e4m3 too."""
+             MASK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, QK8: tl.constexpr,
+             PV8: tl.constexpr):
+    """One key/value block. With QK8 (see _attn_fwd) q_a/q_b come quantized, sq their scale
+    (per tile for e4m3, per row for int8); k is quantized here: e4m3 with the scale sk, int8
+    with its own per-token scale. With PV8, P (scaled by 448) and v (per channel, inv_sv_*)
+    are e4m3 too."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_a, k_b = _load_head(k_base, offs_n, stride, n_k, HD, HD_A, HD_B, MASK)
     if NORM:
-        ka32, kb32 = _norm_rope(k_a, k_b, wk_a, wk_b, cos_ptr, sin_ptr, offs_n, n_k, eps, MASK, HD, HD_A, HD_B)
-        if FP8 > 0:
-            k_a = _to_e4m3(ka32, inv_sk)
-            if HD_B > 0:
-                k_b = _to_e4m3(kb32, inv_sk)
-        else:
-            k_a = ka32.to(q_a.dtype)
-            if HD_B > 0:
-                k_b = kb32.to(q_a.dtype)
-    elif FP8 > 0:
-        k_a = _to_e4m3(k_a, inv_sk)
+        k_a, k_b = _norm_rope(k_a, k_b, wk_a, wk_b, cos_ptr, sin_ptr, offs_n, n_k, eps, MASK, HD, HD_A, HD_B)
+    if QK8 == 1:
+        k_a = _to_e4m3(k_a, 1.0 / sk)
         if HD_B > 0:
-            k_b = _to_e4m3(k_b, inv_sk)
-    if FP8 > 0:
+            k_b = _to_e4m3(k_b, 1.0 / sk)
         # fp32 accumulation over one head dim only; the scales of q's tile and k applied after
         qk = tl.dot(q_a, tl.trans(k_a))
         if HD_B > 0:
             qk += tl.dot(q_b, tl.trans(k_b))
-        qk = qk * qk_descale
+        qk = qk * (sq * sk)
+    elif QK8 == 2:
+        sk_n = _row_amax(k_a, k_b, HD_B) / I8_MAX          # per token: free, k is in registers
+        k_a = _to_i8(k_a, 1.0 / sk_n[:, None])
+        if HD_B > 0:
+            k_b = _to_i8(k_b, 1.0 / sk_n[:, None])
+        qk = tl.dot(q_a, tl.trans(k_a), out_dtype=tl.int32)
+        if HD_B > 0:
+            qk += tl.dot(q_b, tl.trans(k_b), out_dtype=tl.int32)
+        qk = qk.to(tl.float32) * sq[:, None] * sk_n[None, :]
     else:
+        if NORM:
+            k_a = k_a.to(q_a.dtype)
+            if HD_B > 0:
+                k_b = k_b.to(q_a.dtype)
         qk = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
         if HD_B > 0:
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PREC)
@@ -159,7 +182,7 @@ def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, 
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v_a, v_b = _load_head(v_base, offs_n, stride, n_k, HD, HD_A, HD_B, MASK)
-    if FP8 == 2:
+    if PV8:
         # p <= 1: scaled by 448 it spans e4m3's range. A fresh dot per block, added in fp32:
         # sm_90's fp8 MMA accumulates with reduced precision, so no long chain runs inside it
         p8 = (p * E4M3_MAX).to(tl.float8e4nv)
@@ -181,16 +204,19 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
               L, T, H, qk_scale, eps, KS, VS,
               HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
               HAS_TXT: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
-              FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              QK8: tl.constexpr, PV8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (query tiles of the image then of the text, B*H). Strides come in units of
     ALIGN elements (see _common.row_align); within a token the heads are packed (head stride HD).
 
-    FP8 = 1: QK^T on e4m3 operands (fp32 accumulation); FP8 = 2: PV too. Scales
-    (docs/attention_fp8.md): q per (batch, head, query tile) from the tile's amax after
-    norm + RoPE; k per key source from a bound known before the loop: with NORM,
-    sqrt(HD) * max|k-norm weight| (an RMS-normalised vector has no element above
-    sqrt(HD), RoPE keeps pair norms), else KS[b*H + h], the amax of k per (batch, head);
-    v per (batch, head, channel) from VS[(b*H + h)*HD + d], its amax; P scaled by 448."""
+    8-bit modes (docs/attention_fp8.md), all with fp32 accumulation and softmax:
+    QK8 = 1: QK^T on e4m3. q scaled per (batch, head, query tile) by the tile's amax after
+      norm + RoPE; k per key source by a bound known before the loop: with NORM
+      sqrt(HD) * max|k-norm weight| (an RMS-normalised vector has no element above sqrt(HD),
+      RoPE keeps pair norms), else KS[b*H + h], k's amax per (batch, head).
+    QK8 = 2: QK^T on int8, q scaled per row and k per token by their amax (both in registers
+      when quantized, so the scales cost one row reduction each).
+    PV8: PV on e4m3 too, P scaled by 448, v per (batch, head, channel) by VS[(b*H + h)*HD + d],
+      its amax."""
     s_ib = s_ib * ALIGN
     s_it = s_it * ALIGN
     s_tb = s_tb * ALIGN
@@ -236,41 +262,40 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
     else:
         qa32 = q_a.to(tl.float32)
         qb32 = q_b.to(tl.float32)
-    if FP8 > 0:
-        qa32 = qa32 * qk_scale
-        amax = tl.max(tl.max(tl.abs(qa32), 1), 0)
-        if HD_B > 0:
-            qb32 = qb32 * qk_scale
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(qb32), 1), 0))
-        sq = tl.maximum(amax, 1e-30) / E4M3_MAX
+    qa32 = qa32 * qk_scale
+    if HD_B > 0:
+        qb32 = qb32 * qk_scale
+    sk = 1.0
+    if QK8 == 1:
+        sq = tl.max(_row_amax(qa32, qb32, HD_B), 0) / E4M3_MAX
         q_a = _to_e4m3(qa32, 1.0 / sq)
         if HD_B > 0:
             q_b = _to_e4m3(qb32, 1.0 / sq)
-        if NORM:
-            sk = 0.0   # per key source, below
-        else:
-            sk = tl.load(KS + pid_bh) / E4M3_MAX
-        if FP8 == 2:
-            da = tl.arange(0, HD_A)
-            sv_a = tl.load(VS + pid_bh * HD + da)
-            inv_sv_a = E4M3_MAX / sv_a
-            if HD_B > 0:
-                db = HD_A + tl.arange(0, HD_B)
-                sv_b = tl.load(VS + pid_bh * HD + db, mask=db < HD, other=1.0)
-            else:
-                sv_b = tl.full([16], 1.0, tl.float32)
-            inv_sv_b = E4M3_MAX / sv_b
-        else:
-            inv_sv_a = tl.zeros([HD_A], tl.float32)
-            inv_sv_b = tl.zeros([16 if HD_B == 0 else HD_B], tl.float32)
-    else:
-        q_a = (qa32 * qk_scale).to(Qi.dtype.element_ty)
+        if not NORM:
+            sk = tl.load(KS + pid_bh) / E4M3_MAX           # with NORM: per key source, below
+    elif QK8 == 2:
+        sq = _row_amax(qa32, qb32, HD_B) / I8_MAX
+        q_a = _to_i8(qa32, 1.0 / sq[:, None])
         if HD_B > 0:
-            q_b = (qb32 * qk_scale).to(Qi.dtype.element_ty)
+            q_b = _to_i8(qb32, 1.0 / sq[:, None])
+    else:
         sq = 1.0
-        sk = 1.0
+        q_a = qa32.to(Qi.dtype.element_ty)
+        if HD_B > 0:
+            q_b = qb32.to(Qi.dtype.element_ty)
+    if PV8:
+        dva = tl.arange(0, HD_A)
+        sv_a = tl.load(VS + pid_bh * HD + dva)
+        if HD_B > 0:
+            dvb = HD_A + tl.arange(0, HD_B)
+            sv_b = tl.load(VS + pid_bh * HD + dvb, mask=dvb < HD, other=1.0)
+        else:
+            sv_b = tl.full([16], 1.0, tl.float32)
+        inv_sv_a = E4M3_MAX / sv_a
+        inv_sv_b = E4M3_MAX / sv_b
+    else:
         inv_sv_a = tl.zeros([HD_A], tl.float32)
-        inv_sv_b = tl.zeros([16], tl.float32)
+        inv_sv_b = tl.zeros([16 if HD_B == 0 else HD_B], tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -283,34 +308,34 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
         else:
             wk_a = tl.zeros([HD_A], tl.float32)
             wk_b = tl.zeros([16], tl.float32)
-        if FP8 > 0 and NORM:
+        if QK8 == 1 and NORM:
             sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
         kt_base = Kt + b * s_tb + h * HD
         vt_base = Vt + b * s_tb + h * HD
         for start_n in range(0, T, BLOCK_N):
             acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_base, vt_base, s_tt,
-                                              CosT, SinT, wk_a, wk_b, start_n, T, eps, sq * sk, 1.0 / sk,
-                                              inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, FP8)
+                                              CosT, SinT, wk_a, wk_b, start_n, T, eps, sq, sk,
+                                              inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, QK8, PV8)
     if NORM:
         wk_a, wk_b = _load_w(WKi, HD, HD_A, HD_B)
     else:
         wk_a = tl.zeros([HD_A], tl.float32)
         wk_b = tl.zeros([16], tl.float32)
-    if FP8 > 0 and NORM:
+    if QK8 == 1 and NORM:
         sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
     ki_base = Ki + b * s_ib + h * HD
     vi_base = Vi + b * s_ib + h * HD
     n_full = (L // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, ki_base, vi_base, s_it,
-                                          CosI, SinI, wk_a, wk_b, start_n, L, eps, sq * sk, 1.0 / sk,
-                                          inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, False, BLOCK_N, PREC, FP8)
+                                          CosI, SinI, wk_a, wk_b, start_n, L, eps, sq, sk,
+                                          inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, False, BLOCK_N, PREC, QK8, PV8)
     if n_full < L:
         acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, ki_base, vi_base, s_it,
-                                          CosI, SinI, wk_a, wk_b, n_full, L, eps, sq * sk, 1.0 / sk,
-                                          inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, FP8)
+                                          CosI, SinI, wk_a, wk_b, n_full, L, eps, sq, sk,
+                                          inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, QK8, PV8)
 
-    if FP8 == 2:   # undo v's per-channel scale and P's 448
+    if PV8:   # undo v's per-channel scale and P's 448
         acc_a = acc_a * (sv_a / (E4M3_MAX * E4M3_MAX))[None, :]
         acc_b = acc_b * (sv_b / (E4M3_MAX * E4M3_MAX))[None, :]
     inv_l = 1.0 / l_i
@@ -376,14 +401,14 @@ def _configs():
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "FP8"])(_attn_fwd)
+_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])(_attn_fwd)
 
 
-def _chunks(hd: int, fp8: bool = False) -> tuple[int, int]:
-    # sm_90's 8-bit MMA reduces 32 elements at a time: an fp8 tail chunk is 32 wide
+def _chunks(hd: int, eight_bit: bool = False) -> tuple[int, int]:
+    # sm_90's 8-bit MMA reduces 32 elements at a time: an 8-bit tail chunk is 32 wide
     hd_a = 1 << (hd.bit_length() - 1)
     rest = hd - hd_a
-    hd_b = 0 if rest == 0 else max(32 if fp8 else 16, triton.next_power_of_2(rest))
+    hd_b = 0 if rest == 0 else max(32 if eight_bit else 16, triton.next_power_of_2(rest))
     return hd_a, hd_b
 
 
@@ -484,9 +509,16 @@ def _split(qkv: torch.Tensor, heads: int, hd: int):
     return v[:, :, 0], v[:, :, 1], v[:, :, 2]
 
 
-def _check_fp8(fp8):
-    if fp8 not in (0, 1, 2) or isinstance(fp8, bool):
-        raise ValueError(f"fp8={fp8!r}: expected 0 (off), 1 (QK^T in e4m3) or 2 (QK^T and PV in e4m3)")
+# mode -> (QK8, PV8) of _attn_fwd: QK^T in e4m3 or int8, PV in e4m3 or in the input dtype
+MODES = {"fp8": (1, True), "fp8qk": (1, False), "int8": (2, True), "int8qk": (2, False)}
+
+
+def _mode(mode) -> tuple[int, bool]:
+    if mode is None:
+        return 0, False
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected None (no 8-bit arithmetic) or one of {tuple(MODES)}")
+    return MODES[mode]
 
 
 def _amax(x: torch.Tensor, dims) -> torch.Tensor:
@@ -495,10 +527,10 @@ def _amax(x: torch.Tensor, dims) -> torch.Tensor:
 
 
 def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
-                    cos_img, sin_img, cos_txt, sin_txt, heads: int, eps: float = 1e-6, fp8: int = 0):
+                    cos_img, sin_img, cos_txt, sin_txt, heads: int, eps: float = 1e-6, mode: str | None = None):
     """The fully fused kernel. Returns (o_img [B, L, H*hd], o_txt [B, T, H*hd]; T may be 0).
-    fp8: 1 runs QK^T on e4m3 operands, 2 also PV (see _attn_fwd for the scales)."""
-    _check_fp8(fp8)
+    mode: None, or an 8-bit mode of MODES (see _attn_fwd for the scales)."""
+    qk8, pv8 = _mode(mode)
     B, L, T, hd = check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
                                cos_img, sin_img, cos_txt, sin_txt, heads)
     o_img = torch.empty(B, L, heads * hd, device=qkv_img.device, dtype=qkv_img.dtype)
@@ -518,20 +550,21 @@ def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm
         tabs = (cos_img, sin_img, cos_img, sin_img)
         s_t = (qkv_img.stride(0), qkv_img.stride(1))
     vs = None
-    if fp8 == 2:   # v's amax per (batch, head, channel) over both sources: one pass over v
+    if pv8:   # v's amax per (batch, head, channel) over both sources: one pass over v
         vs = _amax(vi.unflatten(2, (heads, hd)), 1)
         if T:
             vs = torch.maximum(vs, _amax(vt.unflatten(2, (heads, hd)), 1))
     # with no text, hand the kernel real buffers (never the empty o_txt's null pointer)
     _launch(qi, ki, vi, o_img, qt, kt, vt, o_txt if T else o_img, tabs, ws, (qkv_img.stride(0), qkv_img.stride(1)), s_t,
-            B, L, T, heads, hd, eps, norm=True, fp8=fp8, vs=vs)
+            B, L, T, heads, hd, eps, norm=True, qk8=qk8, pv8=pv8, vs=vs)
     return o_img, o_txt
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: int = 0) -> torch.Tensor:
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str | None = None) -> torch.Tensor:
     """Plain attention over prepared q, k, v [B, N, H, hd] (last two dims packed);
-    returns [B, N, H*hd]. fp8 as in attention_fused; k's scale is its amax per (batch, head)."""
-    _check_fp8(fp8)
+    returns [B, N, H*hd]. mode as in attention_fused; an e4m3 k is scaled by its amax per
+    (batch, head)."""
+    qk8, pv8 = _mode(mode)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name}: expected [B, N, H, hd] matching q {tuple(q.shape)} {q.dtype}, "
@@ -550,20 +583,21 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: int =
     dummy_tab = torch.empty(1, device=q.device, dtype=torch.float32)
     dummy_w = torch.empty(1, device=q.device, dtype=torch.float32)
     s = (q.stride(0), q.stride(1))
-    ks = _amax(k, (1, 3)) if fp8 else None
-    vs = _amax(v, 1) if fp8 == 2 else None
+    ks = _amax(k, (1, 3)) if qk8 == 1 else None
+    vs = _amax(v, 1) if pv8 else None
     _launch(q, k, v, o, q, k, v, o, (dummy_tab,) * 4, [dummy_w] * 4, s, s, B, N, 0, H, hd, 0.0, norm=False,
-            fp8=fp8, ks=ks, vs=vs)
+            qk8=qk8, pv8=pv8, ks=ks, vs=vs)
     return o
 
 
-def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, eps, norm, fp8=0, ks=None, vs=None):
-    """fp8: 0, 1 (QK in e4m3) or 2 (QK and PV); ks: k's amax per (batch, head) (the core
-    only); vs: v's amax per (batch, head, channel) (fp8 == 2)."""
+def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, eps, norm, qk8=0, pv8=False,
+            ks=None, vs=None):
+    """qk8, pv8: _attn_fwd's QK8, PV8; ks: k's amax per (batch, head) (qk8 == 1 in the core);
+    vs: v's amax per (batch, head, channel) (pv8)."""
     for name, s in (("k", ki.stride()), ("v", vi.stride())):
         if s[:2] != tuple(s_i):
             raise ValueError(f"{name}: strides {s} differ from q's {s_i}")
-    hd_a, hd_b = _chunks(hd, fp8 > 0)
+    hd_a, hd_b = _chunks(hd, qk8 > 0 or pv8)
     qk_scale = LOG2E / math.sqrt(hd)
     dummy = oi if ks is None or vs is None else None
     strides = (*s_i, *s_t, oi.stride(0), oi.stride(1), ot.stride(0), ot.stride(1))
@@ -577,7 +611,7 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
                               *(s // align for s in strides), L, T, H, qk_scale, eps,
                               dummy if ks is None else ks, dummy if vs is None else vs,
                               HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
-                              ALIGN=align, FP8=fp8)
+                              ALIGN=align, QK8=qk8, PV8=pv8)
 
 
 def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
@@ -653,30 +687,30 @@ def _(q, k, v):
     return q.new_empty(B, N, H * hd)
 
 
-@torch.library.custom_op("pidkern::attention_fp8", mutates_args=())
-def attention_fp8_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
-                     k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
-                     cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
-                     sin_txt: torch.Tensor | None, heads: int, eps: float, fp8: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("pidkern::attention_8bit", mutates_args=())
+def attention_8bit_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
+                      k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
+                      cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
+                      sin_txt: torch.Tensor | None, heads: int, eps: float, mode: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
-                           cos_img, sin_img, cos_txt, sin_txt, heads, eps, fp8)
+                           cos_img, sin_img, cos_txt, sin_txt, heads, eps, mode)
 
 
-@attention_fp8_op.register_fake
+@attention_8bit_op.register_fake
 def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
-      heads, eps, fp8):
+      heads, eps, mode):
     B, L, C = qkv_img.shape
     T = 0 if qkv_txt is None else qkv_txt.shape[1]
     return qkv_img.new_empty(B, L, C // 3), qkv_img.new_empty(B, T, C // 3)
 
 
-@torch.library.custom_op("pidkern::attention_core_fp8", mutates_args=())
-def attention_core_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: int) -> torch.Tensor:
-    return attention_core(q, k, v, fp8)
+@torch.library.custom_op("pidkern::attention_core_8bit", mutates_args=())
+def attention_core_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+    return attention_core(q, k, v, mode)
 
 
-@attention_core_fp8_op.register_fake
-def _(q, k, v, fp8):
+@attention_core_8bit_op.register_fake
+def _(q, k, v, mode):
     B, N, H, hd = q.shape
     return q.new_empty(B, N, H * hd)
