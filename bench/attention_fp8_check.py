@@ -34,16 +34,19 @@ def shapes():
             ("pixel", cfg.pixel_heads, cfg.pixel_head_dim, L, 0))
 
 
-def run(routes, out_dir, budget_s: float) -> dict:
+def run(routes, out_dir, budget_s: float, device: str = "cuda", cases=None) -> dict:
+    """Time and check `routes` on `cases` ((tag, heads, hd, L, T), default shapes()); the
+    CPU (under the Triton interpreter) only serves the script's own test."""
     from bench.kernel_cases.attention import _cudnn_sdpa, _tables
     from pidkern import ops
     from pidkern.timing import environment, time_ms, write_result
 
     t0 = time.perf_counter()
-    dev = "cuda"
+    dev = device
+    cuda = torch.device(dev).type == "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     results = []
-    for tag, heads, hd, L, T in shapes():
+    for tag, heads, hd, L, T in cases or shapes():
         B, N = 1, L + T
         rnd = lambda *s: torch.randn(*s, generator=g, device=dev)  # noqa: E731
         qkv32 = (rnd(B, L, 3 * heads * hd), rnd(B, T, 3 * heads * hd) if T else None)
@@ -57,13 +60,13 @@ def run(routes, out_dir, budget_s: float) -> dict:
             return o[0] if o[1] is None else torch.cat([o[1], o[0]], 1)
 
         ref = joint(ops.attention(*args(qkv32), backend="torch")).float()
-        qkv = tuple(None if x is None else x.bfloat16() for x in qkv32)
+        qkv = tuple(None if x is None else x.to(torch.bfloat16 if cuda else torch.float16) for x in qkv32)
         flops = 4 * B * heads * N * N * hd
         row = {"shape": tag, "heads": heads, "hd": hd, "L": L, "T": T, "flops": flops, "routes": {}}
 
         # the core alone on SDPA (cuDNN where it runs), for the PERF.md anchors
         q, k, v = (x.transpose(1, 2) for x in ops._prep_torch(*args(qkv)[:6], *tabs, heads, 1e-6))
-        core = _cudnn_sdpa(q, k, v)
+        core = _cudnn_sdpa(q, k, v) if cuda else None
         if core is not None:
             ms = time_ms(core, warmup=3, reps=10, device=dev)["median_ms"]
             row["sdpa_cudnn_core_ms"] = ms
@@ -77,20 +80,21 @@ def run(routes, out_dir, budget_s: float) -> dict:
             fn = lambda r=route: ops.attention(*args(qkv), backend=r)  # noqa: E731
             try:
                 out = joint(fn()).float()
-                torch.cuda.synchronize()
                 err = ((out - ref).norm() / ref.norm()).item()
                 ms = time_ms(fn, warmup=3, reps=10, device=dev)["median_ms"]
                 row["routes"][route] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_l2_vs_fp32": err}
             except Exception as e:  # noqa: BLE001 - a route that cannot run here is reported, not fatal
                 row["routes"][route] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
         base = row["routes"].get("prep+sdpa", {}).get("ms")
         for r in row["routes"].values():
             if base and "ms" in r:
                 r["speedup_vs_prep+sdpa"] = base / r["ms"]
         results.append(row)
         del qkv, qkv32, ref
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     payload = {"env": environment(), "results": results}
     payload["path"] = str(write_result(payload, "attention_fp8", out_dir))
     return payload

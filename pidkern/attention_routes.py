@@ -33,6 +33,8 @@ LIBRARIES = {
     "prep+sage": ("sageattention", "sageattention"),
     "prep+cudnn-fp8": ("cudnn", "nvidia-cudnn-frontend"),
 }
+# the routes without e4m3 arithmetic (which needs sm_89 or later)
+INT8_ONLY_ROUTES = ("int8qk-triton", "prep+int8qk-triton", "prep+sage")
 # the 8-bit race's candidates, in order (ties go to the first)
 FP8_ROUTES = ("fp8-triton", "prep+fp8-triton", "int8-triton", "prep+int8-triton", "fp8qk-triton", "prep+fp8qk-triton",
               "int8qk-triton", "prep+int8qk-triton", "prep+sage", "prep+cudnn-fp8", "prep+flash3-fp8")
@@ -65,7 +67,10 @@ def available_attention_routes(device, precision: str = "fp8") -> tuple[str, ...
         return ()
     if precision == "native":
         return tuple(r for r in ("prep+flash",) if importable(r))
-    return tuple(r for r in FP8_ROUTES if r not in LIBRARIES or importable(r))
+    routes = FP8_ROUTES
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 9):
+        routes = INT8_ONLY_ROUTES   # no e4m3 before Ada/Hopper
+    return tuple(r for r in routes if r not in LIBRARIES or importable(r))
 
 
 def _pad(x: torch.Tensor, hd: int) -> torch.Tensor:

@@ -397,6 +397,7 @@ def test_missing_library_names_the_package(monkeypatch, backend):
 def test_available_routes(monkeypatch):
     from pidkern.attention_routes import available_attention_routes
     assert available_attention_routes("cpu") == ()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # no capability to ask
     for module in ("flash_attn", "flash_attn_interface", "sageattention", "cudnn"):
         monkeypatch.setitem(sys.modules, module, None)
     assert available_attention_routes("cuda") == ("fp8-triton", "prep+fp8-triton", "int8-triton", "prep+int8-triton",
@@ -409,6 +410,9 @@ def test_available_routes(monkeypatch):
     assert available_attention_routes("cuda:0", "native") == ("prep+flash",)
     with pytest.raises(ValueError, match="precision"):
         available_attention_routes("cuda", "int4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))   # an A100: no e4m3
+    assert available_attention_routes("cuda") == ("int8qk-triton", "prep+int8qk-triton", "prep+sage")
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -490,3 +494,40 @@ def test_fp8_check_script_shapes_and_refusal(monkeypatch):
                                                              "speedup_vs_prep+sdpa": 1.5},
                                               "prep+sage": {"error": "ImportError: sageattention"}}}]})
     assert "fp8-triton" in text and "1.50" in text and "failed: ImportError" in text
+
+
+def test_plan_override_runs_the_8bit_kernel_in_a_decode(monkeypatch):
+    # a decode with an 8-bit plan entry reaches the kernel in that mode for both block kinds,
+    # and its image stays near the 16/32-bit fast image (int8 QK^T: ~1% per attention here)
+    import pidkern
+    from pidkern.config import tiny
+    from pidkern.kernels import attention as K
+    modes = []
+    real = K.attention_fused
+    monkeypatch.setattr(K, "attention_fused", lambda *a: modes.append((a[1] is not None, a[12] if len(a) > 12 else None)) or real(*a))
+    cfg = tiny("flux-2k")
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent = torch.randn(1, cfg.latent_channels, 1, 2, generator=torch.Generator().manual_seed(2))
+    text = torch.randn(1, 8, cfg.text_dim, generator=torch.Generator().manual_seed(5))
+    base = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast", plan={"attention": "triton"})
+    modes.clear()
+    img = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast", plan={"attention": "int8qk-triton"})
+    assert set(modes) == {(True, "int8qk"), (False, "int8qk")}     # patch blocks (text) and pixel blocks
+    rel = ((img.double() - base.double()).norm() / base.double().norm()).item()
+    print(f"int8qk decode: rel L2 vs the 16/32-bit fast image {rel:.2e}")
+    assert 0 < rel < 0.02, rel
+
+
+def test_fp8_check_script_runs_on_a_small_case(tmp_path, monkeypatch):
+    # the GPU run is scarce: its logic (routes, errors, JSON) runs here on a tiny case
+    import json
+
+    from bench import attention_fp8_check as chk
+    monkeypatch.setitem(sys.modules, "sageattention", None)
+    payload = chk.run(["prep+sdpa", "int8qk-triton", "prep+sage"], str(tmp_path), 60.0, device="cpu",
+                      cases=[("patch", 1, 64, 20, 3)])
+    routes = payload["results"][0]["routes"]
+    assert routes["prep+sdpa"]["speedup_vs_prep+sdpa"] == 1.0
+    assert 0 < routes["int8qk-triton"]["rel_l2_vs_fp32"] < 0.02
+    assert "sageattention" in routes["prep+sage"]["error"]
+    assert json.loads(open(payload["path"]).read())["results"][0]["routes"].keys() == routes.keys()
