@@ -14,11 +14,16 @@ Inputs, nothing else:
 
 Per step, a rank's compute time is the single-GPU step time times its share of the FLOPs
 (so a band is assumed as efficient as the whole image: optimistic for small bands). Its
-traffic is what pidkern.parallel moves: one all-gather of the image keys and values per
-attention layer (14 patch + 2 pixel), each rank receiving the (N-1)/N it does not hold, in
-bf16. The collectives are not overlapped with compute in pidkern.parallel, so a step costs
-compute + communication. For comparison the table also gives what a Ulysses all-to-all
-scheme would move (q, k, v in and the output back: 4 L x width x (N-1)/N^2 per layer).
+traffic is what pidkern.parallel moves, in bf16, under either sp_attention scheme:
+- "gather": one all-gather of the image keys and values per attention layer (14 patch +
+  2 pixel), each rank receiving the (N-1) padded bands it does not hold;
+- "ulysses": two all-to-alls per layer, q, k, v of its head group for the tokens it lacks
+  in, then every other head group's output for its own tokens (and the text's) back:
+  about 4 (N-1)/N of its band's q/k/v-sized tensors (`ulysses_bytes`).
+The collectives are not overlapped with compute in pidkern.parallel, so a step costs
+compute + communication (bytes / link bandwidth + a latency per collective and ring step).
+Ulysses's compute is taken as the all-gather's: the text queries it splits by heads are
+0.5% of the attention work at 2048², and flux-2k's 24 and 16 heads divide N = 1, 2, 4, 8.
 """
 from __future__ import annotations
 
@@ -69,15 +74,38 @@ def kv_gather_bytes(cfg: PiDConfig, side: int, world: int, width: int | None = N
     return tokens_received * per_token * dtype_bytes
 
 
-def ulysses_bytes(cfg: PiDConfig, side: int, world: int) -> float:
-    """Bytes one rank sends per step under an all-to-all (Ulysses) scheme, for comparison."""
-    L = (side // cfg.patch) ** 2
-    width = cfg.patch_blocks * cfg.hidden + cfg.pixel_blocks * cfg.pixel_attn_dim
-    return 4 * L * width * (world - 1) / world ** 2 * BYTES
+def ulysses_bytes(cfg: PiDConfig, side: int, world: int, width: int | None = None, batch: int = 1,
+                  dtype_bytes: int = BYTES, text_len: int | None = None, rank: int | None = None) -> int:
+    """Bytes one rank receives per step under sp_attention="ulysses" (pidkern.parallel's
+    two all-to-alls per attention layer), for `rank` (default: the one that receives most).
+
+    Heads are padded to a multiple of N, g = ceil(heads / N) per rank. Per layer a rank
+    with n of the L image tokens receives q, k, v of its head group for the L - n tokens
+    it lacks, then the output of every other head group for its n tokens and the T text
+    tokens: B g hd (3 (L - n) + (N - 1)(T + n)). Patch layers carry the text stream
+    (T = text_len, default the preset's 300), pixel layers none."""
+    if world == 1:
+        return 0
+    hs, ws = side // cfg.patch, (width or side) // cfg.patch
+    t = cfg.max_text if text_len is None else text_len
+    L = hs * ws
+
+    def received(n: int) -> int:
+        total = 0
+        for layers, heads, hd, text in ((cfg.patch_blocks, cfg.heads, cfg.head_dim, t),
+                                        (cfg.pixel_blocks, cfg.pixel_heads, cfg.pixel_head_dim, 0)):
+            g = -(-heads // world)
+            total += layers * batch * g * hd * (3 * (L - n) + (world - 1) * (text + n))
+        return total * dtype_bytes
+
+    bands = [rows * ws for _, rows in split_rows(hs, world)]
+    return received(bands[rank]) if rank is not None else max(received(n) for n in set(bands))
 
 
 def rank_model(cfg: PiDConfig, side: int, world: int, measured: dict[int, float]) -> dict:
-    """Per-step and per-decode time of the busiest rank (the longest band), per link."""
+    """Per-step and per-decode time of the busiest rank (the longest band), per link and
+    per sp_attention scheme: out[link] for the K/V all-gather, out[link + " Ulysses"] for
+    the head all-to-all."""
     decode_ms, was_measured = single_gpu_ms(cfg, side, measured)
     total = decode_flops(cfg, 1, side, side, STEPS)
     step_ms = decode_ms * total["per_step"] / total["total"]
@@ -85,16 +113,18 @@ def rank_model(cfg: PiDConfig, side: int, world: int, measured: dict[int, float]
     longest = max(n for _, n in split_rows(side // cfg.patch, world))
     share = sum(_step_parts(cfg, side, side, cfg.max_text, longest).values()) / total["per_step"]
     compute_ms = step_ms * share
-    gathered = kv_gather_bytes(cfg, side, world)
+    gathered, exchanged = kv_gather_bytes(cfg, side, world), ulysses_bytes(cfg, side, world)
     image_bytes = 3 * side * side * 4 * (world - 1) / world     # float32 image to rank 0, once
     out = dict(side=side, world=world, measured=was_measured, one_gpu_step_ms=step_ms, compute_ms=compute_ms,
-               kv_bytes=gathered, ulysses_bytes=ulysses_bytes(cfg, side, world))
+               kv_bytes=gathered, ulysses_bytes=exchanged)
     layers = cfg.patch_blocks + cfg.pixel_blocks
-    for name, (bw, latency) in LINKS.items():
-        comm_ms = 0.0 if world == 1 else 1e3 * (gathered / bw + layers * (world - 1) * latency)
-        step = compute_ms + comm_ms
-        decode = once_ms + STEPS * step + (1e3 * image_bytes / bw if world > 1 else 0.0)
-        out[name] = dict(comm_ms=comm_ms, step_ms=step, decode_ms=decode, speedup=decode_ms / decode)
+    # one all-gather per layer, or two all-to-alls; each a ring of N - 1 steps of latency
+    for scheme, moved, collectives in (("", gathered, layers), (" Ulysses", exchanged, 2 * layers)):
+        for name, (bw, latency) in LINKS.items():
+            comm_ms = 0.0 if world == 1 else 1e3 * (moved / bw + collectives * (world - 1) * latency)
+            step = compute_ms + comm_ms
+            decode = once_ms + STEPS * step + (1e3 * image_bytes / bw if world > 1 else 0.0)
+            out[name + scheme] = dict(comm_ms=comm_ms, step_ms=step, decode_ms=decode, speedup=decode_ms / decode)
     return out
 
 
@@ -104,15 +134,14 @@ def table(preset: str = "flux-2k") -> list[dict]:
 
 
 def render(rows: list[dict]) -> str:
-    head = ("| size | N | one-GPU ms/step | compute ms/step/rank | K/V all-gather MB/step/rank | NVLink ms/step "
-            "(decode speed-up) | PCIe ms/step (decode speed-up) | Ulysses MB/step/rank |")
-    lines = [head, "|" + "---|" * 8]
+    head = ("| size | N | one-GPU ms/step | compute ms/step/rank | all-gather MB/step/rank | Ulysses MB/step/rank "
+            "| NVLink ms/step, all-gather (decode speed-up) | NVLink, Ulysses | PCIe, all-gather | PCIe, Ulysses |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         size = f"{r['side']}²" + ("" if r["measured"] else " (extrapolated)")
         cells = [size, str(r["world"]), f"{r['one_gpu_step_ms']:.0f}", f"{r['compute_ms']:.0f}",
-                 f"{r['kv_bytes'] / 1e6:,.0f}"]
-        cells += [f"{r[k]['step_ms']:.0f} ({r[k]['speedup']:.2f}x)" for k in LINKS]
-        cells.append(f"{r['ulysses_bytes'] / 1e6:,.0f}")
+                 f"{r['kv_bytes'] / 1e6:,.0f}", f"{r['ulysses_bytes'] / 1e6:,.0f}"]
+        cells += [f"{r[k + s]['step_ms']:.0f} ({r[k + s]['speedup']:.2f}x)" for k in LINKS for s in ("", " Ulysses")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

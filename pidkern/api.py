@@ -467,7 +467,7 @@ class Decoder:
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None) -> Decoder:
+         text_encoder=None, parallel=None, group=None, sp_attention=None) -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -486,12 +486,15 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         initialised default process group, e.g. torchrun's) calls this and then `decode`
         with the same arguments, and each decodes a band of image rows
         (pidkern.parallel; the device defaults to the rank's own GPU under NCCL).
+    sp_attention: how the bands meet in attention under parallel="sequence": "gather"
+        (default; all-gather the other bands' keys and values) or "ulysses" (all-to-all
+        of heads against sequence: fewer bytes from N = 3 on, for slower links).
     """
-    if parallel is not None or group is not None:
+    if parallel is not None or group is not None or sp_attention is not None:
         from .parallel import sequence_parallel, setup
-        group, device = setup(parallel, group, device)
+        group, device = setup(parallel, group, device, sp_attention)
         dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder)
-        return sequence_parallel(dec, group)
+        return sequence_parallel(dec, group, attention=sp_attention or "gather")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if autocast is not None:

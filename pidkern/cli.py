@@ -147,6 +147,9 @@ def _load_decoder(args):
         extra["text_encoder"] = args.text_encoder
     if getattr(args, "sequence_parallel", False):
         extra["parallel"] = "sequence"
+        extra["sp_attention"] = args.sp_attention
+    elif getattr(args, "sp_attention", None) is not None:
+        raise ValueError(f"--sp-attention {args.sp_attention}: needs --sequence-parallel")
     dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
     t_load = time.perf_counter() - t0
     _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
@@ -543,6 +546,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help="split the decode by image rows over the processes of a torchrun job (torchrun "
                         "--nproc-per-node N -m pidkern decode ...); rank 0 writes the image, the same as one "
                         "process would")
+    d.add_argument("--sp-attention", default=None, choices=("gather", "ulysses"),
+                   help="with --sequence-parallel, how the bands meet in attention: gather (all-gather the "
+                        "keys and values; default) or ulysses (all-to-all of heads: fewer bytes on slower links)")
     d.set_defaults(func=cmd_decode)
 
     u = sub.add_parser("upscale", help="upscale image(s) 4x: VAE encode, then PiD",

@@ -55,15 +55,17 @@ class Engine:
         self.graphs = GraphCache(self._build_runner, graph_capacity)
 
     # -- plans -------------------------------------------------------------------------
-    def plan(self, batch: int, h: int, w: int, text_len: int, overrides=None) -> Plan:
+    def plan(self, batch: int, h: int, w: int, text_len: int, overrides=None, collectives: str | None = None) -> Plan:
         """The plan of one decode shape (cached per shape and overrides). On CUDA its raced
-        entries stay open until the first decode of that shape runs its warm-up."""
+        entries stay open until the first decode of that shape runs its warm-up.
+        collectives: the group backend of a sequence-parallel band decode (plan.resolve)."""
         over = {**self.overrides, **check_overrides(overrides)}
-        key = (batch, h, w, text_len, tuple(sorted(over.items())))
+        key = (batch, h, w, text_len, tuple(sorted(over.items())), collectives)
         with self._lock:
             if key not in self.plans:
                 self.plans[key] = resolve(self.cfg, batch, h, w, text_len, self.device,
-                                          torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over)
+                                          torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over,
+                                          collectives)
             return self.plans[key]
 
     def tables(self, h: int, w: int, text_len: int) -> dict:

@@ -223,17 +223,17 @@ class FastPiD:
     def patch_attention(self, i, hx, hy, tab, plan, racing, shard=None):
         """JointAttention.forward from the block's normalised inputs: (o_img, o_txt) before proj.
 
-        With a shard the keys and values of the other bands are gathered between the
-        QK-norm/RoPE prep and the attention core, so it takes the qkv_rope+sdpa route
-        (the fully fused kernels have no such point)."""
+        With a shard the bands meet (shard.attend: K/V all-gather or head all-to-all)
+        between the QK-norm/RoPE prep and the attention core, so it takes the
+        qkv_rope+sdpa route (the fully fused kernels have no such point)."""
         a = self.net.patch_blocks[i].attn
         norms_x, norms_y = self.qk_norms[i]
         heads = self.cfg.heads
         if shard is not None:
             q, k, v = ops.qkv_rope(hx, a.qkv_x.weight, norms_x, tab["rope_img"], hy, a.qkv_y.weight, norms_y,
                                    tab["rope_txt"], heads=heads)
-            k, v = shard.gather_kv(k, v, dim=1, text=hy.shape[1])
-            return ops.attend(q, k, v, hy.shape[1], True)
+            o = shard.attend(q, k, v, _attend_core, dim=1, text=hy.shape[1]).flatten(2)
+            return o[:, hy.shape[1]:], o[:, :hy.shape[1]]
 
         def route(backend):
             if backend == "qkv_rope+sdpa":
@@ -284,7 +284,7 @@ class FastPiD:
                 q, k, v = ops.qkv_rope(a.view(batch, rows // batch, -1), at.qkv.weight,
                                        torch.stack([at.q_norm.weight, at.k_norm.weight]), tab["rope_pix"],
                                        heads=self.cfg.pixel_heads)
-                o = ops.attend(q, *shard.gather_kv(k, v, dim=1), 0, False)[0]
+                o = shard.attend(q, k, v, _attend_core, dim=1).flatten(2)
                 del q, k, v
             a = ops.linear(o, at.proj.weight, at.proj.bias).view(rows, -1)
             del o
@@ -335,6 +335,11 @@ class FastPiD:
             with ops.disabled(CHOICES[name][1]):
                 return call()
         return call()
+
+
+def _attend_core(q, k, v):
+    """ops.attend over [B, N, heads, hd] in that layout: the attention a shard exchanges around."""
+    return ops.attend(q, k, v, 0, False)[0].unflatten(-1, (q.shape[2], -1))
 
 
 class AdapterHeads:

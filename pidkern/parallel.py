@@ -8,29 +8,38 @@ to every image key), the per-time conditioning and the sampler's noise draws (ev
 draws the full-size noise from the seed's stream and keeps its rows, so the numbers are
 those of one process). Attention is the only place bands meet: each rank all-gathers the
 image keys and values of the other bands (torch.distributed's all_gather_single, padded
-to the longest band) and attends with its own queries. The output stage runs on each
-band; rank 0 (or every rank) gathers the whole image at the end. Both backends run this
-way (the fast one without CUDA graphs). See docs/parallel.md.
+to the longest band) and attends with its own queries (sp_attention="gather"). The output
+stage runs on each band; rank 0 (or every rank) gathers the whole image at the end. Both
+backends run this way; the fast one is one CUDA graph per shape, collectives inside, under NCCL. With
+sp_attention="ulysses" attention exchanges heads for rows instead (two all-to-alls per
+layer, fewer bytes from N = 3 on). See docs/parallel.md.
 
     torchrun --nproc-per-node 2 -m pidkern decode latent.safetensors -o out.png \\
         --checkpoint flux-2k.safetensors --sequence-parallel
 
     dec = pidkern.load(ckpt, parallel="sequence")      # inside an initialised process group
     image = dec.decode(latent, sigma, seed=0)          # [B, 3, H, W] on rank 0, None elsewhere
+    dec = pidkern.load(ckpt, parallel="sequence", sp_attention="ulysses")   # heads all-to-all
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from .api import Decoder
+from .graphs import GraphCache, Runner, capture
 from .sampler import philox_draws, release_draws, resolve_seed, sample
 
 MODES = ("sequence",)
 OUTPUTS = ("rank0", "all")
+# How the bands meet in attention: "gather" all-gathers the other bands' keys and values
+# (each rank attends with all heads of its own queries); "ulysses" exchanges heads for
+# sequence with two all-to-alls (each rank attends with all queries of 1/N of the heads).
+SP_ATTENTION = ("gather", "ulysses")
 
 
 def split_rows(rows: int, world: int) -> list[tuple[int, int]]:
@@ -113,10 +122,13 @@ class RowShard:
     """One rank's band of patch rows, and the collectives that let it attend to the rest.
 
     Passed to PiDNet.forward as `shard=` (reference.py reads `row0`, `grid_rows` and
-    `gather_kv`)."""
+    `attend`); FastPiD's attentions call `attend` too."""
 
-    def __init__(self, group, grid_rows: int, grid_cols: int):
+    def __init__(self, group, grid_rows: int, grid_cols: int, attention: str = "gather"):
         dist = _dist()
+        if attention not in SP_ATTENTION:
+            raise ValueError(f"sp_attention={attention!r}: expected one of {SP_ATTENTION}")
+        self.attention = attention
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -124,7 +136,7 @@ class RowShard:
         self.bands = split_rows(grid_rows, self.world)
         self.row0, self.rows = self.bands[self.rank]
         self.max_rows = max(n for _, n in self.bands)
-        self.bytes_received = 0      # by the K/V all-gathers: what bench.parallel_cost models
+        self.bytes_received = 0      # by the attention collectives: what bench.parallel_cost models
 
     def _padded(self, t: torch.Tensor, dim: int, unit: int) -> torch.Tensor:
         """`t` (this band's rows * unit entries along `dim`) grown with zeros to the longest
@@ -162,6 +174,73 @@ class RowShard:
             full = torch.cat([torch.stack([k.narrow(dim, 0, text), v.narrow(dim, 0, text)]), full], dim=dim + 1)
         return full[0], full[1]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, core, dim: int = 2,
+               text: int = 0) -> torch.Tensor:
+        """The attention output of this rank's queries, in q's layout.
+
+        q, k, v hold the sequence along `dim` (the reference's [B, heads, N, hd]: 2; the
+        fast path's [B, N, heads, hd]: 1; the heads along the other of dims 1 and 2): its
+        first `text` entries are the text tokens (replicated on every rank), then this
+        band's image tokens. core(q, k, v) is the attention one process runs (same layout,
+        any sequence length and head count). Exchanges what `attention` says."""
+        if self.world == 1:
+            return core(q, k, v)
+        if self.attention == "gather":
+            return core(q, *self.gather_kv(k, v, dim, text))
+        return self._ulysses(q, k, v, core, dim, text)
+
+    def _ulysses(self, q, k, v, core, dim, text):
+        """Heads for sequence and back (DeepSpeed-Ulysses), with torch.distributed's
+        all_to_all_single and uneven splits for uneven bands.
+
+        Rank r attends with head group r (heads padded with zero q, k, v to a multiple of
+        N, dropped after: a zero head's output is zero and touches no other head) over the
+        whole sequence: the text tokens it holds already, every band's image tokens from
+        the first exchange. The second sends each band its rows of the output and, with
+        them, the text queries' output of this head group, so every rank gets the text
+        stream's output of all heads, as one process computes it."""
+        dist = _dist()
+        hdim, world = 3 - dim, self.world
+        heads = q.shape[hdim]
+        g = -(-heads // world)                          # heads per rank, padding included
+        x = torch.stack([q, k, v])                      # seq at dim + 1, heads at hdim + 1
+        if g * world > heads:
+            pad = list(x.shape)
+            pad[hdim + 1] = g * world - heads
+            x = torch.cat([x, x.new_zeros(pad)], dim=hdim + 1)
+        n = x.shape[dim + 1] - text
+        cols = self.grid_cols
+        # first exchange: rank j gets head group j of this band's image tokens
+        send = x.narrow(dim + 1, text, n).unflatten(hdim + 1, (world, g)).movedim(hdim + 1, 0).contiguous()
+        per_token = send[0].numel() // n                # 3 * B * g * hd
+        recv_splits = [rows * cols * per_token for _, rows in self.bands]
+        recv = send.new_empty(sum(recv_splits))
+        dist.all_to_all_single(recv, send.view(-1), recv_splits, [n * per_token] * world, group=self.group)
+        mine = x.narrow(hdim + 1, self.rank * g, g)
+        parts = [mine.narrow(dim + 1, 0, text)]
+        for part, (_, rows) in zip(recv.split(recv_splits), self.bands):
+            shape = list(mine.shape)
+            shape[dim + 1] = rows * cols
+            parts.append(part.view(shape))
+        full = torch.cat(parts, dim=dim + 1)
+        del send, recv, parts, x, mine
+        o = core(full[0], full[1], full[2])             # head group `rank`, text + every band
+        del full
+        # second exchange: band i's rows (and the text rows) of this head group to rank i
+        back = torch.cat([torch.cat([o.narrow(dim, 0, text), o.narrow(dim, text + r0 * cols, rows * cols)],
+                                    dim=dim).reshape(-1) for r0, rows in self.bands])
+        per_row = o[0].numel() // o.shape[dim] * o.shape[0]   # B * g * hd
+        send_splits = [(text + rows * cols) * per_row for _, rows in self.bands]
+        mine_n = text + n
+        ret = back.new_empty(world * mine_n * per_row)
+        dist.all_to_all_single(ret, back, [mine_n * per_row] * world, send_splits, group=self.group)
+        shape = list(o.shape)
+        shape[dim] = mine_n
+        out = ret.view(world, *shape).movedim(0, hdim).flatten(hdim, hdim + 1).narrow(hdim, 0, heads)
+        self.bytes_received += q.element_size() * (sum(recv_splits) - n * per_token
+                                                   + (world - 1) * mine_n * per_row)
+        return out
+
     def pixel_band(self, t: torch.Tensor, patch: int) -> torch.Tensor:
         """This band's pixel rows of a full-size [..., H, W] tensor."""
         return t[..., self.row0 * patch:(self.row0 + self.rows) * patch, :]
@@ -183,20 +262,33 @@ class RowShard:
         return None
 
 
+@dataclass
+class BandGraph:
+    """A captured band decode and what one replay receives through its collectives."""
+    runner: Runner
+    kv_bytes: int
+
+
 class SequenceParallelDecoder(Decoder):
     """A Decoder whose decodes are split by image rows across a process group.
 
     Every rank of the group calls `decode` with the same arguments; the result is the
     image one process would decode (rank 0 gets it; with output="all" every rank does)."""
 
-    def __init__(self, dec: Decoder, group, output: str = "rank0"):
+    def __init__(self, dec: Decoder, group, output: str = "rank0", attention: str = "gather"):
         super().__init__(dec.net, dec.device, dec.dtype, dec.source, dec.autocast, dec.text_encoder)
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
+        if attention not in SP_ATTENTION:
+            raise ValueError(f"sp_attention={attention!r}: expected one of {SP_ATTENTION}")
         self.group = group
         self.output = output
+        self.attention = attention
         self.fingerprint = fingerprint(self.net)
-        self.last_kv_bytes = 0   # what this rank received through the K/V all-gathers in its last decode
+        self.last_kv_bytes = 0   # what this rank received through the attention collectives in its last decode
+        self.last_plan = None    # the fast path's plan of the last decode (graphs, sp_attention rows)
+        self.collectives = str(_dist().get_backend(group)).lower()
+        self._graphs = None      # captured band decodes (NCCL on CUDA), built on first use
 
     @property
     def rank(self) -> int:
@@ -208,7 +300,7 @@ class SequenceParallelDecoder(Decoder):
 
     def __repr__(self):
         return (f"SequenceParallelDecoder({self.config.name}, rank {self.rank} of {self.world_size}, "
-                f"device={self.device}, dtype={self.dtype}, source={self.source})")
+                f"sp_attention={self.attention}, device={self.device}, dtype={self.dtype}, source={self.source})")
 
     def _describe(self, args: dict, output: str) -> dict:
         """What this rank is about to decode, for the entry check."""
@@ -219,7 +311,7 @@ class SequenceParallelDecoder(Decoder):
             text_shape=tuple(args["text"].shape), text=_tensor_hash(args["text"]),
             sigma=[round(float(s), 9) for s in args["sigma"].tolist()], steps=args["steps"],
             sampler=args["sampler"], noise=args["noise"], size=tuple(args["size"]),
-            seed=args["seed"], output=output)
+            seed=args["seed"], output=output, sp_attention=self.attention)
 
     def _agree(self, mine: dict | None, drawn: int | None, error: Exception | None) -> int:
         """Check that every rank decodes the same thing; returns the seed they share.
@@ -275,9 +367,10 @@ class SequenceParallelDecoder(Decoder):
 
     def _decode_sharded_fast(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output,
                              plan=None):
-        """The fast path (FastPiD, pidkern.engine) on this rank's band, without CUDA graphs:
-        the noise of either stream is drawn whole and cut to the band, and the attention
-        routes are the ones with a point to gather keys and values at."""
+        """The fast path (FastPiD, pidkern.engine) on this rank's band: the noise of either
+        stream is drawn whole and cut to the band, and the attention routes are the ones
+        with a point where the bands meet. Under an NCCL group on CUDA the band decode is
+        one CUDA graph with the collectives inside (the plan's graphs; off under gloo)."""
         from . import _ext
         from .plan import check_overrides
         from .sampler import philox_key, renoise_count
@@ -285,8 +378,13 @@ class SequenceParallelDecoder(Decoder):
         h, w = size
         p = self.config.patch
         eng = self.engine()
-        shard = RowShard(self.group, h // p, w // p)
-        the_plan = eng.plan(b, h, w, text.shape[1], {**check_overrides(plan), "graphs": False})
+        the_plan = eng.plan(b, h, w, text.shape[1], plan, collectives=self.collectives)
+        for name, value in (("attention.patch", "qkv_rope+sdpa"), ("attention.pixel", "prep+sdpa")):
+            if name not in the_plan.overrides:   # what the band decode runs: the shard point needs the prep apart
+                the_plan.set(name, value, "rule: sequence-parallel (QKV + QK-norm/RoPE, exchange, SDPA)")
+        the_plan.set("sp_attention", self.attention, f"load: {self.world_size} ranks")
+        self.last_plan = the_plan
+        shard = RowShard(self.group, h // p, w // p, self.attention)
         full = (b, 3, h, w)
         if noise == "philox":   # the output stage would number a band's draws from its own start
             key = philox_key(seed, self.device)
@@ -295,17 +393,86 @@ class SequenceParallelDecoder(Decoder):
         else:
             draws = eng.draw_noise(full, steps, sampler, seed)
         draws = [shard.pixel_band(d, p).contiguous() for d in draws]
-        x = eng.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True, shard=shard)
+        if the_plan["graphs"]:
+            key = (b, *latent.shape[1:], text.shape[1], steps, sampler, noise,
+                   tuple(sorted({**eng.overrides, **check_overrides(plan)}.items())))
+            x, self.last_kv_bytes = self._band_graph(key, latent, sigma, text, draws)
+        else:
+            x, self.last_kv_bytes = self._band_eager(the_plan, latent, sigma, text, draws, steps, sampler, h, w)
         if progress:
             progress(steps, steps)
-        self.last_kv_bytes = shard.bytes_received
         return shard.collect(x, p, output)
+
+    def _band_run(self, shard, plan, latent, sigma, text, draws, steps, sampler, h, w, racing):
+        """One band decode (Engine.run with the shard): what runs eagerly, and what a CUDA
+        graph captures, collectives included."""
+        shard.bytes_received = 0
+        return self.engine().run(latent, sigma, text, draws, steps, sampler, h, w, plan, racing=racing, shard=shard)
+
+    def _band_eager(self, plan, latent, sigma, text, draws, steps, sampler, h, w):
+        shard = RowShard(self.group, h // self.config.patch, w // self.config.patch, self.attention)
+        raced = bool(plan.pending())
+        x = self._band_run(shard, plan, latent, sigma, text, draws, steps, sampler, h, w, racing=True)
+        if raced:   # this decode's routes were each rank's own fastest; from the next one on, rank 0's
+            self._agree_plan(plan)
+        return x, shard.bytes_received
+
+    def _band_graph(self, key, latent, sigma, text, draws):
+        """The band decode as a captured CUDA graph (built once per shape, replayed)."""
+        with self._lock:
+            if self._graphs is None:
+                self._graphs = GraphCache(self._build_band_graph)
+        entry = self._graphs.get(key)
+        with entry.lock:
+            band = entry.runner
+            for buf, d in zip(band.runner.bufs["noise"], draws):
+                buf.copy_(d)
+            return band.runner.replay(latent=latent, sigma=sigma, text=text), band.kv_bytes
+
+    def _build_band_graph(self, key):
+        """Capture one band decode with its collectives (NCCL) inside.
+
+        Static inputs (latent, sigma, text, the band's noise draws) are buffers of the
+        graph; the gather and all-to-all buffers are allocated inside the capture, from
+        the graph's private pool, so their addresses are fixed for every replay. Every
+        rank builds the same key at the same decode, so all capture the same sequence of
+        collectives: two eager warm-ups (the first races the plan's open choices, and
+        then every rank takes rank 0's choices, so the graphs agree), then the capture."""
+        b, c, lh, lw, t_len, steps, sampler, _, over = key
+        h, w = self.config.output_size(lh, lw)
+        plan = self.engine().plan(b, h, w, t_len, dict(over), collectives=self.collectives)   # the decode's
+        p, dev = self.config.patch, self.device
+        shard = RowShard(self.group, h // p, w // p, self.attention)
+        from .sampler import renoise_count
+        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev).normal_(), sigma=torch.zeros(b, device=dev),
+                    text=torch.zeros(b, t_len, self.config.text_dim, device=dev).normal_(),
+                    noise=[torch.zeros(b, 3, shard.rows * p, w, device=dev).normal_()
+                           for _ in range(1 + renoise_count(steps, sampler))])
+
+        def run(first):
+            x = self._band_run(shard, plan, bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps,
+                               sampler, h, w, racing=first)
+            if first:
+                self._agree_plan(plan)
+            return x
+        graph, out = capture(run, dev)
+        return BandGraph(Runner(graph, bufs, out), shard.bytes_received)
+
+    def _agree_plan(self, plan):
+        """Every rank takes rank 0's raced choices: the ranks' graphs then run the same routes."""
+        from .plan import CHOICES
+        mine = {k: plan.choices[k] for k in CHOICES if k in plan.choices}
+        everyone = [None] * self.world_size
+        _dist().all_gather_object(everyone, mine, group=self.group)
+        for k, (value, how) in everyone[0].items():
+            if value != plan[k]:
+                plan.set(k, value, f"{how} (rank 0's)")
 
     def _decode_sharded(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output):
         b = latent.shape[0]
         h, w = size
         net, p = self.net, self.config.patch
-        shard = RowShard(self.group, h // p, w // p)
+        shard = RowShard(self.group, h // p, w // p, self.attention)
         ws = w // p
         with self._autocast():
             # The adapter is replicated: its convolutions need the neighbouring rows.
@@ -327,8 +494,12 @@ class SequenceParallelDecoder(Decoder):
         return shard.collect(x, p, output)
 
 
-def setup(mode, group, device):
+def setup(mode, group, device, attention=None):
     """Check `load`'s parallel arguments: the resolved group and this rank's device."""
+    if attention is not None and attention not in SP_ATTENTION:
+        raise ValueError(f"sp_attention={attention!r}: expected one of {SP_ATTENTION}")
+    if attention is not None and mode is None:
+        raise ValueError(f"sp_attention={attention!r}: needs parallel='sequence'")
     if mode not in MODES:
         hint = " (group= is given, so parallel='sequence' was probably meant)" if mode is None else ""
         raise ValueError(f"parallel={mode!r}: expected one of {MODES}, or None for one process{hint}")
@@ -339,8 +510,8 @@ def setup(mode, group, device):
     return group, device
 
 
-def sequence_parallel(dec: Decoder, group, output: str = "rank0") -> SequenceParallelDecoder:
-    return SequenceParallelDecoder(dec, group, output)
+def sequence_parallel(dec: Decoder, group, output: str = "rank0", attention: str = "gather") -> SequenceParallelDecoder:
+    return SequenceParallelDecoder(dec, group, output, attention)
 
 
 @contextmanager

@@ -179,11 +179,13 @@ class Plan:
 
 
 def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dtype_bytes: int,
-            triton_ok: bool, overrides=None) -> Plan:
+            triton_ok: bool, overrides=None, collectives: str | None = None) -> Plan:
     """The plan for one shape before any timing: overrides, then rules; on CUDA the raced
     choices stay open (None, "race") until the warm-up run times them.
 
-    triton_ok: whether the Triton kernels can run on this device (ops.triton_available)."""
+    triton_ok: whether the Triton kernels can run on this device (ops.triton_available).
+    collectives: the process group backend of a sequence-parallel band decode
+    (pidkern.parallel), None for one process: a CUDA graph captures NCCL's only."""
     from .memory import heads_fit, modulation_band_rows
     over = {**env_overrides(), **check_overrides(overrides)}
     cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
@@ -198,13 +200,21 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
         else:
             plan.set(name, "triton", "rule")
     rows = batch * (height // cfg.patch) * (width // cfg.patch)
-    settings = {"graphs": (cuda, "rule: CUDA" if cuda else "rule: not CUDA"),
+    graphs = (cuda, "rule: CUDA" if cuda else "rule: not CUDA")
+    if cuda and collectives not in (None, "nccl"):
+        graphs = (False, f"rule: {collectives} collectives cannot be captured")
+    elif cuda and collectives == "nccl":
+        graphs = (True, "rule: CUDA, NCCL collectives captured")
+    settings = {"graphs": graphs,
                 "band_rows": (modulation_band_rows(cfg, rows, dtype_bytes), "rule: 128 MiB per band"),
                 "keep_heads": (heads_fit(cfg, rows, dtype_bytes), "rule: kept while <= 256 MiB")}
     for name, (value, how) in settings.items():
         plan.set(name, *((over[name], "override") if name in over else (value, how)))
     if plan["graphs"] and not cuda:
         raise ValueError(f"plan graphs=on: CUDA graphs need a CUDA device, got {device}")
+    if plan["graphs"] and collectives not in (None, "nccl"):
+        raise ValueError(f"plan graphs=on: a CUDA graph can capture NCCL collectives only, and this decode's "
+                         f"process group uses {collectives}; use an NCCL group or graphs=off")
     return plan
 
 

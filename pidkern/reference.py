@@ -9,8 +9,8 @@ trunk once per sampler step: `adapter_tokens(latent)` depends only on the latent
 `forward(...)` takes those tokens back through `lq_tokens=`.
 
 `forward(..., shard=)` runs one band of patch rows of a larger image (sequence
-parallelism, pidkern.parallel): positions stay global, and every attention sees the
-keys and values of the whole image through `shard.gather_kv`.
+parallelism, pidkern.parallel): positions stay global, and every attention attends
+across the bands through `shard.attend` (a K/V all-gather or a head all-to-all).
 """
 from __future__ import annotations
 
@@ -206,13 +206,13 @@ class JointAttention(nn.Module):
         q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
         return apply_rope(q_norm(q), *rope), apply_rope(k_norm(k), *rope), v
 
-    def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True, gather_kv=None):
+    def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True, attend=None):
         t_len = y.shape[1]
         qx, kx, vx = self._heads(self.qkv_x(x), self.q_norm_x, self.k_norm_x, rope_img)
         qy, ky, vy = self._heads(self.qkv_y(y), self.q_norm_y, self.k_norm_y, rope_txt)
-        if gather_kv is not None:   # this process holds a band of image rows: see them all
-            kx, vx = gather_kv(kx, vx)
-        o = F.scaled_dot_product_attention(torch.cat([qy, qx], 2), torch.cat([ky, kx], 2), torch.cat([vy, vx], 2))
+        q, k, v = torch.cat([qy, qx], 2), torch.cat([ky, kx], 2), torch.cat([vy, vx], 2)
+        # attend: this process holds a band of image rows, and attends across the bands
+        o = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v, t_len)
         o = o.transpose(1, 2).flatten(2)
         o_txt = self.proj_y(o[:, :t_len]) if need_text_out else None
         return self.proj_x(o[:, t_len:]), o_txt
@@ -230,11 +230,11 @@ class PatchBlock(nn.Module):
         self.adaLN_modulation_img = nn.Sequential(nn.Linear(d, 6 * d))
         self.adaLN_modulation_txt = nn.Sequential(nn.Linear(d, 6 * d))
 
-    def forward(self, x, y, c, rope_img, rope_txt, update_text: bool = True, gather_kv=None):
+    def forward(self, x, y, c, rope_img, rope_txt, update_text: bool = True, attend=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation_img(c).chunk(6, dim=-1)
         th1, tc1, tg1, th2, tc2, tg2 = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
         ax, ay = self.attn(modulate(self.norm_x1(x), sh1, sc1), modulate(self.norm_y1(y), th1, tc1),
-                           rope_img, rope_txt, need_text_out=update_text, gather_kv=gather_kv)
+                           rope_img, rope_txt, need_text_out=update_text, attend=attend)
         x = x + g1 * ax
         x = x + g2 * self.mlp_x(modulate(self.norm_x2(x), sh2, sc2))
         if update_text:  # the last block's text stream is never read again
@@ -252,13 +252,12 @@ class PixelAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(hd), RMSNorm(hd)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, a, rope, gather_kv=None):
+    def forward(self, a, rope, attend=None):
         b, n, _ = a.shape
         q, k, v = self.qkv(a).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        if gather_kv is not None:
-            k, v = gather_kv(k, v)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        o = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v, 0)
+        return self.proj(o.transpose(1, 2).flatten(2))
 
 
 class PixelMLP(nn.Module):
@@ -283,13 +282,13 @@ class PixelBlock(nn.Module):
         self.mlp = PixelMLP(dp, cfg.pixel_mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.hidden, 6 * dp * p2))
 
-    def forward(self, p, s, rope, batch: int, gather_kv=None):
+    def forward(self, p, s, rope, batch: int, attend=None):
         """p [B*L, P2, Dp] pixel tokens, s [B*L, D] the per-patch condition."""
         rows, p2, dp = p.shape
         m = self.adaLN_modulation(s).view(rows, p2, 6 * dp)
         sh1, sc1, g1, sh2, sc2, g2 = m.chunk(6, dim=-1)
         a = self.compress_to_attn(modulate(self.norm1(p), sh1, sc1).reshape(rows, p2 * dp))
-        a = self.attn(a.view(batch, rows // batch, -1), rope, gather_kv).reshape(rows, -1)
+        a = self.attn(a.view(batch, rows // batch, -1), rope, attend).reshape(rows, -1)
         p = p + g1 * self.expand_from_attn(a).view(rows, p2, dp)
         return p + g2 * self.mlp(modulate(self.norm2(p), sh2, sc2))
 
@@ -399,8 +398,9 @@ class PiDNet(nn.Module):
 
         shard: None for the whole image, or the band this process holds of a larger one:
         an object with `row0` (its first patch row), `grid_rows` (the image's patch rows)
-        and `gather_kv(k, v)` (the image's keys and values [B, heads, L, hd], from every
-        band's [B, heads, rows*Ws, hd], in row order). x is then the band's pixel rows,
+        and `attend(q, k, v, core, dim, text)` (the attention output of the band's queries
+        (text first) against the whole image, from the band's q, k, v [B, heads, T+rows*Ws,
+        hd] and core = SDPA). x is then the band's pixel rows,
         lq_tokens its rows of the adapter tokens (or latent the whole latent), and the
         velocity returned is the band's.
         """
@@ -408,7 +408,8 @@ class PiDNet(nn.Module):
         b, _, h, w = x.shape
         hs, ws = self.grid(h, w)
         row0, grid_rows = (0, hs) if shard is None else (shard.row0, shard.grid_rows)
-        gather_kv = None if shard is None else shard.gather_kv
+        attend = None if shard is None else (
+            lambda q, k, v, text: shard.attend(q, k, v, F.scaled_dot_product_attention, 2, text))
         if lq_tokens is None:
             lq_tokens = self.adapter_tokens(latent, grid_rows * cfg.patch, w)[:, row0 * ws:(row0 + hs) * ws]
         text = text[:, :cfg.max_text]
@@ -427,12 +428,12 @@ class PiDNet(nn.Module):
                 j = i // cfg.lq_every
                 xs = lq.gate_modules[j](xs, lq.output_heads[j](lq_tokens), sigma)
             xs, y = block(xs, y, c, rope_img, rope_txt, update_text=i < len(self.patch_blocks) - 1,
-                          gather_kv=gather_kv)
+                          attend=attend)
 
         s = F.silu(temb + xs)
         if cfg.is_v15:
             s = self.pit_lq_gate(s, lq.pit_head(lq_tokens), sigma)
         s = s.reshape(b * hs * ws, -1)
         for block in self.pixel_blocks:
-            p = block(p, s, rope_pix, b, gather_kv)
+            p = block(p, s, rope_pix, b, attend)
         return fold_patch_pixels(self.final_layer(p), b, h, w, cfg.patch)

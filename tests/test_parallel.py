@@ -30,9 +30,9 @@ TIMEOUT_S = 120
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
-def case_inputs(name: str, base: str, lh: int, lw: int, batch: int = 1, with_text: bool = False):
+def case_inputs(name: str, base: str, lh: int, lw: int, batch: int = 1, with_text: bool = False, **shape):
     """The same latent, sigma and text on every rank and in the parent."""
-    cfg = tiny(base)
+    cfg = tiny(base, **shape)
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     latent = torch.randn(batch, cfg.latent_channels, lh, lw, generator=g)
     sigma = torch.rand(batch, generator=g) * 0.5
@@ -51,6 +51,17 @@ CASES.update({
     # against the one-process reference decode (the fast path's own error is ~3e-7)
     "fast-philox-v15": ("flux2-2kto4k-v1.5", 1, 1, 1, True, dict(steps=2, noise="philox", backend="fast")),
 })
+
+
+# sp_attention="ulysses": heads that do not divide by 2 or 3 (3 patch heads, 5 pixel heads: padded
+# on 2 ranks, and the pixel heads on 3). The reference case has 5 patch rows (32-pixel patches),
+# uneven on 2 and 3 ranks; the fast one (8-pixel patches: the interpreter is slow on bigger ones)
+# 8 rows, uneven on 3; the reference one a batch of 2.
+ODD_HEADS = dict(hidden=48, heads=3, pixel_attn_dim=80, pixel_heads=5)
+ULYSSES = {
+    "ulysses-reference": ("flux-2k", 5, 1, 2, True, dict(steps=2, seed=2), dict(patch=32)),
+    "ulysses-fast": ("flux2-2kto4k-v1.5", 1, 1, 1, True, dict(steps=2, noise="philox", backend="fast"), {}),
+}
 
 
 def _decoder(cfg, **kw):
@@ -74,13 +85,53 @@ def _worker(rank: int, world: int, out_dir: str):
             kw = dict(kw)
             results[name] = dec.decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
         # what the cost model says a rank receives (bench.parallel_cost), in float32
-        from bench.parallel_cost import kv_gather_bytes
+        from bench.parallel_cost import kv_gather_bytes, ulysses_bytes
         for case in ("batch2-ode", "fast-philox-v15"):   # each its decoder's last decode
             base, lh, lw, batch, _, kw = CASES[case]
             cfg = tiny(base)
             h, w = cfg.output_size(lh, lw)
             results["traffic", case] = (decoders[base].last_kv_bytes,
                                         kw["steps"] * kv_gather_bytes(cfg, h, world, width=w, batch=batch, dtype_bytes=4))
+        for name, (base, lh, lw, batch, with_text, kw, shape) in ULYSSES.items():
+            cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text, **ODD_HEADS, **shape)
+            dec = _decoder(cfg, parallel="sequence", sp_attention="ulysses")
+            kw = dict(kw)
+            results[name] = dec.decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
+            h, w = cfg.output_size(lh, lw)
+            results["traffic", name] = (dec.last_kv_bytes, kw["steps"] * ulysses_bytes(
+                cfg, h, world, width=w, batch=batch, dtype_bytes=4, text_len=text.shape[1], rank=rank))
+        results["repr"] = repr(dec)
+        results["plan"] = str(dec.last_plan)
+        # The captured path (CUDA graphs under NCCL): the same band decode, run here through a
+        # stand-in for graphs.capture: the warm-up that races (random static inputs), then each
+        # replay reruns what would be captured, logging the collectives each rank issues. The
+        # next decode of a shape takes that path (2 ranks: the all-gather; 3: the all-to-all).
+        import pidkern.parallel as par
+        calls = []
+
+        def stand_in(run, device, warm_ups=2):
+            out = run(True)
+
+            class Replay:
+                def replay(self):
+                    real = {f: getattr(dist, f) for f in ("all_gather_single", "all_to_all_single")}
+                    for f, fn in real.items():
+                        setattr(dist, f, lambda *a, _f=f, _fn=fn, **k: (calls.append(_f), _fn(*a, **k))[1])
+                    try:
+                        out.copy_(run(False))
+                    finally:
+                        for f, fn in real.items():
+                            setattr(dist, f, fn)
+            return Replay(), out
+        par.capture = stand_in
+        name, case_dec = ("fast-philox-v15", decoders["flux2-2kto4k-v1.5"]) if world == 2 else ("ulysses-fast", dec)
+        case_dec.last_plan.set("graphs", True, "test: the captured path")
+        base, lh, lw, batch, with_text, kw, *shape = {**CASES, **ULYSSES}[name]
+        shape = {**ODD_HEADS, **shape[0]} if shape else {}
+        cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text, **shape)
+        results["graph", name] = case_dec.decode(latent, sigma, text=text, seed=0, **kw)
+        results["graph-traffic", name] = (case_dec.last_kv_bytes, results["traffic", name][1])
+        results["graph-collectives"] = calls
         # every rank gets the image with output="all"
         cfg, latent, sigma, _ = case_inputs("flux-2k", "flux-2k", 1, 1)
         results["all"] = decoders["flux-2k"].decode(latent, sigma, steps=2, seed=0, output="all")
@@ -118,8 +169,8 @@ def _worker(rank: int, world: int, out_dir: str):
     dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path)), nprocs=world, join=False,
+def _spawn(world: int, tmp_path, worker=_worker):
+    ctx = mp.start_processes(worker, args=(world, str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
     import time
     deadline = time.monotonic() + TIMEOUT_S
@@ -136,9 +187,10 @@ def rel_l2(a, b):
 
 
 def single_process(name):
-    base, lh, lw, batch, with_text, kw = CASES[name]
+    base, lh, lw, batch, with_text, kw, *shape = {**CASES, **ULYSSES}[name]
     kw = dict(kw, backend="reference")
-    cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text)
+    shape = {**ODD_HEADS, **shape[0]} if shape else {}
+    cfg, latent, sigma, text = case_inputs(name, base, lh, lw, batch, with_text, **shape)
     return _decoder(cfg).decode(latent, sigma, text=text, seed=kw.pop("seed", 0), **kw)
 
 
@@ -157,7 +209,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def reference_images():
     with one_thread():
-        return {name: single_process(name) for name in CASES}
+        return {name: single_process(name) for name in (*CASES, *ULYSSES)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -174,9 +226,23 @@ def test_sequence_parallel_matches_one_process(world, tmp_path, reference_images
         for r in range(1, world):
             assert ranks[r]["results"][name] is None, f"rank {r} got an image without output='all'"
     for r in range(world):
-        for case in ("batch2-ode", "fast-philox-v15"):
+        for case in ("batch2-ode", "fast-philox-v15", *ULYSSES):
             got, modelled = ranks[r]["results"]["traffic", case]
             assert got == modelled and got > 0, f"{case}, rank {r}: received {got} bytes, the cost model says {modelled}"
+    assert "sp_attention=ulysses" in rank0["repr"]
+    assert "sp_attention     ulysses" in rank0["plan"]
+    assert "graphs           False          rule: not CUDA" in rank0["plan"]
+    name = "fast-philox-v15" if world == 2 else "ulysses-fast"   # the captured path: the one-process image
+    err = rel_l2(rank0["graph", name], reference_images[name])
+    assert err <= 1e-5, f"{name}, captured path, on {world} ranks: relative L2 {err:.2e}"
+    for r in range(world):
+        got, modelled = ranks[r]["results"]["graph-traffic", name]
+        assert got == modelled, f"{name}, captured path, rank {r}: {got} bytes, the cost model says {modelled}"
+    # every rank captures the same collectives, per step one per attention layer (2 patch and 2 pixel
+    # blocks) for the all-gather, two for the all-to-all
+    logs = [ranks[r]["results"]["graph-collectives"] for r in range(world)]
+    assert logs[0] == (["all_gather_single"] * 8 if world == 2 else ["all_to_all_single"] * 16)
+    assert all(log == logs[0] for log in logs)
     for r in range(world):   # output="all", and a shared seed drawn when every rank passes None
         assert rel_l2(ranks[r]["results"]["all"], reference_images["flux-2k"]) <= 1e-5
         assert torch.equal(ranks[r]["results"]["seed-none"], ranks[0]["results"]["seed-none"])
@@ -216,11 +282,16 @@ def test_load_parallel_needs_a_group():
         _decoder(tiny("flux-2k"), parallel="pipeline")
     with pytest.raises(ValueError, match="parallel='sequence' was probably meant"):
         _decoder(tiny("flux-2k"), group=object())
+    with pytest.raises(ValueError, match="sp_attention='ring': expected one of"):
+        _decoder(tiny("flux-2k"), parallel="sequence", sp_attention="ring")
+    with pytest.raises(ValueError, match="sp_attention='ulysses': needs parallel='sequence'"):
+        _decoder(tiny("flux-2k"), sp_attention="ulysses")
 
 
 def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, capsys):
     """`torchrun --nproc-per-node 2 -m pidkern decode ... --sequence-parallel` against the
-    single-process command on the same tiny checkpoint: the same PNG."""
+    single-process command on the same tiny checkpoint: the same PNG (with the head
+    all-to-all, --sp-attention ulysses; the default all-gather is checked through the API)."""
     import subprocess
     import sys
 
@@ -244,7 +315,7 @@ def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, cap
     # --standalone: torchrun's own rendezvous on localhost, on a port it binds itself
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pidkern", "decode", *common, "-o", str(tmp_path / "two.png"),
-           "--sequence-parallel"]
+           "--sequence-parallel", "--sp-attention", "ulysses"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(tmp_path / "two.png")]   # rank 0 alone writes and prints
@@ -256,6 +327,8 @@ def test_cli_torchrun_sequence_parallel_writes_the_one_process_png(tmp_path, cap
     # outside torchrun the flag says how to launch
     assert main(["decode", *common, "-o", str(tmp_path / "x.png"), "--sequence-parallel"]) == 2
     assert "run under torchrun" in capsys.readouterr().err
+    assert main(["decode", *common, "-o", str(tmp_path / "x.png"), "--sp-attention", "ulysses"]) == 2
+    assert "--sp-attention ulysses: needs --sequence-parallel" in capsys.readouterr().err
 
 
 def test_rank_flops_split_the_image_work_and_replicate_the_text():
@@ -286,12 +359,24 @@ def test_cost_model_table():
     assert pc.kv_gather_bytes(cfg, 4096, 4) == 3 * (L // 4) * per_token
     rows = pc.table()
     assert [(r["side"], r["world"]) for r in rows] == [(s, n) for s in (2048, 4096, 8192) for n in (1, 2, 4, 8)]
+    # Ulysses: rank r of N with n of the L image tokens receives, per attention layer, q, k, v of
+    # its ceil(H/N) heads for the L - n tokens it lacks and the other N - 1 head groups' output
+    # for its n tokens and the T = 300 text tokens (patch layers; pixel layers have no text)
+    n = L // 4
+    patch = 14 * (24 // 4) * 64 * (3 * (L - n) + 3 * (300 + n))
+    pixel = 2 * (16 // 4) * 72 * (3 * (L - n) + 3 * n)
+    assert pc.ulysses_bytes(cfg, 4096, 4) == pc.ulysses_bytes(cfg, 4096, 4, rank=2) == (patch + pixel) * 2
+    assert pc.ulysses_bytes(cfg, 4096, 1) == 0
     for r in rows:
         if r["world"] == 1:
-            assert r["kv_bytes"] == 0 and r["NVLink"]["speedup"] == pytest.approx(1.0)
+            assert r["kv_bytes"] == r["ulysses_bytes"] == 0 and r["NVLink"]["speedup"] == pytest.approx(1.0)
         else:   # compute shrinks at most N-fold, and a slower link never helps
             assert r["compute_ms"] >= r["one_gpu_step_ms"] / r["world"]
-            assert r["PCIe"]["step_ms"] > r["NVLink"]["step_ms"] > r["compute_ms"]
+            for scheme in ("", " Ulysses"):
+                assert r["PCIe" + scheme]["step_ms"] > r["NVLink" + scheme]["step_ms"] > r["compute_ms"]
+        if r["world"] >= 4:   # from 4 ranks on the all-to-all moves at most half the all-gather's bytes
+            assert r["ulysses_bytes"] <= r["kv_bytes"] / 2 + 1e7
+            assert r["PCIe Ulysses"]["step_ms"] < r["PCIe"]["step_ms"]
     text = pc.render(rows)
     assert text.count("\n") == 13 and "8192² (extrapolated)" in text
 
@@ -322,3 +407,80 @@ def test_estimate_memory_per_rank():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match=f"world_size={bad!r}: expected a positive int"):
             estimate_memory("flux-2k", 1, 64, 64, world_size=bad)
+
+
+def test_band_plan_graphs_follow_the_collectives():
+    """A CUDA graph captures NCCL collectives only: the plan of a band decode says so."""
+    from pidkern.plan import resolve
+    cfg = tiny("flux-2k")
+    cuda = torch.device("cuda")   # resolve reads the device type only: no GPU needed
+
+    def graphs(device, **kw):
+        plan = resolve(cfg, 1, 64, 64, 7, device, 2, True, **kw)
+        return plan.choices["graphs"]
+    assert graphs(cuda) == (True, "rule: CUDA")                                  # one process
+    assert graphs(cuda, collectives="nccl") == (True, "rule: CUDA, NCCL collectives captured")
+    assert graphs(cuda, collectives="gloo") == (False, "rule: gloo collectives cannot be captured")
+    assert graphs("cpu", collectives="gloo") == (False, "rule: not CUDA")
+    assert graphs(cuda, collectives="gloo", overrides={"graphs": False}) == (False, "override")
+    with pytest.raises(ValueError, match="graphs=on: a CUDA graph can capture NCCL collectives only, and this "
+                                         "decode's process group uses gloo"):
+        graphs(cuda, collectives="gloo", overrides={"graphs": True})
+    with pytest.raises(ValueError, match="graphs=on: CUDA graphs need a CUDA device"):
+        graphs("cpu", collectives="gloo", overrides={"graphs": True})
+
+
+def test_parallel_check_refuses_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: bench.parallel_check would run")
+    from bench import parallel_check
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        parallel_check.check()
+    assert parallel_check.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def _nccl_worker(rank: int, world: int, out_dir: str):
+    """One rank of an NCCL group on its own GPU: the captured band decode (graphs on, by the
+    plan's rule) under both sp_attention schemes, and a replay with new inputs."""
+    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    out = {}
+    try:
+        cfg, latent, sigma, text = case_inputs("nccl", "flux2-2kto4k-v1.5", 1, 1, 1, True, **ODD_HEADS)
+        dev = torch.device("cuda", rank)
+        for scheme in ("gather", "ulysses"):
+            dec = _decoder(cfg, parallel="sequence", sp_attention=scheme, device=dev)
+            for seed in (0, 1):   # the capture, then a replay with another seed
+                img = dec.decode(latent.to(dev), sigma.to(dev), text=text.to(dev), seed=seed, steps=2,
+                                 backend="fast")
+                out[scheme, seed] = None if img is None else img.cpu()
+            out[scheme, "plan"] = str(dec.last_plan)
+            out[scheme, "graphs"] = dec.last_plan.choices["graphs"]
+    except Exception:
+        out["crash"] = traceback.format_exc()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_nccl_captured_band_decode_matches_one_process(tmp_path):
+    """On CUDA under NCCL (1 rank per GPU, up to 2): the plan captures the band decode with its
+    collectives, and its image equals one process's fast decode in float32."""
+    import torch.distributed as dist
+    if not dist.is_nccl_available():
+        pytest.skip("this torch build has no NCCL")
+    world = min(2, torch.cuda.device_count())
+    got = _spawn(world, tmp_path, _nccl_worker)[0]
+    assert "crash" not in got, got["crash"]
+    cfg, latent, sigma, text = case_inputs("nccl", "flux2-2kto4k-v1.5", 1, 1, 1, True, **ODD_HEADS)
+    dev = torch.device("cuda", 0)
+    one = _decoder(cfg, device=dev)
+    for scheme in ("gather", "ulysses"):
+        assert got[scheme, "graphs"] == (True, "rule: CUDA, NCCL collectives captured"), got[scheme, "plan"]
+        for seed in (0, 1):
+            want = one.decode(latent.to(dev), sigma.to(dev), text=text.to(dev), seed=seed, steps=2,
+                              backend="fast", plan={"graphs": False}).cpu()
+            err = rel_l2(got[scheme, seed], want)
+            assert err <= 1e-5, f"{scheme}, seed {seed}, {world} NCCL ranks: relative L2 {err:.2e}"
