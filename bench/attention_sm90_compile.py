@@ -61,7 +61,8 @@ def main():
                                        capture_output=True, text=True)
                     regs = re.findall(r"Used (\d+) registers", r.stderr)
                     spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
-                    mma = sorted({m.split(".", 5)[-1] for m in re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx)})
+                    found = re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx)
+                    mma = sorted({m.split(".", 5)[-1] for m in found})   # e.g. f32.e4m3.e4m3
                     print(f"{what}: {regs[0] if regs else '?'} registers, {spill[0] if spill else '?'} B spilled, "
                           f"wgmma {mma}{', mma.sync' if 'mma.sync' in ptx else ''}", flush=True)
     sys.exit(1 if failed else 0)

@@ -45,7 +45,8 @@ def _import(route: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"attention backend {route!r} needs the {package!r} package (import {module}): {err}") from err
+        raise ImportError(f"attention backend {route!r} needs the {package!r} package (import {module}): "
+                          f"{err}") from err
 
 
 def importable(route: str) -> bool:

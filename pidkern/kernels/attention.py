@@ -401,7 +401,8 @@ def _configs():
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])(_attn_fwd)
+_attn_fwd_tuned = triton.autotune(configs=_configs(),
+                                  key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])(_attn_fwd)
 
 
 def _chunks(hd: int, eight_bit: bool = False) -> tuple[int, int]:
