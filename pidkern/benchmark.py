@@ -21,7 +21,7 @@ import torch
 from .api import fill_random_, random_net  # noqa: F401  (re-exported for bench/)
 from .config import get_preset
 from .flops import decode_flops, tflops
-from .plan import PATCH_ATTENTION, check_overrides, parse
+from .plan import ATTENTION_8BIT, PATCH_ATTENTION, check_overrides, parse
 from .timing import environment, nvml_snapshot, time_ms
 
 # Each optimisation the fast path can run without, as the plan override that turns it off.
@@ -35,7 +35,8 @@ ABLATIONS = {
     "swiglu": {"swiglu": "torch"},
 }
 OPTIMISATIONS = tuple(ABLATIONS)
-ATTENTION_ROUTES = PATCH_ATTENTION
+# the bf16 routes, one ablation row each (the 8-bit ones belong to the fp8 rows)
+ATTENTION_ROUTES = tuple(r for r in PATCH_ATTENTION if r not in ATTENTION_8BIT)
 
 
 def log(msg: str) -> None:

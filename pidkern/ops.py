@@ -138,7 +138,14 @@ def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
 
 # --------------------------------------------------------------------------- attention
 
-ATTENTION_BACKENDS = ("triton", "prep+sdpa", "prep+triton", "torch")
+# 8-bit and library routes (docs/attention_fp8.md): "<mode>-triton" is the fused kernel and
+# "prep+<mode>-triton" the prep then the core in an 8-bit mode of kernels.attention.MODES
+# ("fp8": QK^T and PV in e4m3, "fp8qk": QK^T only, "int8": QK^T in int8 and PV in e4m3,
+# "int8qk": QK^T in int8 only); "prep+<library>": pidkern.attention_routes
+_8BIT_MODES = ("fp8", "fp8qk", "int8", "int8qk")
+ATTENTION_BACKENDS = (("triton", "prep+sdpa", "prep+triton", "torch")
+                      + tuple(f"{p}{m}-triton" for m in _8BIT_MODES for p in ("", "prep+"))
+                      + ("prep+flash", "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8"))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -205,7 +212,13 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     rope_* = (cos, sin) float32 [N, hd/2]. Returns (o_img [B, L, heads*hd],
     o_txt [B, T, heads*hd] or None). backend: "triton" (fully fused flash kernel),
     "prep+sdpa" (fused QK-norm/RoPE kernel, then SDPA/cuDNN), "prep+triton" (the same
-    prep, then the Triton attention core), "torch" (the unfused chain). On CUDA, rows that
+    prep, then the Triton attention core), "torch" (the unfused chain); 8-bit:
+    "fp8-triton" / "prep+fp8-triton" (the fused kernel / the prep then the core, QK^T and PV
+    on e4m3), "fp8qk-triton" / "prep+fp8qk-triton" (QK^T only), "int8-triton",
+    "prep+int8-triton" (QK^T in int8, PV in e4m3), "int8qk-triton", "prep+int8qk-triton"
+    (QK^T in int8 only); the prep then a library:
+    "prep+flash" (FA2), "prep+flash3-fp8" (FA3 fp8), "prep+sage" (SageAttention),
+    "prep+cudnn-fp8" (cuDNN fp8 SDPA), see pidkern.attention_routes. On CUDA, rows that
     do not start 16-byte aligned (a head dim that is not a multiple of 8 in 16-bit types,
     or odd views) take the unfused chain whatever the backend.
     """
@@ -219,14 +232,24 @@ def attention(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, 
     cos_t, sin_t = rope_txt if rope_txt is not None else (None, None)
     args = (qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, *rope_img, cos_t, sin_t,
             heads, float(eps))
-    if backend == "triton":
-        o_img, o_txt = torch.ops.pidkern.attention(*args)
+    mode = backend.removeprefix("prep+").removesuffix("-triton")
+    if backend in ("triton", f"{mode}-triton"):
+        if backend == "triton":
+            o_img, o_txt = torch.ops.pidkern.attention(*args)
+        else:
+            o_img, o_txt = torch.ops.pidkern.attention_8bit(*args, mode)
         return o_img, (o_txt if qkv_txt is not None else None)
     q, k, v = torch.ops.pidkern.attention_prep(*args)
     T = q.shape[1] - qkv_img.shape[1]
     if backend == "prep+sdpa":
         return attend(q, k, v, T, qkv_txt is not None)
-    o = torch.ops.pidkern.attention_core(q, k, v)
+    if backend == "prep+triton":
+        o = torch.ops.pidkern.attention_core(q, k, v)
+    elif mode in _8BIT_MODES:
+        o = torch.ops.pidkern.attention_core_8bit(q, k, v, mode)
+    else:
+        from .attention_routes import ROUTES
+        o = ROUTES[backend](q, k, v)
     return o[:, T:], (o[:, :T] if qkv_txt is not None else None)
 
 

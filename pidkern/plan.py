@@ -18,6 +18,7 @@ See docs/design.md, "The plan".
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -27,8 +28,26 @@ from dataclasses import dataclass, field
 # QKV then one flash-attention kernel doing norm, RoPE and softmax; "torch": the unfused chain.
 # "prep+triton" (the fused prep, then the Triton attention core) is never raced: the one
 # shape that crashed it on an H200 is fixed, but it has not been timed on a GPU since.
-PATCH_ATTENTION = ("triton", "prep+sdpa", "qkv_rope+sdpa", "prep+triton", "torch")
-PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch")
+# 8-bit and library routes (docs/attention_fp8.md, ops.ATTENTION_BACKENDS): the Triton kernel
+# in an 8-bit mode ("fp8", "fp8qk", "int8", "int8qk"), fused or after the prep, and the prep
+# then a library: "prep+flash" (FA2, bf16), "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8".
+ATTENTION_8BIT = ("fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "int8-triton",
+                  "prep+int8-triton", "int8qk-triton", "prep+int8qk-triton", "prep+flash", "prep+flash3-fp8",
+                  "prep+sage", "prep+cudnn-fp8")
+PATCH_ATTENTION = ("triton", "prep+sdpa", "qkv_rope+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
+PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
+
+
+def flash_race() -> tuple[str, ...]:
+    """("prep+flash",) where flash_attn is installed: FA2 joins the bf16 attention race (an
+    install that fails to load fails its race, loudly, like any other candidate)."""
+    try:
+        return ("prep+flash",) if importlib.util.find_spec("flash_attn") is not None else ()
+    except ValueError:   # a module in sys.modules without a spec
+        return ()
+
+
+FLASH_RACE = flash_race()
 # "triton": one GEMM against w13 with SiLU * up in its epilogue; "split": cuBLAS against
 # w13 then one silu_mul pass; "torch": two cuBLAS GEMMs and the PyTorch product.
 SWIGLU = ("triton", "split", "torch")
@@ -43,8 +62,8 @@ PRECISIONS = ("native", "fp8")
 # name -> (allowed values, the op of pidkern.ops it configures, the candidates raced on CUDA
 # in this order (ties go to the first), or () when a rule decides)
 CHOICES: dict[str, tuple] = {
-    "attention.patch": (PATCH_ATTENTION, "attention", ("prep+sdpa", "triton", "qkv_rope+sdpa")),
-    "attention.pixel": (PIXEL_ATTENTION, "attention", ("prep+sdpa", "triton")),
+    "attention.patch": (PATCH_ATTENTION, "attention", ("prep+sdpa", "triton", "qkv_rope+sdpa") + FLASH_RACE),
+    "attention.pixel": (PIXEL_ATTENTION, "attention", ("prep+sdpa", "triton") + FLASH_RACE),
     "swiglu.image": (SWIGLU, "swiglu", ("triton", "torch", "split")),
     "swiglu.text": (SWIGLU, "swiglu", ("triton", "torch", "split")),
     "gate": (KERNEL, "gate", ("triton", "torch")),
@@ -56,6 +75,16 @@ CHOICES: dict[str, tuple] = {
 # precision is the model's (fixed when `pidkern.load` builds it): the plan records it, and
 # an override may only repeat it
 SETTINGS = ("graphs", "band_rows", "keep_heads", "precision")
+
+
+def fp8_attention_candidates(device) -> tuple[str, ...]:
+    """The attention routes to race under precision "fp8" on `device`: the Triton fp8 kernels
+    and each library route whose library imports (attention_routes.available_attention_routes);
+    () off CUDA."""
+    from .attention_routes import available_attention_routes
+    return available_attention_routes(device, "fp8")
+
+
 ENV = "PIDKERN_PLAN"
 
 

@@ -26,6 +26,8 @@ import triton.language as tl
 from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET, aligned_rows, dot_precision, on_device
 
 LOG2E = 1.4426950408889634
+E4M3_MAX = tl.constexpr(448.0)   # largest finite float8_e4m3fn
+I8_MAX = tl.constexpr(127.0)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -103,31 +105,95 @@ def _load_w(w_ptr, HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr):
 
 
 @triton.jit
+def _to_e4m3(x, inv_scale):
+    """x * inv_scale as e4m3, clamped to its range (a rounding past 448 would give NaN:
+    e4m3fn has no infinity)."""
+    y = x.to(tl.float32) * inv_scale
+    return tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _to_i8(x, inv_scale):
+    """x * inv_scale rounded (half away from zero) to int8 in [-127, 127]."""
+    y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -127.0), 127.0)
+    return tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+
+
+@triton.jit
+def _row_amax(x_a, x_b, HD_B: tl.constexpr):
+    """max |x| of each row over both head-dim chunks, never 0 (it divides)."""
+    m = tl.max(tl.abs(x_a), 1)
+    if HD_B > 0:
+        m = tl.maximum(m, tl.max(tl.abs(x_b), 1))
+    return tl.maximum(m, 1e-30)
+
+
+@triton.jit
+def _weight_bound(w_a, w_b, HD: tl.constexpr):
+    """sqrt(HD) * max|w|: no element of RMSNorm(x) * w, roped, exceeds it."""
+    wmax = tl.maximum(tl.max(tl.abs(w_a), 0), tl.max(tl.abs(w_b), 0))
+    return tl.maximum(tl.sqrt(tl.full([], HD, tl.float32)) * wmax, 1e-30)   # never 0: it divides
+
+
+@triton.jit
 def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, sin_ptr, wk_a, wk_b,
-             start_n, n_k, eps,
+             start_n, n_k, eps, sq, sk, inv_sv_a, inv_sv_b,
              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
-             MASK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+             MASK: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, QK8: tl.constexpr,
+             PV8: tl.constexpr):
+    """One key/value block. With QK8 (see _attn_fwd) q_a/q_b come quantized, sq their scale
+    (per tile for e4m3, per row for int8); k is quantized here: e4m3 with the scale sk, int8
+    with its own per-token scale. With PV8, P (scaled by 448) and v (per channel, inv_sv_*)
+    are e4m3 too."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_a, k_b = _load_head(k_base, offs_n, stride, n_k, HD, HD_A, HD_B, MASK)
     if NORM:
-        ka32, kb32 = _norm_rope(k_a, k_b, wk_a, wk_b, cos_ptr, sin_ptr, offs_n, n_k, eps, MASK, HD, HD_A, HD_B)
-        k_a = ka32.to(q_a.dtype)
+        k_a, k_b = _norm_rope(k_a, k_b, wk_a, wk_b, cos_ptr, sin_ptr, offs_n, n_k, eps, MASK, HD, HD_A, HD_B)
+    if QK8 == 1:
+        k_a = _to_e4m3(k_a, 1.0 / sk)
         if HD_B > 0:
-            k_b = kb32.to(q_a.dtype)
-    qk = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
-    if HD_B > 0:
-        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PREC)
+            k_b = _to_e4m3(k_b, 1.0 / sk)
+        # fp32 accumulation over one head dim only; the scales of q's tile and k applied after
+        qk = tl.dot(q_a, tl.trans(k_a))
+        if HD_B > 0:
+            qk += tl.dot(q_b, tl.trans(k_b))
+        qk = qk * (sq * sk)
+    elif QK8 == 2:
+        sk_n = _row_amax(k_a, k_b, HD_B) / I8_MAX          # per token: free, k is in registers
+        k_a = _to_i8(k_a, 1.0 / sk_n[:, None])
+        if HD_B > 0:
+            k_b = _to_i8(k_b, 1.0 / sk_n[:, None])
+        qk = tl.dot(q_a, tl.trans(k_a), out_dtype=tl.int32)
+        if HD_B > 0:
+            qk += tl.dot(q_b, tl.trans(k_b), out_dtype=tl.int32)
+        qk = qk.to(tl.float32) * sq[:, None] * sk_n[None, :]
+    else:
+        if NORM:
+            k_a = k_a.to(q_a.dtype)
+            if HD_B > 0:
+                k_b = k_b.to(q_a.dtype)
+        qk = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
+        if HD_B > 0:
+            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PREC)
     if MASK:
         qk = tl.where(offs_n[None, :] < n_k, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(q_a.dtype)
     v_a, v_b = _load_head(v_base, offs_n, stride, n_k, HD, HD_A, HD_B, MASK)
-    acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PREC)
-    if HD_B > 0:
-        acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PREC)
+    if PV8:
+        # p <= 1: scaled by 448 it spans e4m3's range. A fresh dot per block, added in fp32:
+        # sm_90's fp8 MMA accumulates with reduced precision, so no long chain runs inside it
+        p8 = (p * E4M3_MAX).to(tl.float8e4nv)
+        acc_a = acc_a * alpha[:, None] + tl.dot(p8, _to_e4m3(v_a, inv_sv_a[None, :]))
+        if HD_B > 0:
+            acc_b = acc_b * alpha[:, None] + tl.dot(p8, _to_e4m3(v_b, inv_sv_b[None, :]))
+    else:
+        p = p.to(v_a.dtype)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PREC)
+        if HD_B > 0:
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PREC)
     return acc_a, acc_b, m_new, l_i
 
 
@@ -135,12 +201,22 @@ def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, 
 def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
               CosI, SinI, CosT, SinT, WQi, WKi, WQt, WKt,
               s_ib, s_it, s_tb, s_tt, s_oib, s_oit, s_otb, s_ott,
-              L, T, H, qk_scale, eps,
+              L, T, H, qk_scale, eps, KS, VS,
               HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr,
               HAS_TXT: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              QK8: tl.constexpr, PV8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid: (query tiles of the image then of the text, B*H). Strides come in units of
-    ALIGN elements (see _common.row_align); within a token the heads are packed (head stride HD)."""
+    ALIGN elements (see _common.row_align); within a token the heads are packed (head stride HD).
+
+    8-bit modes (docs/attention_fp8.md), all with fp32 accumulation and softmax:
+    QK8 = 1: QK^T on e4m3. q scaled per (batch, head, query tile) by the tile's amax after
+      norm + RoPE; k per key source by a bound known before the loop: with NORM
+      sqrt(HD) * max|k-norm weight| (an RMS-normalised vector has no element above sqrt(HD),
+      RoPE keeps pair norms), else KS[b*H + h], k's amax per (batch, head).
+    QK8 = 2: QK^T on int8, q scaled per row and k per token by their amax (both in registers
+      when quantized, so the scales cost one row reduction each).
+    PV8: PV on e4m3 too, P scaled by 448, v per (batch, head, channel) by VS[(b*H + h)*HD + d],
+      its amax."""
     s_ib = s_ib * ALIGN
     s_it = s_it * ALIGN
     s_tb = s_tb * ALIGN
@@ -186,9 +262,40 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
     else:
         qa32 = q_a.to(tl.float32)
         qb32 = q_b.to(tl.float32)
-    q_a = (qa32 * qk_scale).to(Qi.dtype.element_ty)
+    qa32 = qa32 * qk_scale
     if HD_B > 0:
-        q_b = (qb32 * qk_scale).to(Qi.dtype.element_ty)
+        qb32 = qb32 * qk_scale
+    sk = 1.0
+    if QK8 == 1:
+        sq = tl.max(_row_amax(qa32, qb32, HD_B), 0) / E4M3_MAX
+        q_a = _to_e4m3(qa32, 1.0 / sq)
+        if HD_B > 0:
+            q_b = _to_e4m3(qb32, 1.0 / sq)
+        if not NORM:
+            sk = tl.load(KS + pid_bh) / E4M3_MAX           # with NORM: per key source, below
+    elif QK8 == 2:
+        sq = _row_amax(qa32, qb32, HD_B) / I8_MAX
+        q_a = _to_i8(qa32, 1.0 / sq[:, None])
+        if HD_B > 0:
+            q_b = _to_i8(qb32, 1.0 / sq[:, None])
+    else:
+        sq = 1.0
+        q_a = qa32.to(Qi.dtype.element_ty)
+        if HD_B > 0:
+            q_b = qb32.to(Qi.dtype.element_ty)
+    if PV8:
+        dva = tl.arange(0, HD_A)
+        sv_a = tl.load(VS + pid_bh * HD + dva)
+        if HD_B > 0:
+            dvb = HD_A + tl.arange(0, HD_B)
+            sv_b = tl.load(VS + pid_bh * HD + dvb, mask=dvb < HD, other=1.0)
+        else:
+            sv_b = tl.full([16], 1.0, tl.float32)
+        inv_sv_a = E4M3_MAX / sv_a
+        inv_sv_b = E4M3_MAX / sv_b
+    else:
+        inv_sv_a = tl.zeros([HD_A], tl.float32)
+        inv_sv_b = tl.zeros([16 if HD_B == 0 else HD_B], tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -201,29 +308,36 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
         else:
             wk_a = tl.zeros([HD_A], tl.float32)
             wk_b = tl.zeros([16], tl.float32)
+        if QK8 == 1 and NORM:
+            sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
         kt_base = Kt + b * s_tb + h * HD
         vt_base = Vt + b * s_tb + h * HD
         for start_n in range(0, T, BLOCK_N):
             acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_base, vt_base, s_tt,
-                                              CosT, SinT, wk_a, wk_b, start_n, T, eps,
-                                              HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC)
+                                              CosT, SinT, wk_a, wk_b, start_n, T, eps, sq, sk,
+                                              inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, QK8, PV8)
     if NORM:
         wk_a, wk_b = _load_w(WKi, HD, HD_A, HD_B)
     else:
         wk_a = tl.zeros([HD_A], tl.float32)
         wk_b = tl.zeros([16], tl.float32)
+    if QK8 == 1 and NORM:
+        sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
     ki_base = Ki + b * s_ib + h * HD
     vi_base = Vi + b * s_ib + h * HD
     n_full = (L // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, ki_base, vi_base, s_it,
-                                          CosI, SinI, wk_a, wk_b, start_n, L, eps,
-                                          HD, HD_A, HD_B, NORM, False, BLOCK_N, PREC)
+                                          CosI, SinI, wk_a, wk_b, start_n, L, eps, sq, sk,
+                                          inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, False, BLOCK_N, PREC, QK8, PV8)
     if n_full < L:
         acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, ki_base, vi_base, s_it,
-                                          CosI, SinI, wk_a, wk_b, n_full, L, eps,
-                                          HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC)
+                                          CosI, SinI, wk_a, wk_b, n_full, L, eps, sq, sk,
+                                          inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, QK8, PV8)
 
+    if PV8:   # undo v's per-channel scale and P's 448
+        acc_a = acc_a * (sv_a / (E4M3_MAX * E4M3_MAX))[None, :]
+        acc_b = acc_b * (sv_b / (E4M3_MAX * E4M3_MAX))[None, :]
     inv_l = 1.0 / l_i
     row_ok = offs_m[:, None] < n_q
     da = tl.arange(0, HD_A)
@@ -287,13 +401,15 @@ def _configs():
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN"])(_attn_fwd)
+_attn_fwd_tuned = triton.autotune(configs=_configs(),
+                                  key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])(_attn_fwd)
 
 
-def _chunks(hd: int) -> tuple[int, int]:
+def _chunks(hd: int, eight_bit: bool = False) -> tuple[int, int]:
+    # sm_90's 8-bit MMA reduces 32 elements at a time: an 8-bit tail chunk is 32 wide
     hd_a = 1 << (hd.bit_length() - 1)
     rest = hd - hd_a
-    hd_b = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    hd_b = 0 if rest == 0 else max(32 if eight_bit else 16, triton.next_power_of_2(rest))
     return hd_a, hd_b
 
 
@@ -394,9 +510,28 @@ def _split(qkv: torch.Tensor, heads: int, hd: int):
     return v[:, :, 0], v[:, :, 1], v[:, :, 2]
 
 
+# mode -> (QK8, PV8) of _attn_fwd: QK^T in e4m3 or int8, PV in e4m3 or in the input dtype
+MODES = {"fp8": (1, True), "fp8qk": (1, False), "int8": (2, True), "int8qk": (2, False)}
+
+
+def _mode(mode) -> tuple[int, bool]:
+    if mode is None:
+        return 0, False
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected None (no 8-bit arithmetic) or one of {tuple(MODES)}")
+    return MODES[mode]
+
+
+def _amax(x: torch.Tensor, dims) -> torch.Tensor:
+    """|x|'s max over dims as contiguous float32, never 0 (a zero scale would divide by 0)."""
+    return x.abs().amax(dims).float().clamp_min(1e-30).contiguous()
+
+
 def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
-                    cos_img, sin_img, cos_txt, sin_txt, heads: int, eps: float = 1e-6):
-    """The fully fused kernel. Returns (o_img [B, L, H*hd], o_txt [B, T, H*hd]; T may be 0)."""
+                    cos_img, sin_img, cos_txt, sin_txt, heads: int, eps: float = 1e-6, mode: str | None = None):
+    """The fully fused kernel. Returns (o_img [B, L, H*hd], o_txt [B, T, H*hd]; T may be 0).
+    mode: None, or an 8-bit mode of MODES (see _attn_fwd for the scales)."""
+    qk8, pv8 = _mode(mode)
     B, L, T, hd = check_inputs(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
                                cos_img, sin_img, cos_txt, sin_txt, heads)
     o_img = torch.empty(B, L, heads * hd, device=qkv_img.device, dtype=qkv_img.dtype)
@@ -415,15 +550,22 @@ def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm
         ws = [q_norm_img.to(wdt), k_norm_img.to(wdt)] * 2
         tabs = (cos_img, sin_img, cos_img, sin_img)
         s_t = (qkv_img.stride(0), qkv_img.stride(1))
+    vs = None
+    if pv8:   # v's amax per (batch, head, channel) over both sources: one pass over v
+        vs = _amax(vi.unflatten(2, (heads, hd)), 1)
+        if T:
+            vs = torch.maximum(vs, _amax(vt.unflatten(2, (heads, hd)), 1))
     # with no text, hand the kernel real buffers (never the empty o_txt's null pointer)
     _launch(qi, ki, vi, o_img, qt, kt, vt, o_txt if T else o_img, tabs, ws, (qkv_img.stride(0), qkv_img.stride(1)), s_t,
-            B, L, T, heads, hd, eps, norm=True)
+            B, L, T, heads, hd, eps, norm=True, qk8=qk8, pv8=pv8, vs=vs)
     return o_img, o_txt
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str | None = None) -> torch.Tensor:
     """Plain attention over prepared q, k, v [B, N, H, hd] (last two dims packed);
-    returns [B, N, H*hd]."""
+    returns [B, N, H*hd]. mode as in attention_fused; an e4m3 k is scaled by its amax per
+    (batch, head)."""
+    qk8, pv8 = _mode(mode)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name}: expected [B, N, H, hd] matching q {tuple(q.shape)} {q.dtype}, "
@@ -442,16 +584,23 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     dummy_tab = torch.empty(1, device=q.device, dtype=torch.float32)
     dummy_w = torch.empty(1, device=q.device, dtype=torch.float32)
     s = (q.stride(0), q.stride(1))
-    _launch(q, k, v, o, q, k, v, o, (dummy_tab,) * 4, [dummy_w] * 4, s, s, B, N, 0, H, hd, 0.0, norm=False)
+    ks = _amax(k, (1, 3)) if qk8 == 1 else None
+    vs = _amax(v, 1) if pv8 else None
+    _launch(q, k, v, o, q, k, v, o, (dummy_tab,) * 4, [dummy_w] * 4, s, s, B, N, 0, H, hd, 0.0, norm=False,
+            qk8=qk8, pv8=pv8, ks=ks, vs=vs)
     return o
 
 
-def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, eps, norm):
+def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, eps, norm, qk8=0, pv8=False,
+            ks=None, vs=None):
+    """qk8, pv8: _attn_fwd's QK8, PV8; ks: k's amax per (batch, head) (qk8 == 1 in the core);
+    vs: v's amax per (batch, head, channel) (pv8)."""
     for name, s in (("k", ki.stride()), ("v", vi.stride())):
         if s[:2] != tuple(s_i):
             raise ValueError(f"{name}: strides {s} differ from q's {s_i}")
-    hd_a, hd_b = _chunks(hd)
+    hd_a, hd_b = _chunks(hd, qk8 > 0 or pv8)
     qk_scale = LOG2E / math.sqrt(hd)
+    dummy = oi if ks is None or vs is None else None
     strides = (*s_i, *s_t, oi.stride(0), oi.stride(1), ot.stride(0), ot.stride(1))
     align = _require_aligned("attention", (qi, ki, vi, oi, qt, kt, vt, ot), strides, hd)
 
@@ -461,8 +610,9 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
     with on_device(qi):
         _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
                               *(s // align for s in strides), L, T, H, qk_scale, eps,
+                              dummy if ks is None else ks, dummy if vs is None else vs,
                               HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
-                              ALIGN=align)
+                              ALIGN=align, QK8=qk8, PV8=pv8)
 
 
 def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
@@ -534,5 +684,34 @@ def attention_core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 @attention_core_op.register_fake
 def _(q, k, v):
+    B, N, H, hd = q.shape
+    return q.new_empty(B, N, H * hd)
+
+
+@torch.library.custom_op("pidkern::attention_8bit", mutates_args=())
+def attention_8bit_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
+                      k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
+                      cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
+                      sin_txt: torch.Tensor | None, heads: int, eps: float, mode: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
+                           cos_img, sin_img, cos_txt, sin_txt, heads, eps, mode)
+
+
+@attention_8bit_op.register_fake
+def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
+      heads, eps, mode):
+    B, L, C = qkv_img.shape
+    T = 0 if qkv_txt is None else qkv_txt.shape[1]
+    return qkv_img.new_empty(B, L, C // 3), qkv_img.new_empty(B, T, C // 3)
+
+
+@torch.library.custom_op("pidkern::attention_core_8bit", mutates_args=())
+def attention_core_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+    return attention_core(q, k, v, mode)
+
+
+@attention_core_8bit_op.register_fake
+def _(q, k, v, mode):
     B, N, H, hd = q.shape
     return q.new_empty(B, N, H * hd)

@@ -32,7 +32,8 @@ def angles_1d(n: int, hd: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float64)[:, None] * g
 
 
-def ref64(qkv_img, qkv_txt, w, tabs, heads, eps=1e-6):
+def prep64(qkv_img, qkv_txt, w, tabs, heads, eps=1e-6):
+    """q, k, v [B, T+L, H, hd] float64 (QK-norm and RoPE applied, text first) and T."""
     def prep(qkv, wq, wk, cos, sin):
         B, N, C = qkv.shape
         q, k, v = qkv.double().view(B, N, 3, heads, C // (3 * heads)).unbind(2)
@@ -50,6 +51,11 @@ def ref64(qkv_img, qkv_txt, w, tabs, heads, eps=1e-6):
         T = qkv_txt.shape[1]
         qt, kt, vt = prep(qkv_txt, w[2], w[3], *tabs[1])
         q, k, v = torch.cat((qt, q), 1), torch.cat((kt, k), 1), torch.cat((vt, v), 1)
+    return q, k, v, T
+
+
+def ref64(qkv_img, qkv_txt, w, tabs, heads, eps=1e-6):
+    q, k, v, T = prep64(qkv_img, qkv_txt, w, tabs, heads, eps)
     s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])
     o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v).flatten(2)
     return o[:, T:], o[:, :T]
