@@ -257,7 +257,7 @@ class FastPiD:
         def run(value):
             with ops.gemm_route(value):
                 return ops.linear(u, w)
-        race(plan, "gemm", {v: (lambda v=v: run(v)) for v in CHOICES["gemm"][2]}, x.device)
+        race(plan, "gemm", {v: (lambda v=v: run(v)) for v in plan.raced("gemm")}, x.device)
 
     def _forward(self, x, t, heads, y, sigma, tab, plan, racing, shard):
         net, cfg = self.net, self.cfg
@@ -420,11 +420,11 @@ class FastPiD:
     # -- dispatch by the plan ----------------------------------------------------------------
     def _route(self, plan: Plan, name: str, racing: bool, route):
         """route(value) with the plan's value for `name`; an open choice is raced first
-        (racing=True, the warm-up before capture) over CHOICES[name]'s candidates."""
+        (racing=True, the warm-up before capture) over the plan's candidates for it."""
         if plan[name] is None:
             if not racing:
                 raise RuntimeError(f"plan entry {name!r} is still open: run a warm-up with racing=True first")
-            race(plan, name, {v: (lambda v=v: route(v)) for v in CHOICES[name][2]}, self.net.s_embedder.proj.weight.device)
+            race(plan, name, {v: (lambda v=v: route(v)) for v in plan.raced(name)}, self.net.s_embedder.proj.weight.device)
         return route(plan[name])
 
     def _run(self, plan, name, racing, call):

@@ -34,6 +34,11 @@ from dataclasses import dataclass, field
 ATTENTION_8BIT = ("fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "int8-triton",
                   "prep+int8-triton", "int8qk-triton", "prep+int8qk-triton", "prep+flash", "prep+flash3-fp8",
                   "prep+sage", "prep+cudnn-fp8")
+# The 8-bit routes an fp8 model's race may pick: int8 QK^T with 16-bit PV (the Triton kernel's
+# int8qk mode, and SageAttention, the same arithmetic). Modes with PV or QK^T in e4m3 cost
+# 5-8x more image error (docs/fp8.md), and the fp8 GEMMs leave little of the 3e-2 budget
+# on flux-2k-sized weights: they run only when a plan asks for them.
+FP8_ATTENTION_RACE = ("int8qk-triton", "prep+int8qk-triton", "prep+sage")
 PATCH_ATTENTION = ("triton", "prep+sdpa", "qkv_rope+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
 PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
 
@@ -77,12 +82,15 @@ CHOICES: dict[str, tuple] = {
 SETTINGS = ("graphs", "band_rows", "keep_heads", "precision")
 
 
-def fp8_attention_candidates(device) -> tuple[str, ...]:
-    """The attention routes to race under precision "fp8" on `device`: the Triton fp8 kernels
-    and each library route whose library imports (attention_routes.available_attention_routes);
-    () off CUDA."""
+def fp8_attention_candidates(device, accurate_only: bool = True) -> tuple[str, ...]:
+    """The 8-bit attention routes an fp8 model races on `device` (besides the native ones):
+    those that run here (attention_routes.available_attention_routes: the Triton modes, and
+    each library route whose library imports; () off CUDA) and, with accurate_only, only
+    those in FP8_ATTENTION_RACE, the modes whose image error was measured within the bar
+    (docs/fp8.md); the others stay available as overrides."""
     from .attention_routes import available_attention_routes
-    return available_attention_routes(device, "fp8")
+    routes = available_attention_routes(device, "fp8")
+    return tuple(r for r in routes if r in FP8_ATTENTION_RACE) if accurate_only else routes
 
 
 ENV = "PIDKERN_PLAN"
@@ -167,6 +175,13 @@ class Plan:
     choices: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
     race_ms: dict = field(default_factory=dict)     # name -> {candidate: median ms, or the error}
+    # name -> the candidates raced for it when they differ from CHOICES' (an fp8 model's
+    # attention entries race the accurate 8-bit routes too)
+    candidates: dict = field(default_factory=dict)
+
+    def raced(self, name) -> tuple:
+        """The candidates a race of `name` times, in order."""
+        return self.candidates.get(name, CHOICES[name][2])
 
     def __getitem__(self, name):
         return self.choices[name][0]
@@ -180,7 +195,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"shape": list(self.shape), "device": self.device,
                 "choices": {k: {"value": v, "how": how} for k, (v, how) in self.choices.items()},
-                "race_ms": self.race_ms}
+                "race_ms": self.race_ms, "candidates": self.candidates}
 
     def __str__(self):
         b, h, w, t = self.shape
@@ -256,6 +271,11 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
                 "precision": (precision, "load")}
     for name, (value, how) in settings.items():
         plan.set(name, *((over[name], "override") if name in over else (value, how)))
+    if precision == "fp8" and cuda:
+        extra = fp8_attention_candidates(device)
+        for name in ("attention.patch", "attention.pixel"):
+            if plan[name] is None and extra:
+                plan.candidates[name] = CHOICES[name][2] + extra
     if plan["graphs"] and not cuda:
         raise ValueError(f"plan graphs=on: CUDA graphs need a CUDA device, got {device}")
     if plan["graphs"] and collectives not in (None, "nccl"):

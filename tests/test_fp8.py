@@ -222,3 +222,33 @@ def test_accuracy_tool_reports_every_block_and_group(tmp_path, capsys, monkeypat
     assert rows["FP8_LAYERS (precision='fp8')"]["rel_l2_vs_fp32_ref"] <= 3e-2
     assert all(r["psnr_vs_bf16_fast"] > 20 for r in res["images"])
     assert "largest per block" in capsys.readouterr().out
+
+
+def test_fp8_plan_races_the_accurate_8bit_attention_routes():
+    """On CUDA an fp8 model's attention entries race the native candidates plus the 8-bit
+    routes measured within the accuracy bar (int8 QK^T); the e4m3 modes only by override.
+    resolve() is pure bookkeeping, so a CUDA plan can be built here; the race itself is
+    then run on the CPU with that plan, through FastPiD's dispatch."""
+    from pidkern import plan as P
+    cfg, native, eight = fp8_pair("flux-2k")
+    cuda = torch.device("cuda")
+    p8 = P.resolve(cfg, 1, 32, 64, 8, cuda, 4, True, precision="fp8")
+    pn = P.resolve(cfg, 1, 32, 64, 8, cuda, 4, True, precision="native")
+    for name in ("attention.patch", "attention.pixel"):
+        raced = p8.raced(name)
+        assert raced[:len(P.CHOICES[name][2])] == P.CHOICES[name][2]
+        assert {"int8qk-triton", "prep+int8qk-triton"} <= set(raced)
+        assert not {"fp8-triton", "int8-triton", "fp8qk-triton", "prep+cudnn-fp8", "prep+flash3-fp8"} & set(raced)
+        assert pn.raced(name) == P.CHOICES[name][2]
+    assert P.check_overrides({"attention": "fp8-triton"})["attention.patch"] == "fp8-triton"   # still allowed
+
+    eng = eight.engine()
+    plan = eng.plan(1, 32, 64, 8, TORCH_ROUTES)
+    plan.set("attention.pixel", None, "race")
+    plan.candidates["attention.pixel"] = ("torch", "int8qk-triton")
+    x = torch.randn(1, 3, 32, 64)
+    heads, y = eng.model.prologue(torch.randn(1, cfg.latent_channels, 1, 2), torch.randn(1, 8, cfg.text_dim), 32, 64,
+                                  True)
+    eng.model.forward(x, 1.0, heads, y, torch.zeros(1), eng.tables(32, 64, 8), plan, racing=True)
+    assert set(plan.race_ms["attention.pixel"]) == {"torch", "int8qk-triton"}
+    assert all(isinstance(ms, float) for ms in plan.race_ms["attention.pixel"].values())
