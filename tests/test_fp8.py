@@ -1,6 +1,7 @@
 """precision="fp8": the e4m3 GEMM against independent references, the fp8 image against the
 float32 reference per preset family, the plan's precision and gemm entries, and the weight
 memory of an fp8 model."""
+import json
 import importlib.util
 import warnings
 
@@ -252,3 +253,16 @@ def test_fp8_plan_races_the_accurate_8bit_attention_routes():
     eng.model.forward(x, 1.0, heads, y, torch.zeros(1), eng.tables(32, 64, 8), plan, racing=True)
     assert set(plan.race_ms["attention.pixel"]) == {"torch", "int8qk-triton"}
     assert all(isinstance(ms, float) for ms in plan.race_ms["attention.pixel"].values())
+
+
+def test_attention_image_tool(tmp_path, capsys):
+    """bench.fp8_attention_image at its smallest: the fp8 model with int8 QK^T attention stays
+    within the bar and near the same model on PyTorch attention."""
+    from bench import fp8_attention_image
+    out = tmp_path / "a.json"
+    assert fp8_attention_image.main(["--preset", "tiny:flux-2k", "--size", "32x32", "--modes", "torch,int8qk-triton",
+                                     "--json", str(out)]) == 0
+    rows = {r["attention"]: r["rel_l2_vs_fp32_ref"] for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch", "int8qk-triton"} and all(0 < e <= 3e-2 for e in rows.values())
+    assert abs(rows["int8qk-triton"] - rows["torch"]) < 5e-3
+    assert "int8qk-triton" in capsys.readouterr().out
