@@ -205,6 +205,8 @@ class Plan:
             if k in self.race_ms:
                 timing = "  (" + ", ".join(f"{c} {ms:.3f} ms" if isinstance(ms, float) else f"{c} failed"
                                            for c, ms in self.race_ms[k].items()) + ")"
+            elif k in self.candidates:
+                timing = "  (candidates: " + ", ".join(self.candidates[k]) + ")"
             lines.append(f"  {k:<16} {'(decided at warm-up)' if v is None else v!s:<14} {how}{timing}")
         return "\n".join(lines)
 

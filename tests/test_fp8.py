@@ -242,6 +242,7 @@ def test_fp8_plan_races_the_accurate_8bit_attention_routes():
         assert not {"fp8-triton", "int8-triton", "fp8qk-triton", "prep+cudnn-fp8", "prep+flash3-fp8"} & set(raced)
         assert pn.raced(name) == P.CHOICES[name][2]
     assert P.check_overrides({"attention": "fp8-triton"})["attention.patch"] == "fp8-triton"   # still allowed
+    assert "candidates: prep+sdpa, triton, qkv_rope+sdpa" in str(p8) and "int8qk-triton" in str(p8)
 
     eng = eight.engine()
     plan = eng.plan(1, 32, 64, 8, TORCH_ROUTES)
