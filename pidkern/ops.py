@@ -318,15 +318,12 @@ def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor, split: bool = False) -> t
     GEMM that follows stays a plain matmul. The Triton path is one GEMM with the product
     in its epilogue, or with split=True a cuBLAS GEMM against w13 and one silu_mul pass.
     An fp8 w13 (fp8.Fp8Weight) always takes the split form: its GEMM is the fp8 one."""
-    if isinstance(w13, Fp8Weight):
-        h = linear(u, w13)
-        if use_triton("swiglu", u, h):
-            from pidkern.kernels.swiglu import silu_mul
-            return silu_mul(h)
-        g, up = h.chunk(2, -1)
-        return torch.nn.functional.silu(g) * up
-    if use_triton("swiglu", u, w13):
+    eight = isinstance(w13, Fp8Weight)
+    if use_triton("swiglu", u, w13.data if eight else w13):
         from pidkern.kernels.swiglu import silu_mul, swiglu_gate_up as fused
-        return silu_mul(u @ w13.T) if split else fused(u, w13)
+        return silu_mul(linear(u, w13)) if split or eight else fused(u, w13)
+    if eight:
+        g, up = linear(u, w13).chunk(2, -1)
+        return torch.nn.functional.silu(g) * up
     w1, w3 = w13.chunk(2, 0)
     return torch.nn.functional.silu(u @ w1.T) * (u @ w3.T)
