@@ -19,6 +19,9 @@ import torch
 
 from .config import PRESETS, PiDConfig, get_preset
 from .latents import explain_wrong_form
+from .progress import busy, steps_callback
+# The image functions live in pidkern.images; importable from here as before.
+from .images import IMAGE_FORMATS, numbered_paths, save_images, save_png, to_pil, to_uint8  # noqa: F401
 from .reference import PiDNet
 from .sampler import SAMPLERS, check_noise, philox_draws, release_draws, sample, schedule, seed_int64
 
@@ -419,7 +422,10 @@ class Decoder:
         backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto" (fast on CUDA
         in 16-bit, and for a precision="fp8" decoder anywhere; the reference otherwise).
         A reference decode runs the network's own weights whatever the precision.
-        progress: optional callable(step, steps).
+        progress: a tqdm bar over the steps on stderr: True, False, or None (default: a bar
+        when the call takes long: a reference decode, the first fast decode, which builds
+        the engine, races routes and captures graphs, and any fast decode off CUDA, fp8
+        included); or a callable(step, steps) to report to instead.
         noise: "release" (the release's torch.Generator stream: its images for a seed) or
         "philox" (a counter-based stream the fast engine draws inside its CUDA graph: no
         noise buffers, nothing on the host for a new seed; other images for the same seed,
@@ -430,14 +436,20 @@ class Decoder:
         """
         args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt)
         which = self.backend_for(backend)
-        if which == "fast":
-            eng = self.engine()
-            self._park(eng.model.unread_parameters)
-            return eng.decode(**args, progress=progress, plan=plan)
-        if plan is not None:
+        if which != "fast" and plan is not None:
             raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
                              f"backend={which!r}")
-        return self._decode_reference(**args, progress=progress)
+        long = which != "fast" or self._engine is None or self.device.type != "cuda"
+        report, bar = steps_callback(progress, steps, long)
+        try:
+            if which == "fast":
+                eng = self.engine()
+                self._park(eng.model.unread_parameters)
+                return eng.decode(**args, progress=report, plan=plan)
+            return self._decode_reference(**args, progress=report)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def plan(self, latent_shape, text_len: int | None = None, plan=None):
         """The fast path's plan for latents of `latent_shape` [B, C, h, w]: what it will run
@@ -480,21 +492,29 @@ class Decoder:
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native") -> Decoder:
+         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native", *,
+         random: bool = False, revision: str | None = None, progress: bool = True) -> Decoder:
     """Load a decoder.
 
-    checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
-        None for random weights (a loud warning: images will be noise-like).
+    checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights; or the
+        name of a released checkpoint (`PiD_res2k_sr4x_official_flux_distill_4step`, ...) or
+        of its preset (`flux-2k`, ...), fetched from the Hugging Face repository nvidia/PiD
+        into the Hugging Face cache (`pidkern.hub`; `revision=` pins a commit, HF_TOKEN and
+        HF_HUB_OFFLINE apply). A local path of that name wins over the hub.
+    random: build random weights instead (images are noise-like; for timing and tests),
+        of `preset` (default "flux-2k"). The only way to random weights, except a PiDConfig
+        that is no released preset, which has no weights to fetch (a warning says so).
     preset: a preset name of `pidkern.config.PRESETS` or a PiDConfig. With a checkpoint and
-        no preset, the preset is detected from tensor shapes; without a checkpoint the
-        default is "flux-2k".
+        no preset, the preset is detected from tensor shapes (a release name in the path
+        picks among presets that are one network).
     device: default CUDA when available, else CPU. dtype: weight dtype, default bfloat16
         on CUDA and float32 on CPU. autocast: compute dtype for float32 weights (the
         release runs float32 weights under bfloat16 autocast).
     ema: read a training checkpoint's EMA copy (`net_ema.` keys) instead of its regular
         weights (`net.`, the release's default); see `pidkern.checkpoint.load_checkpoint`.
-    text_encoder: None, a pidkern.CaptionEncoder, or a path to Gemma-2-2B-it (a Hugging
-        Face directory or ComfyUI .safetensors; loaded on `device`) for `decode(prompt=...)`.
+    text_encoder: None, a pidkern.CaptionEncoder, a path to Gemma-2-2B-it (a Hugging Face
+        directory or ComfyUI .safetensors) or a hub id such as
+        "Efficient-Large-Model/gemma-2-2b-it" (loaded on `device`) for `decode(prompt=...)`.
     parallel: None (one process) or "sequence": every rank of `group` (default: the
         initialised default process group, e.g. torchrun's) calls this and then `decode`
         with the same arguments, and each decodes a band of image rows
@@ -506,12 +526,46 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         8-bit e4m3 with per-row scales (docs/fp8.md), quantized once when the fast model is
         built; the 8-bit copies replace the originals in device memory during fast decodes.
         Needs an Ada/Hopper or later GPU on CUDA; on the CPU the same math runs emulated.
+    progress: bars on stderr while weights are fetched, read or built.
+
+    The Decoder returned is also what `pidkern.decode` uses when given no `model=`.
     """
+    dec = _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parallel, group, sp_attention,
+                precision, random=random, revision=revision, progress=progress)
+    global _last_loaded
+    _last_loaded = weakref.ref(dec)
+    return dec
+
+
+def _random_config(preset, random: bool) -> PiDConfig:
+    """The config to build random weights of, when load() got no checkpoint."""
+    if random:
+        return resolve_config(preset or "flux-2k")
+    from .hub import names
+    if preset is None:
+        raise ValueError(f"checkpoint: none given. Name a released checkpoint, e.g. pidkern.load('flux-2k') "
+                         f"(fetched from the Hugging Face repository nvidia/PiD; released: {names()}), pass a "
+                         f"local file, or ask for random weights: pidkern.load(preset='flux-2k', random=True)")
+    cfg = resolve_config(preset)
+    if cfg.name in PRESETS and PRESETS[cfg.name] == cfg:
+        raise ValueError(f"preset={cfg.name!r} without a checkpoint: pidkern.load({cfg.name!r}) loads the "
+                         f"release's weights; pidkern.load(preset={cfg.name!r}, random=True) builds random ones "
+                         f"(noise-like images). Random weights are no longer the default")
+    return cfg
+
+
+def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parallel, group, sp_attention, precision,
+          random=False, revision=None, progress=True) -> Decoder:
     precision = resolve_precision(precision)
+    if not isinstance(random, bool):
+        raise TypeError(f"random={random!r}: expected True (random weights) or False")
+    if random and checkpoint is not None:
+        raise ValueError(f"random=True with checkpoint={str(checkpoint)!r}: give one or the other")
     if parallel is not None or group is not None or sp_attention is not None:
         from .parallel import sequence_parallel, setup
         group, device = setup(parallel, group, device, sp_attention)
-        dec = load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, precision=precision)
+        dec = _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, None, None, None, precision,
+                    random=random, revision=revision, progress=progress)
         sp = sequence_parallel(dec, group, attention=sp_attention or "gather")
         sp.precision = dec.precision        # read when its fast engine is built, on the first fast decode
         return sp
@@ -519,38 +573,101 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
     dt = resolve_dtype(dtype, dev)
     if autocast is not None:
         autocast = resolve_dtype(autocast, dev, "autocast")
-    enc = resolve_text_encoder(text_encoder, dev)
+    cfg = resolve_config(preset) if preset is not None else None
     if checkpoint is None:
-        cfg = resolve_config(preset or "flux-2k")
-        msg = (f"pidkern.load: no checkpoint given, building {cfg.name} with RANDOM weights; "
-               f"its images are not real decodes")
-        warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
-        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast, enc, precision)
+        cfg = _random_config(preset, random)
+        if not random:
+            warnings.warn(f"pidkern.load: {cfg.name} is no released preset, so there are no weights to fetch; "
+                          f"building it with RANDOM weights (noise-like images)", stacklevel=3)
+        enc = resolve_text_encoder(text_encoder, dev)
+        n = sum(p.numel() for p in _meta_net(cfg).parameters())
+        with busy(f"building random {cfg.name} weights ({_count(n)} parameters)", progress):
+            net = random_net(cfg, dev, dt)
+        return Decoder(net, dev, dt, "random", autocast, enc, precision)
+    path = checkpoint
+    from .hub import fetch_checkpoint, release_name
+    if isinstance(checkpoint, str) and not Path(checkpoint).expanduser().exists() and release_name(checkpoint):
+        path = fetch_checkpoint(checkpoint, revision=revision)
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r}: applies to a released checkpoint fetched by name, not to the local "
+                         f"path {str(checkpoint)!r}")
+    enc = resolve_text_encoder(text_encoder, dev)
     from .checkpoint import load_checkpoint
-    state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset), ema=ema)
-    with torch.device("meta"):
-        net = PiDNet(cfg)
-    net.load_state_dict(state, assign=True, strict=True)
-    net = net.to(dev, dt)
+    with busy(f"reading {Path(path).name}", progress):
+        state, cfg = load_checkpoint(path, preset=cfg, ema=ema)
+        with torch.device("meta"):
+            net = PiDNet(cfg)
+        net.load_state_dict(state, assign=True, strict=True)
+        net = net.to(dev, dt)
     return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision)
+
+
+def _meta_net(cfg: PiDConfig) -> PiDNet:
+    with torch.device("meta"):
+        return PiDNet(cfg)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
 
 
 _cache: dict = {}
 _cache_lock = threading.Lock()
+_last_loaded = None      # weakref to the Decoder pidkern.load returned last
 
 
-def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encoder=None, precision=None,
-           **kwargs) -> torch.Tensor:
+def check_latent_for(latent, cfg: PiDConfig, what: str = "latent") -> None:
+    """The cheap checks of a latent against a preset, made before any weight is read: a
+    generator's own form (named helper), dims, channels."""
+    if not isinstance(latent, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor [B, {cfg.latent_channels}, h, w], got "
+                        f"{type(latent).__name__}")
+    hint = explain_wrong_form(latent, cfg)
+    if hint:
+        raise ValueError(f"{what}: shape {tuple(latent.shape)} does not fit preset {cfg.name}: {hint}")
+    if latent.dim() != 4 or latent.shape[1] != cfg.latent_channels:
+        raise ValueError(f"{what}: preset {cfg.name} takes [B, {cfg.latent_channels}, h, w], got shape "
+                         f"{tuple(latent.shape)}")
+
+
+def _default_decoder(latent, backbone):
+    """The decoder `pidkern.decode` uses without model=: the release checkpoint of
+    `backbone`, else the one pidkern.load returned last (while it is alive)."""
+    if backbone is not None:
+        from .latents import get_backbone
+        return get_backbone(backbone).presets[0][1]
+    dec = _last_loaded() if _last_loaded is not None else None
+    if dec is not None:
+        return dec
+    chans = latent.shape[1] if isinstance(latent, torch.Tensor) and latent.dim() >= 2 else "?"
+    raise ValueError(
+        f"model: none given and nothing loaded. Pass model= (a Decoder from pidkern.load, a checkpoint path, or a "
+        f"released name such as 'flux-2k') or backbone= (the generator: 'flux', 'sd3', 'qwenimage', ...). A "
+        f"{chans}-channel latent cannot name its decoder: FLUX.1, SD3 and Qwen-Image latents all have 16 "
+        f"channels and need different weights. Random weights only on request: "
+        f"model=pidkern.load(preset='flux-2k', random=True)")
+
+
+def decode(latent, sigma=0.0, *, model=None, backbone=None, device=None, dtype=None, text_encoder=None,
+           precision=None, **kwargs) -> torch.Tensor:
     """One call from latent to image, reusing a cached Decoder.
 
-    model: a Decoder, a preset name (random weights), or a checkpoint path; default
-    "flux-2k". text_encoder, precision: as in `load` (a Decoder brings its own; a
+    model: a Decoder, a checkpoint path, or a released checkpoint's name or preset name
+    (fetched from the hub as `load` does). Without model=: the release checkpoint of
+    `backbone` (e.g. "flux": `pidkern.preset_for(backbone)`'s first variant), else the
+    Decoder `pidkern.load` returned last in this process (while you hold it); otherwise a
+    ValueError at once. The latent's shape is checked against the preset before any
+    weight is read. text_encoder, precision: as in `load` (a Decoder brings its own; a
     precision given with one must be its own). Other keyword arguments go to
     `Decoder.decode`.
     """
     if precision is not None:
         precision = resolve_precision(precision)
+    if model is None:
+        model = _default_decoder(latent, backbone)
+    elif backbone is not None:
+        raise ValueError(f"backbone={backbone!r}: picks the release checkpoint when model= is not given; pass one "
+                         f"of them, not both")
     if isinstance(model, Decoder):
         if precision is not None and precision != model.precision:
             raise ValueError(f"precision={precision!r}: model is a Decoder loaded with precision="
@@ -560,7 +677,7 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
                              "decoder.text_encoder = ... instead")
         dec = model
     else:
-        model = model or "flux-2k"
+        from .hub import release_name
         dev = resolve_device(device)
         # Decoders with different encoders are different decoders: the encoder is in the key.
         enc_key = str(Path(text_encoder).expanduser().resolve()) if isinstance(text_encoder, (str, Path)) else text_encoder
@@ -569,68 +686,16 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
             dec = _cache.get(key)
             if dec is None:
                 is_path = isinstance(model, Path) or (isinstance(model, str) and Path(model).exists())
-                if not is_path and model not in PRESETS:
-                    raise ValueError(f"model={model!r}: neither a preset name ({', '.join(sorted(PRESETS))}) "
-                                     f"nor an existing checkpoint path")
-                where = dict(checkpoint=model) if is_path else dict(preset=model)
+                release = None if is_path else release_name(model)
+                if not is_path and release is None:
+                    raise ValueError(f"model={model!r}: neither a released name ({', '.join(sorted(PRESETS))} or "
+                                     f"their release names) nor an existing checkpoint path")
+                if release is not None:
+                    from .hub import preset_of
+                    check_latent_for(latent, get_preset(preset_of(release)))
+                where = dict(checkpoint=model)
                 if precision not in (None, "native"):
                     where["precision"] = precision
                 dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder)
                 _cache[key] = dec
     return dec.decode(latent, sigma, **kwargs)
-
-
-# -- turning results into bytes -------------------------------------------------------------
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] on the CPU: round((clamp(x) + 1) * 127.5),
-    half to even; the same rule as the fused output stage's uint8 image."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected a [B, 3, H, W] tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    from ._ext import to_uint8 as rule
-    return rule(images).permute(0, 2, 3, 1).cpu()
-
-
-def to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
-    return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
-
-
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-
-
-def numbered_paths(path, n: int) -> list[Path]:
-    """`path` itself for one image, path-0.png, path-1.png... for more."""
-    path = Path(path)
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
-
-
-def save_png(images: torch.Tensor, path) -> list[Path]:
-    """Write one PNG per image: `path` itself for one image, path-0.png, path-1.png... for more."""
-    return save_images(images, path, format="PNG")
-
-
-def save_images(images, path, quality: int = 95, format: str | None = None) -> list[Path]:
-    """Write images ([B, 3, H, W] in [-1, 1], or a list of PIL images), named as save_png
-    names them, as PNG or JPEG by the path's extension (.png, .jpg, .jpeg); `quality`
-    (1..95) is JPEG's."""
-    path = Path(path)
-    if format is None:
-        format = IMAGE_FORMATS.get(path.suffix.lower())
-        if format is None:
-            raise ValueError(f"output {str(path)!r}: unknown image extension {path.suffix or '(none)'!r}; "
-                             f"expected one of {', '.join(IMAGE_FORMATS)}")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
-        raise ValueError(f"quality={quality!r}: expected an int from 1 to 95 (JPEG quality)")
-    pics = to_pil(images) if isinstance(images, torch.Tensor) else list(images)
-    outs = numbered_paths(path, len(pics))
-    for pic, out in zip(pics, outs):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if format == "JPEG":
-            pic.save(out, format="JPEG", quality=quality)
-        else:
-            pic.save(out, format="PNG")
-    return outs

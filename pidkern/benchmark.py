@@ -145,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--reps", type=int, default=None, help="timed warm runs (default 5 on a GPU, 1 on a CPU)")
     g.add_argument("--warmup", type=int, default=None, help="warm-up runs after the first call (default 2 GPU, 0 CPU)")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON here")
+    g.add_argument("-o", "--output", default=None, metavar="OUT.png",
+                   help="also write the first decode's image(s) here (random weights: noise-like)")
     g.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick: this one decode; full: the checkout's suite, run as `python -m bench` there")
     g.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks that the suite runs")
@@ -199,6 +201,16 @@ def run_default(args) -> dict:
         cfg = tiny(args.preset)
         args.size = min(args.size, 4 * cfg.upscale)
     dtype = resolve_dtype(args.dtype, device)
+    for name, low, high in (("size", 1, None), ("batch", 1, None), ("steps", 1, 4), ("reps", 1, None),
+                            ("warmup", 0, None)):
+        value = getattr(args, name)
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"--{name} {value}: expected {'an int' if high is None else f'{low} to {high}'}"
+                             f"{f' >= {low}' if high is None else ''}")
+    outs = None
+    if args.output is not None:
+        from .images import check_outputs
+        outs = check_outputs(args.output, args.batch, what="-o")
     size, batch = args.size, args.batch
     flop = decode_flops(cfg, batch, size, size, args.steps)
     off = disabled_options(args)
@@ -217,8 +229,11 @@ def run_default(args) -> dict:
             f"4 steps, 2 warm-up + 5 timed runs)")
     t0 = time.perf_counter()
     nparams = sum(p.numel() for p in _meta_net(cfg).parameters())
-    log(f"building random weights ({nparams / 1e9:.2f} B parameters, {str(dtype)[6:]}) ...")
-    dec = random_decoder(cfg, device, dtype, precision=args.precision)
+    count = f"{nparams / 1e9:.2f} B" if nparams >= 1e9 else f"{nparams / 1e6:.1f} M"
+    log(f"building random weights ({count} parameters, {str(dtype)[6:]}) ...")
+    from .progress import busy
+    with busy("random weights", not args.quiet):
+        dec = random_decoder(cfg, device, dtype, precision=args.precision)
     log(f"  built in {time.perf_counter() - t0:.1f} s")
     latent, sigma, text = decode_inputs(cfg, batch, size, size, device)
     ceiling = gemm_ceiling(device) if device.type == "cuda" else None
@@ -229,9 +244,14 @@ def run_default(args) -> dict:
     def progress(step, steps):
         bar.update(steps if fast else 1)      # the fast path reports once per decode
 
+    first = []
+
     def fn():
-        return dec.decode(latent, sigma, text, steps=args.steps, seed=0, backend=args.backend, progress=progress,
-                          plan=plan if fast else None)
+        out = dec.decode(latent, sigma, text, steps=args.steps, seed=0, backend=args.backend, progress=progress,
+                         plan=plan if fast else None)
+        if not first:
+            first.append(out)
+        return out
     log(f"first call (includes any compile / autotune / plan races / graph capture) then {args.warmup} warm-up "
         f"and {args.reps} timed runs ...")
     from tqdm.auto import tqdm
@@ -257,6 +277,10 @@ def run_default(args) -> dict:
         + (f" ({res['pct_of_gemm_ceiling']:.0f}% of the {ceiling['tflops']:.0f} TFLOP/s bf16 GEMM ceiling)" if ceiling else ""))
     if fast:
         log(str(the_plan))
+    if outs is not None:
+        from .images import save_images
+        for p in save_images(first[0], args.output):
+            log(f"wrote {p} (random weights: a noise-like image)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"env": environment(), "result": res}, indent=1, default=str))

@@ -60,6 +60,7 @@ RELEASE_PREFIX = "net."
 COMFYUI_PREFIX = "model.diffusion_model."
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _SHOW = 5  # mismatching keys named in an error
+TORCH_METADATA = "__metadata__"   # a .pt/.pth entry of str -> str metadata (see _torch_source)
 
 
 class AmbiguousPresetWarning(UserWarning):
@@ -103,7 +104,11 @@ def _release_name_in(path) -> str | None:
     """The preset whose released directory name appears in `path`, if any."""
     if path is None:
         return None
-    parts = Path(path).resolve().parts if Path(path).exists() else Path(path).parts
+    # The path as given first: a Hugging Face cache entry is a link whose target (a blob
+    # named by its hash) no longer carries the release's directory name.
+    parts = Path(path).parts
+    if Path(path).exists():
+        parts = Path(path).resolve().parts + parts
     for part in reversed(parts):  # the innermost name wins
         hits = [name for name, d in RELEASE_DIRS.items() if d in part]
         if hits:
@@ -469,6 +474,15 @@ def _safetensors_source(path: Path):
 
 @contextlib.contextmanager
 def _torch_source(path: Path):
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # torch.save writes a zip archive (new format) or a pickle (legacy, protocol 2+ starts
+    # with 0x80); anything else would fail deep in the unpickler with an opaque KeyError.
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        kind = "an empty file" if not head else (
+            "a text file" if all(32 <= c < 127 or c in (9, 10, 13) for c in head) else "some other binary file")
+        raise ValueError(f"{path}: not a PyTorch checkpoint; a .pt/.pth file is a zip archive or a pickle, this one "
+                         f"is {kind} (it starts with {head[:12]!r})")
     try:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -486,8 +500,12 @@ def _torch_source(path: Path):
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     flat = {k: v for k, v in _flatten(obj).items() if isinstance(v, torch.Tensor)}
+    # str -> str metadata, as a .safetensors header holds it (pidkern_config for a network
+    # that is no preset, e.g. a small stand-in for a released file)
+    meta = obj.get(TORCH_METADATA)
+    meta = {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(meta, Mapping) else {}
     yield _Source(path, {k: tuple(v.shape) for k, v in flat.items()},
-                  {k: _dtype_name(v.dtype) for k, v in flat.items()}, {}, lambda keys: {k: flat[k] for k in keys})
+                  {k: _dtype_name(v.dtype) for k, v in flat.items()}, meta, lambda keys: {k: flat[k] for k in keys})
 
 
 @contextlib.contextmanager

@@ -105,15 +105,22 @@ def _info(args, msg: str) -> None:
         _err(msg)
 
 
-def _check_output(path, quality) -> None:
-    """Fail on a bad -o before any work (a load can take many seconds)."""
-    from .api import IMAGE_FORMATS
-    suffix = Path(path).suffix.lower()
-    if suffix not in IMAGE_FORMATS:
-        raise ValueError(f"-o {str(path)!r}: unknown image extension {suffix or '(none)'!r}; expected one of "
-                         f"{', '.join(IMAGE_FORMATS)}")
+def _check_output(path, quality, n: int = 1, alpha: bool = False) -> list:
+    """Fail on a bad -o before any work (a load can take many seconds): extension, folder,
+    permission, alpha. Returns the paths the images will get."""
+    from .images import check_outputs
     if not 1 <= quality <= 95:
         raise ValueError(f"--quality {quality}: expected 1 to 95 (JPEG quality)")
+    return check_outputs(path, n, quality, alpha=alpha, what="-o")
+
+
+def _print_path(path, bar=None) -> None:
+    """An output path on its own line of stdout, clear of any progress bar on stderr."""
+    if bar is not None and not getattr(bar, "disable", True):
+        bar.clear()
+    print(path, flush=True)
+    if bar is not None and not getattr(bar, "disable", True):
+        bar.refresh()
 
 
 def _quiet_libraries(args) -> None:
@@ -136,10 +143,14 @@ def _load_decoder(args):
     if args.checkpoint is None and args.preset is None:
         raise ValueError("--checkpoint: give the weights to decode with (or --preset alone for random weights, "
                          "which give noise-like images)")
-    if args.text_encoder is not None and not Path(args.text_encoder).exists():
-        raise FileNotFoundError(f"--text-encoder {args.text_encoder!r} does not exist")
-    if args.checkpoint is not None and not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    from .hub import looks_like_repo_id, names, release_name
+    if args.text_encoder is not None and not Path(args.text_encoder).exists() \
+            and not looks_like_repo_id(args.text_encoder):
+        raise FileNotFoundError(f"--text-encoder {args.text_encoder!r} does not exist (a folder, a .safetensors "
+                                f"file or a Hugging Face id such as Efficient-Large-Model/gemma-2-2b-it)")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists() and release_name(args.checkpoint) is None:
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist, and is no released name "
+                                f"(fetched from the Hugging Face repository nvidia/PiD): {names()}")
     t0 = time.perf_counter()
     extra = {}
     if args.text_encoder is not None:
@@ -152,7 +163,9 @@ def _load_decoder(args):
         raise ValueError(f"--sp-attention {args.sp_attention}: needs --sequence-parallel")
     if getattr(args, "precision", "native") != "native":
         extra["precision"] = args.precision
-    dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
+    random = args.checkpoint is None    # --preset alone: random weights, as the flag says
+    dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, random=random,
+                       progress=not args.quiet, **extra)
     t_load = time.perf_counter() - t0
     _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
                 f"({str(dec.dtype).replace('torch.', '')}) in {t_load:.2f} s")
@@ -196,10 +209,11 @@ def _decode(args) -> int:
     if not 0.0 <= args.sigma <= (float("inf") if args.backbone == "sdxl" else 1.0):  # false for NaN too
         raise ValueError(f"--sigma {args.sigma}: expected the latent's noise level in [0, 1]"
                          f"{' (SDXL: its Euler sigma, >= 0)' if args.backbone == 'sdxl' else ''}")
-    _check_output(args.output, args.quality)
     sigma = args.sigma
     if args.vae is not None and args.backbone is None:
         raise ValueError("--vae: give --backbone too (the VAE's latent conventions are the backbone's)")
+    if args.gen_size is not None and args.backbone is None:
+        raise ValueError("--gen-size: give --backbone too (it unpacks a generator's packed latent)")
     if args.backbone is not None:
         from .latents import get_backbone
         try:
@@ -235,6 +249,8 @@ def _decode(args) -> int:
         latent, sigma = to_pid_frame(args.backbone, latent, sigma)
         sigma = float(sigma)
     latent = _batched(latent, 4, "LATENT", args.latent)
+    outs = _check_output(args.output, args.quality, latent.shape[0])
+    _check_latent_before_load(args, latent)
     dec, t_load = _load_decoder(args)
     if args.backbone is not None:
         from .pipelines import _check_backbone
@@ -259,20 +275,49 @@ def _decode(args) -> int:
     t_dec = time.perf_counter() - t1
     if images is None:   # a rank other than 0 of a sequence-parallel decode: rank 0 has the image
         return 0
-    from .api import save_images
+    from .images import save_images
     for p in save_images(images, args.output, quality=args.quality):
-        print(p)
+        print(p, flush=True)
     b, _, h, w = images.shape
     _info(args, f"decoded {b} image{'s' if b > 1 else ''} of {w}x{h} in {t_dec:.2f} s (load {t_load:.2f} s)")
     return 0
 
 
+def _check_latent_before_load(args, latent) -> None:
+    """The latent against the checkpoint's preset, from the file's index or the released
+    name: a wrong latent fails before seconds of weight reading."""
+    from .api import check_latent_for
+    from .config import get_preset
+    from .hub import preset_of, release_name
+    if args.preset is not None:
+        cfg = get_preset(args.preset)
+    elif args.checkpoint is not None and not Path(args.checkpoint).exists() and release_name(args.checkpoint):
+        cfg = get_preset(preset_of(release_name(args.checkpoint)))
+    elif args.checkpoint is not None:
+        from .checkpoint import AmbiguousPresetWarning, inspect_checkpoint
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AmbiguousPresetWarning)   # said once, by the load itself
+            cfg = inspect_checkpoint(args.checkpoint).config
+    else:
+        return
+    try:
+        check_latent_for(latent, cfg)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"LATENT {str(args.latent)!r}:{str(e)[len('latent:'):]}") from None
+
+
 def load_vae(path):
-    """A diffusers VAE saved with save_pretrained (its config.json names the class)."""
+    """A diffusers VAE saved with save_pretrained (its config.json names the class), or a
+    Hugging Face id (a VAE repository, or a pipeline's whose vae/ folder is read)."""
     import json
+    from .hub import fetch_folder, looks_like_repo_id
     p = Path(path)
+    if not p.exists() and looks_like_repo_id(str(path)):
+        p = fetch_folder(str(path), "--vae", patterns=("vae/*.json", "vae/*.safetensors", "config.json",
+                                                       "diffusion_pytorch_model*.safetensors"))
     if not p.exists():
-        raise FileNotFoundError(f"--vae {str(p)!r} does not exist")
+        raise FileNotFoundError(f"--vae {str(p)!r} does not exist (a folder, or a Hugging Face id such as "
+                                f"black-forest-labs/FLUX.1-dev)")
     if (p / "vae" / "config.json").is_file():   # a whole pipeline's directory
         p = p / "vae"
     cfg = p / "config.json"
@@ -295,11 +340,13 @@ def load_vae(path):
 
 def cmd_upscale(args) -> int:
     from . import pipelines
-    from .api import numbered_paths, save_images
+    from .images import save_images
+    from .progress import ticking
     # Every input is read before anything loads: a bad file fails in a second, not after the models.
+    alpha = False
     for path in args.images:
-        pipelines.load_images(path, name="image")
-    _check_output(args.output, args.quality)
+        alpha |= any(im.alpha is not None for im in pipelines.read_images(path, name="IMAGE"))
+    outs = _check_output(args.output, args.quality, len(args.images), alpha=alpha and args.alpha == "keep")
     if not 1 <= args.steps <= 4:
         raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")
     if not 0.0 <= args.degrade_sigma <= 1.0:
@@ -312,21 +359,26 @@ def cmd_upscale(args) -> int:
     if args.prompt and getattr(dec, "text_encoder", None) is None:
         raise ValueError("--prompt: needs --text-encoder GEMMA (a Gemma-2-2B-it directory) to encode it")
 
-    outs = numbered_paths(args.output, len(args.images))
     seed = None if args.seed < 0 else args.seed
     from .sampler import resolve_seed
     seed = resolve_seed(seed)
     t1 = time.perf_counter()
-    with _progress(args, len(args.images) * args.steps, "step", "upscale") as bar:
+    with _progress(args, len(args.images) * args.steps, "step", "upscale") as bar, ticking(bar):
         for i, (src, out) in enumerate(zip(args.images, outs)):
-            bar.set_postfix_str(Path(src).name)
+            name = Path(src).name
+
+            def stage(what, name=name):
+                bar.set_postfix_str(f"{name}: {what}")
+
+            def step(done, steps, name=name):
+                bar.set_postfix_str(f"{name}: decode")
+                bar.update(1)
             # One image per call: sizes differ, and image i keeps seed + i as in a batch call.
             pic = pipelines.upscale(src, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
-                                    seed=seed + i, backbone=backbone,
-                                    decode_kwargs=dict(steps=args.steps, backend=args.backend,
-                                                       progress=lambda step, steps: bar.update(1)))
+                                    seed=seed + i, backbone=backbone, alpha=args.alpha, stage=stage,
+                                    decode_kwargs=dict(steps=args.steps, backend=args.backend, progress=step))
             save_images(pic, out, quality=args.quality)
-            print(out)
+            _print_path(out, bar)
     _info(args, f"upscaled {len(outs)} image{'s' if len(outs) > 1 else ''} in "
                 f"{time.perf_counter() - t1:.2f} s (load {t_load:.2f} s)")
     return 0
@@ -402,7 +454,9 @@ def info_lines() -> list[str]:
         except ImportError as e:
             ext = f"not available ({e})"
     lines.append(f"pidkern._C extension: {ext}")
-    fast = "yes" if cuda and ops.HAS_TRITON else "no (needs CUDA and Triton)"
+    fast = ("yes (auto picks it for 16-bit weights)" if cuda and ops.HAS_TRITON else
+            "runs when asked (--backend fast / backend='fast'): on this machine through PyTorch math"
+            + (" and the Triton interpreter" if ops.interpreting() else "") + ", slow; auto picks the reference")
     lines.append(f"backends: {', '.join(BACKENDS)}; reference: yes; fast: {fast}")
     where = ("Triton on CUDA" if cuda else "Triton interpreter on CPU (TRITON_INTERPRET=1)" if ops.interpreting()
              else "Triton needs a CUDA device; PyTorch math here")
@@ -410,10 +464,13 @@ def info_lines() -> list[str]:
     for op in ops.OPS:
         state = "triton" if ops.HAS_TRITON and (cuda or ops.interpreting()) else "torch fallback"
         lines.append(f"  {op:<15} {state}")
-    lines.append("presets:")
+    from .hub import REPO_ID, cached_checkpoint
+    lines.append(f"presets and their released checkpoints (pidkern.load(NAME) / --checkpoint NAME fetch them from "
+                 f"Hugging Face {REPO_ID}; 'cached': already in the Hugging Face cache):")
     for name, cfg in PRESETS.items():
-        lines.append(f"  {name:<22} {cfg.latent_channels:>4} ch, {cfg.upscale:>3}x, {cfg.version:<4}  "
-                     f"{RELEASE_DIRS.get(name, '')}")
+        release = RELEASE_DIRS.get(name, "")
+        cached = "  cached" if release and cached_checkpoint(release) else ""
+        lines.append(f"  {name:<22} {cfg.latent_channels:>4} ch, {cfg.upscale:>3}x, {cfg.version:<4}  {release}{cached}")
     return lines
 
 
@@ -489,13 +546,17 @@ def _add_common_arguments(p) -> None:
     """What decode and upscale share: the output, the model, the caption, the sampler steps."""
     from .api import BACKENDS, DTYPES
     from .config import PRESETS
-    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image path to write (.png, .jpg)")
-    p.add_argument("--checkpoint", default=None, help="DCP directory, .pt/.pth or .safetensors weights")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png",
+                   help="image path to write (.png, .jpg, .webp, .tif, .bmp); checked before any work")
+    p.add_argument("--checkpoint", default=None,
+                   help="DCP directory, .pt/.pth or .safetensors weights, or a released name (flux-2k, "
+                        "PiD_res2k_sr4x_official_flux_distill_4step, ...) fetched from Hugging Face nvidia/PiD")
     p.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
                    help="one of " + ", ".join(PRESETS) + " (default: detected from the checkpoint); "
                         "without --checkpoint: random weights")
     p.add_argument("--text-encoder", default=None, metavar="GEMMA",
-                   help="the caption encoder, Gemma-2-2B-it (a Hugging Face directory)")
+                   help="the caption encoder, Gemma-2-2B-it: a local folder or a Hugging Face id "
+                        "(Efficient-Large-Model/gemma-2-2b-it)")
     p.add_argument("--prompt", default=None, help="the caption, encoded by --text-encoder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -564,14 +625,17 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                                    "write OUT-0.png, OUT-1.png, ... in order.")
     u.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or any image PIL reads")
     _add_common_arguments(u)
-    u.add_argument("--vae", required=True, metavar="VAE_DIR",
-                   help="the diffusers VAE of the checkpoint's backbone (a save_pretrained directory, or a "
-                        "pipeline's directory with a vae/ folder)")
+    u.add_argument("--vae", required=True, metavar="VAE",
+                   help="the diffusers VAE of the checkpoint's backbone: a save_pretrained directory, a pipeline's "
+                        "directory with a vae/ folder, or a Hugging Face id (black-forest-labs/FLUX.1-dev, ...)")
     u.add_argument("--backbone", default=None, metavar="NAME",
                    help="the backbone whose latent conventions to use (default: the one the VAE and checkpoint share)")
     u.add_argument("--degrade-sigma", type=float, default=0.0,
                    help="noise the clean latent to this level before PiD removes it (default 0)")
     u.add_argument("--seed", type=int, default=0, help="seed of image i is SEED + i (default 0; negative: random)")
+    u.add_argument("--alpha", default="keep", choices=("keep", "drop"),
+                   help="an input's alpha channel: keep (default: upscaled with Lanczos and reattached; needs a .png, "
+                        ".webp or .tif output) or drop")
     u.set_defaults(func=cmd_upscale)
 
     c = sub.add_parser("convert", help="convert weights into one file: pidkern, release or ComfyUI layout",

@@ -158,7 +158,7 @@ def _text_kwargs(decoder, prompts: list[str]) -> dict:
 def _output(images: torch.Tensor, output_type: str):
     if output_type == "pt":
         return list(images.float().cpu())
-    from .api import to_pil
+    from .images import to_pil
     return to_pil(images)
 
 
@@ -355,53 +355,51 @@ def degrade(latent: torch.Tensor, sigma: float, backbone: str, generator: torch.
     return keep * z + sigma * eps
 
 
-def _image_tensor(img, name: str) -> torch.Tensor:
-    """One image as float32 [1, 3, H, W] in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(img, (str, Path)):
-        p = Path(img)
-        if not p.exists():
-            raise FileNotFoundError(f"{name} {str(p)!r} does not exist")
-        if p.is_dir():
-            raise ValueError(f"{name} {str(p)!r} is a directory; expected an image file")
-        try:
-            with Image.open(p) as opened:
-                img = opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ValueError(f"{name} {str(p)!r}: cannot read it as an image ({type(e).__name__}: "
-                             f"{str(e)[:160]})") from None
-    if isinstance(img, Image.Image):
-        import numpy as np
-        arr = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
-        return arr.permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
+def _image_in(img, name: str):
+    """One input as a list of `images.ImageIn` (a [B, 3, H, W] tensor gives B)."""
+    from PIL import Image
+
+    from .images import ImageIn, read_image
+    if isinstance(img, (str, Path, Image.Image)):
+        return [read_image(img, name)]
     if isinstance(img, torch.Tensor):
         t = img.unsqueeze(0) if img.dim() == 3 else img
         if t.dim() != 4 or t.shape[1] != 3:
             raise ValueError(f"{name}: expected a [3, H, W] or [B, 3, H, W] tensor (channels first), got shape "
                              f"{tuple(img.shape)}")
         if t.dtype == torch.uint8:
-            return t.float() / 127.5 - 1.0
-        if not t.is_floating_point():
+            t = t.float() / 127.5 - 1.0
+        elif not t.is_floating_point():
             raise TypeError(f"{name}: expected a uint8 or floating-point tensor, got {t.dtype}")
-        t = t.float()
-        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise ValueError(f"{name}: a float image must hold values in [0, 1] (got {float(t.min()):.3g} to "
-                             f"{float(t.max()):.3g}); for a [-1, 1] image pass (x + 1) / 2")
-        return t * 2.0 - 1.0
+        else:
+            t = t.float()
+            if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+                raise ValueError(f"{name}: a float image must hold values in [0, 1] (got {float(t.min()):.3g} to "
+                                 f"{float(t.max()):.3g}); for a [-1, 1] image pass (x + 1) / 2")
+            t = t * 2.0 - 1.0
+        return [ImageIn(t[j:j + 1]) for j in range(t.shape[0])]
     raise TypeError(f"{name}: expected a PIL image, a path, or a uint8 / float tensor, got {type(img).__name__}")
 
 
-def load_images(image, name: str = "image") -> list[torch.Tensor]:
+def read_images(image, name: str = "image") -> list:
     """PIL image, path, tensor [3, H, W] / [B, 3, H, W] (uint8, or float in [0, 1]), or a
-    list of those -> a list of float32 [1, 3, H, W] images in [-1, 1]."""
+    list of those -> a list of `pidkern.images.ImageIn` (colour, alpha plane, ICC profile)."""
     items = image if isinstance(image, (list, tuple)) else [image]
     if not items:
         raise ValueError(f"{name}: an empty list")
     out = []
     for k, item in enumerate(items):
-        t = _image_tensor(item, name if len(items) == 1 else f"{name}[{k}]")
-        out.extend(t[j:j + 1] for j in range(t.shape[0]))
+        out.extend(_image_in(item, name if len(items) == 1 else f"{name}[{k}]"))
     return out
+
+
+def load_images(image, name: str = "image") -> list[torch.Tensor]:
+    """As `read_images`, the colour only: float32 [1, 3, H, W] images in [-1, 1]. An alpha
+    channel is refused here (upscale keeps it)."""
+    got = read_images(image, name)
+    if any(g.alpha is not None for g in got):
+        raise ValueError(f"{name}: has an alpha channel, which load_images does not return; use read_images")
+    return [g.rgb for g in got]
 
 
 def pad_multiple(decoder) -> int:
@@ -434,13 +432,15 @@ def encode_image(vae, x: torch.Tensor, backbone: str) -> torch.Tensor:
 
 def upscale(image, decoder, vae, *, prompt="", degrade_sigma: float = 0.0, seed: int | None = None,
             backbone: str | None = None, output_type: str = "pil", decode_kwargs: dict | None = None,
-            progress=None):
+            progress=None, alpha: str = "keep", stage=None):
     """Upscale image(s) by the decoder's sr_scale (4x): VAE encode, optional degradation,
     PiD decode.
 
     image: a PIL image, a path, a [3, H, W] / [B, 3, H, W] tensor (uint8, or float in
         [0, 1]), or a list of those. Any size: sides are padded to whole latent cells and
-        the result is cropped back to exactly sr_scale times the input.
+        the result is cropped back to exactly sr_scale times the input. Files and PIL
+        images are read as `pidkern.images.read_image` reads them (EXIF orientation,
+        16-bit and float images to scale, palette / CMYK / gray to RGB).
     vae: the diffusers VAE of the decoder's backbone (AutoencoderKL for FLUX.1 / SD3 / SDXL
         / Z-Image, AutoencoderKLFlux2, AutoencoderKLQwenImage); another family: ValueError.
     prompt: caption(s), one for all or one per image ("" is the encoder's empty caption;
@@ -448,23 +448,35 @@ def upscale(image, decoder, vae, *, prompt="", degrade_sigma: float = 0.0, seed:
     degrade_sigma: noise the clean latent to this level first (see `degrade`), which PiD
         then removes, as the release's from_clean demo does. seed: image i uses seed + i
         for that noise and for PiD's noise (the release's rule); None draws one.
-    progress: optional callable(done_images, total_images).
-    Returns a list of PIL images ("pil") or of [3, H, W] tensors in [-1, 1] ("pt").
+    alpha: "keep" (default): an input's alpha channel is upscaled with Lanczos to the
+        output size and reattached (RGBA PIL images; output_type="pt" cannot carry it and
+        is refused); "drop": the colour alone, on purpose.
+    progress: optional callable(done_images, total_images). stage: optional callable(text)
+        told what runs before each image's decode ("VAE encode", "caption").
+    Returns a list of PIL images ("pil", with the input's RGB ICC profile in `info`) or of
+    [3, H, W] tensors in [-1, 1] ("pt").
     """
     from .latents import from_vae
     from .sampler import make_generator, resolve_seed
     _check_choice(output_type, "output_type", OUTPUT_TYPES)
+    _check_choice(alpha, "alpha", ("keep", "drop"))
     degrade_sigma = _check_sigma(degrade_sigma, "degrade_sigma")
     backbone = _vae_backbone(vae, decoder, backbone)
-    images = load_images(image)
+    images = read_images(image)
+    if alpha == "keep" and output_type == "pt" and any(im.alpha is not None for im in images):
+        raise ValueError("image: has an alpha channel, which output_type='pt' ([3, H, W] tensors) cannot carry; "
+                         "use output_type='pil' (RGBA images) or alpha='drop'")
     prompts = _prompts(prompt, len(images))
     seed = resolve_seed(seed)
     cfg = decoder.config
     multiple = pad_multiple(decoder)
     results = []
-    for i, (x, caption) in enumerate(zip(images, prompts)):
+    for i, (im, caption) in enumerate(zip(images, prompts)):
+        x = im.rgb
         h, w = x.shape[-2:]
         padded = pad_image(x, multiple)
+        if stage:
+            stage("VAE encode")
         latent = from_vae(backbone, encode_image(vae, padded, backbone), vae=vae)
         got = (latent.shape[-2] * cfg.latent_stride, latent.shape[-1] * cfg.latent_stride)
         if got != tuple(padded.shape[-2:]):
@@ -473,11 +485,21 @@ def upscale(image, decoder, vae, *, prompt="", degrade_sigma: float = 0.0, seed:
                              f"latent cell per {cfg.latent_stride} pixels")
         latent = latent.to(decoder.device)
         latent = degrade(latent, degrade_sigma, backbone, make_generator(seed + i, latent.device))
+        if stage:
+            stage("caption + decode")
         out = _decode(decoder, latent, degrade_sigma, [caption], seed + i, decode_kwargs=decode_kwargs)
         results.append(out[:, :, :h * cfg.sr_scale, :w * cfg.sr_scale])
         if progress:
             progress(i + 1, len(images))
     if output_type == "pt":
         return [r[0].float().cpu() for r in results]
-    from .api import to_pil
-    return [to_pil(r)[0] for r in results]
+    from .images import to_pil, upscale_alpha
+    pics = []
+    for im, r in zip(images, results):
+        pic = to_pil(r)[0]
+        if im.alpha is not None and alpha == "keep":
+            pic.putalpha(upscale_alpha(im.alpha, pic.size))
+        if im.icc:
+            pic.info["icc_profile"] = im.icc
+        pics.append(pic)
+    return pics

@@ -152,10 +152,11 @@ class CaptionEncoder:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=torch.bfloat16, offload: bool = False, tokenizer=None,
                         cache_size: int = 16) -> "CaptionEncoder":
-        """Load Gemma-2-2B-it from local files only (nothing is downloaded).
+        """Load Gemma-2-2B-it from local files, or from a Hugging Face id through the
+        Hugging Face cache (fetched once; HF_HUB_OFFLINE and HF_TOKEN apply).
 
         path: a Hugging Face model directory (config.json, weights, tokenizer; the release
-            uses Efficient-Large-Model/gemma-2-2b-it), or one .safetensors file in ComfyUI's
+            uses Efficient-Large-Model/gemma-2-2b-it), that id itself, or one .safetensors file in ComfyUI's
             text_encoders/ layout (e.g. gemma_2_2b_fp16.safetensors: `model.`-prefixed
             Gemma2Model keys), whose config is Gemma-2-2B's with layer, vocabulary and MLP
             sizes read from the tensor shapes.
@@ -168,6 +169,10 @@ class CaptionEncoder:
         if not isinstance(path, (str, Path)):
             raise TypeError(f"path={path!r}: expected a model directory or a .safetensors file path")
         p = Path(path).expanduser()
+        from .hub import fetch_folder, looks_like_repo_id
+        if not p.exists() and looks_like_repo_id(str(path)):
+            # a Hugging Face id: its files from the Hugging Face cache, fetched when missing
+            p = fetch_folder(str(path), "text_encoder", patterns=("*.json", "*.safetensors", "tokenizer*"))
         if not p.exists():
             raise ValueError(f"path={str(path)!r}: no such file or directory; expected a Hugging Face Gemma-2-2B-it "
                              f"directory or a ComfyUI text_encoders/ .safetensors file")
