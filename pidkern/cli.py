@@ -345,7 +345,7 @@ def cmd_upscale(args) -> int:
     # Every input is read before anything loads: a bad file fails in a second, not after the models.
     alpha = False
     for path in args.images:
-        alpha |= any(im.alpha is not None for im in pipelines.read_images(path, name="IMAGE"))
+        alpha |= any(im.alpha is not None for im in pipelines.read_images(path, name="image"))
     outs = _check_output(args.output, args.quality, len(args.images), alpha=alpha and args.alpha == "keep")
     if not 1 <= args.steps <= 4:
         raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")

@@ -184,7 +184,8 @@ def _profile_space(icc: bytes) -> str | None:
 
 
 def _unit_array(img, name: str):
-    """(float64 [H, W, C] array in [0, 1] with C 1 or 3, alpha PIL image or None, icc)."""
+    """(array [H, W, C] with C 1 or 3, its full-scale value (255, 65535; 1.0 for float
+    data), alpha PIL image or None, icc)."""
     import numpy as np
     from PIL import Image, ImageCms
     icc = img.info.get("icc_profile")
@@ -217,22 +218,23 @@ def _unit_array(img, name: str):
         alpha = img.getchannel("A")
         img = img.convert("RGB" if mode == "RGBA" else "L")
         mode = img.mode
+    full = 1.0
     if mode in ("RGB", "L"):
-        arr = np.asarray(img, dtype=np.float64) / 255.0
+        arr, full = np.asarray(img, dtype=np.uint8), 255.0
     elif mode.startswith("I;16"):
-        arr = np.asarray(img).astype(np.float64) / 65535.0
+        arr, full = np.asarray(img).astype(np.int32), 65535.0
     elif mode == "I":
         a = np.asarray(img)
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise ValueError(f"{name}: a 32-bit integer image with values {int(a.min())} to {int(a.max())}; only "
                              f"0..65535 (16-bit data) has a known scale. Convert it to 8 or 16 bits first")
-        arr = a.astype(np.float64) / 65535.0
+        arr, full = a.astype(np.int32), 65535.0
     elif mode == "F":
         a = np.asarray(img).astype(np.float64)
         if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 1):
             raise ValueError(f"{name}: a 32-bit float image with values {a.min():.4g} to {a.max():.4g}; expected "
                              f"[0, 1] (HDR images need tone-mapping first)")
-        arr = a
+        arr = a.astype(np.float32)
     else:
         raise ValueError(f"{name}: image mode {mode!r} is not supported; save it as RGB, RGBA or gray")
     if arr.ndim == 2:
@@ -242,7 +244,7 @@ def _unit_array(img, name: str):
             warnings.warn(f"{name}: its {_profile_space(icc) or 'unreadable'} ICC profile is not carried to the RGB "
                           f"output", stacklevel=4)
         icc = None
-    return arr, alpha, icc
+    return arr, full, alpha, icc
 
 
 def read_image(img, name: str = "image") -> ImageIn:
@@ -268,11 +270,12 @@ def read_image(img, name: str = "image") -> ImageIn:
         pic = ImageOps.exif_transpose(img)
     else:
         raise TypeError(f"{name}: expected a path or a PIL image, got {type(img).__name__}")
-    arr, alpha, icc = _unit_array(pic, name)
-    t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+    arr, full, alpha, icc = _unit_array(pic, name)
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float()
     if t.shape[1] == 1:
         t = t.expand(1, 3, *t.shape[2:])
-    return ImageIn((t * 2.0 - 1.0).float().contiguous(), alpha, icc)
+    # x / (full / 2) - 1: for 8-bit data the float32 rule pidkern has always used
+    return ImageIn((t / (full / 2) - 1.0).contiguous(), alpha, icc)
 
 
 def upscale_alpha(alpha, size: tuple[int, int]):

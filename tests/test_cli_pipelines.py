@@ -130,7 +130,9 @@ def test_upscale_jpeg_and_progress(files, capsys):
     ("missing VAE", ["upscale", "{d}/a.png", "--vae", "{d}/novae"], "--vae '{d}/novae' does not exist"),
     ("VAE of another backbone", ["upscale", "{d}/a.png", "--vae", "{d}/vae_sdxl"],
      "vae: a AutoencoderKL (sdxl latents) does not match the decoder tiny-flux-2k"),
-    ("bad extension", ["upscale", "{d}/a.png", "-o", "{d}/x.gif"], "-o '{d}/x.gif': unknown image extension '.gif'"),
+    # .gif is refused with its reason (256 colours) rather than as an unknown extension
+    ("bad extension", ["upscale", "{d}/a.png", "-o", "{d}/x.xyz"], "-o '{d}/x.xyz': unknown image extension '.xyz'"),
+    ("gif output", ["upscale", "{d}/a.png", "-o", "{d}/x.gif"], "-o '{d}/x.gif': GIF holds at most 256 colours"),
     ("packed without size", ["decode", "{d}/packed.safetensors", "--backbone", "flux"], "--gen-size: LATENT"),
     ("VAE of another backbone for a raw latent", ["decode", "{d}/raw.safetensors", "--backbone", "sd3", "--vae",
                                                   "{d}/vae"], "makes flux, zimage, zimage-turbo latents, not 'sd3'"),
