@@ -28,7 +28,7 @@ def one_error_line(rc, err):
 
 
 @pytest.mark.parametrize("args", [["--size", "-64"], ["--size", "0", "--dry-run"], ["--batch", "0", "--dry-run"],
-                                  ["--steps", "5", "--dry-run"], ["--reps", "0", "--dry-run"]])
+                                  ["--steps", "5", "--dry-run"], ["--reps", "-1", "--dry-run"]])
 def test_bench_bad_sizes_exit_2_with_one_line(capsys, args):
     rc, out, err = run(["bench", "--device", "cpu", *args], capsys)
     one_error_line(rc, err)
