@@ -1,20 +1,21 @@
 """pidkern: fast, dependable inference for PiD, the pixel-diffusion decoder.
 
     import pidkern
-    image = pidkern.decode(latent, sigma)          # [B, 3, H, W] in [-1, 1]
+    dec = pidkern.load("flux-2k")                  # the released weights, via the Hugging Face cache
+    image = dec.decode(latent, sigma)              # [B, 3, H, W] in [-1, 1]
     pidkern.save_png(image, "out.png")
 
-`pidkern.load(...)` gives a reusable `Decoder`; see README.md.
+`pidkern.decode(latent, sigma)` reuses the Decoder `load` returned last; see README.md.
 """
 from .api import BACKENDS, Decoder, decode, load, save_png, to_pil, to_uint8
 from .config import PRESETS, PiDConfig, get_preset
 from .memory import InsufficientMemoryError, estimate_memory
-from . import latents
+from . import hub, images, latents
 from .latents import preset_for
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "CaptionEncoder", "Decoder", "InsufficientMemoryError", "PRESETS", "PiDConfig", "decode",
-           "estimate_memory", "get_preset", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8",
+           "estimate_memory", "get_preset", "hub", "images", "latents", "load", "preset_for", "save_png", "to_pil", "to_uint8",
            "__version__"]
 
 # Entry points imported on first use, so that `import pidkern` never loads the optional

@@ -1,6 +1,7 @@
 """The `pidkern` command line: decode latents, upscale images, convert checkpoints, report the setup.
 
     pidkern decode latent.safetensors -o out.png --checkpoint PiD_res2k_sr4x_official_flux_distill_4step
+        (a released name is fetched from Hugging Face nvidia/PiD into the Hugging Face cache)
     pidkern decode flux_latent.safetensors --backbone flux --prompt "a cat" --text-encoder GEMMA -o out.jpg ...
     pidkern upscale in.png -o out.png --checkpoint CKPT --vae VAE_DIR --text-encoder GEMMA --prompt "a cat"
     pidkern convert PiD_res2k_sr4x_official_flux_distill_4step flux-2k.safetensors [--layout comfyui] [--ema]
@@ -123,12 +124,20 @@ def _print_path(path, bar=None) -> None:
         bar.refresh()
 
 
+def _quiet_hub(args) -> None:
+    """--quiet holds for huggingface_hub's download bars too."""
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+
+
 def _quiet_libraries(args) -> None:
     """--quiet holds for the libraries too: transformers and diffusers draw their own loading
     bars and warnings (e.g. 'Loading weights')."""
     if not args.quiet:
         return
     import importlib
+    _quiet_hub(args)
     for name in ("transformers", "diffusers"):
         try:
             logging_ = importlib.import_module(f"{name}.utils.logging")
@@ -152,6 +161,7 @@ def _load_decoder(args):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist, and is no released name "
                                 f"(fetched from the Hugging Face repository nvidia/PiD): {names()}")
     t0 = time.perf_counter()
+    _quiet_hub(args)
     extra = {}
     if args.text_encoder is not None:
         _quiet_libraries(args)

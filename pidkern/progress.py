@@ -15,11 +15,11 @@ from contextlib import contextmanager
 TICK_S = 1.0     # how often a bar without updates redraws its elapsed time
 
 
-def bar(total=None, desc: str = "", unit: str = "it", disable: bool = False, leave: bool = False):
+def bar(total=None, desc: str = "", unit: str = "it", disable: bool = False, leave: bool = False, **kwargs):
     """A tqdm bar on stderr that redraws at every update (steps are few and some are fast)."""
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=leave,
-                dynamic_ncols=True, mininterval=0, miniters=1)
+                dynamic_ncols=True, mininterval=0, miniters=1, **kwargs)
 
 
 @contextmanager
@@ -49,8 +49,7 @@ def ticking(pbar, every: float = TICK_S):
 @contextmanager
 def busy(desc: str, enabled: bool = True):
     """A bar without a total for a phase that reports no steps; shows the elapsed time."""
-    with bar(desc=desc, unit="", disable=not enabled) as b, ticking(b):
-        b.set_postfix_str("working")
+    with bar(desc=desc, disable=not enabled, bar_format="{desc}: {elapsed}") as b, ticking(b):
         yield b
 
 
