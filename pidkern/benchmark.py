@@ -260,7 +260,8 @@ def run_default(args) -> dict:
         f"and {args.reps} timed runs ...")
     from tqdm.auto import tqdm
     bar = tqdm(total=calls * args.steps, desc="decode steps", unit="step", disable=args.quiet, leave=False)
-    with bar:
+    from .progress import ticking
+    with bar, ticking(bar):
         res = measure(fn, device, reps=args.reps, warmup=args.warmup)
     res.update(tflop=flop["tflop"], tflops=tflops(flop["total"], res["median_ms"]),
                flop_breakdown=flop["breakdown"], what=what, preset=cfg.name, size=size, batch=batch,

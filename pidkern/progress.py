@@ -67,8 +67,22 @@ def steps_callback(progress, steps: int, long: bool, desc: str = "decode"):
                         f"a callable(step, steps)")
     if not progress:
         return None, None
-    b = bar(total=steps, desc=desc, unit="step")
+    b = StepBar(steps, desc)
+    return b.update_to, b
 
-    def update(step, total):
-        b.update(max(0, step - b.n))
-    return update, b
+
+class StepBar:
+    """A bar over the steps of one call that keeps its elapsed time moving while a step
+    runs (the first fast decode spends seconds racing and capturing before step 1)."""
+
+    def __init__(self, steps: int, desc: str):
+        self.bar = bar(total=steps, desc=desc, unit="step")
+        self._ticks = ticking(self.bar)
+        self._ticks.__enter__()
+
+    def update_to(self, step, total=None):
+        self.bar.update(max(0, step - self.bar.n))
+
+    def close(self):
+        self._ticks.__exit__(None, None, None)
+        self.bar.close()
