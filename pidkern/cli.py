@@ -417,10 +417,12 @@ def info_lines() -> list[str]:
     return lines
 
 
-def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, precision: str = "native") -> list[str]:
+def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, precision: str = "native",
+               spec=None) -> list[str]:
     """`pidkern info --plan PRESET HxW`: the fast path's plan for one output size, without
     building a model (on CUDA the raced entries are filled by the first decode; `pidkern
-    bench` prints them after its run)."""
+    bench` prints them after its run). spec: a routes.DeviceSpec to resolve the plan for
+    instead of the live device (a card that is not present)."""
     import torch
 
     from .config import get_preset
@@ -434,12 +436,12 @@ def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, p
         raise ValueError(f"--plan {preset} {size}: expected the output size as HxW, e.g. 2048x2048") from None
     if h <= 0 or w <= 0 or h % cfg.patch or w % cfg.patch:
         raise ValueError(f"--plan {preset} {size}: height and width must be positive multiples of {cfg.patch}")
-    dev = resolve_device(device)
+    # a spec for a card that is not here: the plan is that card's, whatever this machine has
+    dev = torch.device("cuda") if spec is not None and spec.type == "cuda" else resolve_device(device)
     dtype = resolve_dtype(None, dev)
-    # the capability rules read a DeviceSpec: the live device's here (a spec for another
-    # card, routes.DeviceSpec.cuda(capability), resolves a plan for a card not present)
+    # the capability rules read a DeviceSpec: the live device's unless one is given
     p = resolve(cfg, batch, h, w, cfg.max_text, dev, torch.finfo(dtype).bits // 8,
-                overrides=parse(plan) if plan else None, precision=precision, spec=DeviceSpec.of(dev))
+                overrides=parse(plan) if plan else None, precision=precision, spec=spec or DeviceSpec.of(dev))
     return [f"{cfg.name}, {str(dtype)[6:]} weights", str(p)]
 
 

@@ -64,3 +64,11 @@ def test_a_plan_resolves_for_a_card_that_is_not_here():
 def test_design_doc_carries_the_generated_listing():
     text = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
     assert R.listing() in text, "docs/design.md's route table is stale: paste pidkern.routes.listing()"
+
+
+def test_info_plan_for_a_card_that_is_not_here():
+    from pidkern.cli import plan_lines
+    text = "\n".join(plan_lines("flux-2k", "1024x1024", precision="fp8",
+                                spec=R.DeviceSpec.cuda((12, 0), ("triton", "sageattention"))))
+    assert "on cuda" in text and "bfloat16 weights" in text
+    assert "prep+sage" in text and "(decided at warm-up)" in text       # raced there, with sage a candidate
