@@ -120,14 +120,24 @@ def free_device_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def shortfall(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int | None = None,
+              noise: str = "release") -> int:
+    """Bytes a decode lacks beside the loaded weights (0: it fits): what estimate_memory
+    predicts beyond the weights, against what the device can still give (free, plus what
+    the allocator holds unused). Off CUDA, 0. The one "does it fit" rule: the engine
+    refuses a decode by it, the pipelines offload their generator by it."""
+    if device.type != "cuda":
+        return 0
+    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
+    return max(0, need - free_device_bytes(device))
+
+
 def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int,
                noise: str = "release") -> None:
     """Raise InsufficientMemoryError when a decode cannot fit beside the loaded weights."""
-    if device.type != "cuda":
-        return
-    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
-    free = free_device_bytes(device)
-    if need > free:
+    short = shortfall(cfg, device, batch, h, w, text_len, noise)
+    if short:
+        need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
         raise InsufficientMemoryError(
             f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
-            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}")
+            f"weights (estimate_memory), but only {(need - short) / 2**30:.2f} GiB is free on {device}")

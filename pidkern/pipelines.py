@@ -220,12 +220,9 @@ def offload_generator(pipe) -> list[str]:
 
 
 def _memory_short(decoder, batch: int, hw) -> bool:
-    """Whether the decode's predicted GPU memory exceeds what is free on its device."""
-    if decoder.device.type != "cuda":
-        return False
-    from . import estimate_memory
-    free, _ = torch.cuda.mem_get_info(decoder.device)
-    return estimate_memory(decoder.config, batch, *hw) > free
+    """Whether the decode would not fit beside the decoder's weights (memory.shortfall)."""
+    from .memory import shortfall
+    return shortfall(decoder.config, decoder.device, batch, *hw) > 0
 
 
 def _decode(decoder, latent, sigma, captions, seed, pipe=None, offload=None, decode_kwargs=None):

@@ -267,6 +267,13 @@ def test_decode_refuses_what_cannot_fit(monkeypatch):
     with pytest.raises(InsufficientMemoryError, match=r"GiB.*free"):
         memory.check_fits(tiny("flux-2k"), torch.device("cuda"), 1, 4096, 4096, 300)
     memory.check_fits(tiny("flux-2k"), torch.device("cpu"), 1, 4096, 4096, 300)   # nothing to check off CUDA
+    # the same rule decides the pipelines' generator offload: bytes short, or 0
+    cfg, cuda = tiny("flux-2k"), torch.device("cuda")
+    need = estimate_memory(cfg, 1, 4096, 4096, 300) - weight_bytes(cfg)
+    assert memory.shortfall(cfg, cuda, 1, 4096, 4096, 300) == need - 1024
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: need)
+    assert memory.shortfall(cfg, cuda, 1, 4096, 4096, 300) == 0
+    memory.check_fits(cfg, cuda, 1, 4096, 4096, 300)
 
 
 # ------------------------------------------------------------------------------ GPU
