@@ -126,9 +126,10 @@ def test_fast_model_precomputes_conditioning_and_regroups_weights():
     torch.testing.assert_close(pre, m[:, :, :2])
     torch.testing.assert_close(post, m[:, :, 2:])
     # the memory model counts exactly the copies FastPiD holds
-    # (the copies, counted from the config: w1|w3 per SwiGLU, the modulation rows and
-    # biases per pixel block, the stacked q/k norms)
-    copies = (cfg.patch_blocks * 2 * 2 * cfg.mlp_hidden * cfg.hidden
+    # (the copies, counted from the config: w1|w3 per SwiGLU that runs, i.e. all but the
+    # last block's text one, the modulation rows and biases per pixel block, the stacked
+    # q/k norms)
+    copies = ((2 * cfg.patch_blocks - 1) * 2 * cfg.mlp_hidden * cfg.hidden
               + cfg.pixel_blocks * 6 * cfg.pixel_dim * cfg.pixels_per_patch * (cfg.hidden + 1)
               + cfg.patch_blocks * 2 * 2 * cfg.head_dim)
     assert sum(t.numel() for t in model.owned_tensors()) == copies
