@@ -346,7 +346,8 @@ class SequenceParallelDecoder(Decoder):
             mine["backend"] = which
         except (ValueError, TypeError) as e:
             error = e
-        args = args.with_seed(self._agree(mine, drawn, error))
+        seed = self._agree(mine, drawn, error)    # raises every rank's error first
+        args = args.with_seed(seed)
         if which == "fast":
             return self._decode_sharded_fast(args, progress, output, plan)
         return self._decode_sharded(args, progress, output)
