@@ -23,7 +23,8 @@ from pidkern.parallel import split_rows
 
 FAMILIES = ("flux-2k", "flux2-2k", "siglip-2k", "sdxl-2kto4k", "dinov2-2k", "flux-2kto4k-v1.5",
             "flux2-2kto4k-v1.5", "qwenimage-2kto4k-v1.5")
-TIMEOUT_S = 120
+# A guard against a hung group, not a timing: a loaded 2-core machine needs ~200 s for 3 ranks.
+TIMEOUT_S = 600
 
 
 # gloo's connections between the ranks stay on the loopback interface
