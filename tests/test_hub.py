@@ -149,6 +149,8 @@ def test_decode_uses_the_decoder_load_returned_last(offline, monkeypatch):
     got = pidkern.decode(latent, 0.1, steps=1, seed=4)
     torch.testing.assert_close(got, dec.decode(latent, 0.1, steps=1, seed=4), rtol=0, atol=0)
     del dec                                        # held weakly: once dropped, nothing is loaded
+    import gc
+    gc.collect()                                   # the Decoder's own reference cycles
     with pytest.raises(ValueError, match="model="):
         pidkern.decode(latent, 0.1)
 
