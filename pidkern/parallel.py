@@ -354,6 +354,8 @@ class SequenceParallelDecoder(Decoder):
                 raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
                                  f"backend={which!r}")
             args = self.prepare(latent, sigma, **inputs)
+            if "guidance" in args:
+                raise ValueError("sampler='dpm++': not supported with parallel='sequence' yet; decode on one process")
             drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
             mine = self._describe(args, output)
             mine["backend"] = which

@@ -17,6 +17,7 @@ noise buffers, no host work for a new seed). The two give different images for o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -157,6 +158,15 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
 # operations in the same order, so the same device gives the same numbers.
 
 T_END = 0.001        # the release's t_0 = 1 / total_N with total_N = 1000
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """The checked DPM-Solver++ inputs of a decode: the guidance scale, the resolved flow
+    shift, and the unconditional caption embeddings [B, T, 2304] (None when cfg = 1)."""
+    cfg: float
+    shift: float
+    negative: torch.Tensor | None = None
 
 
 def check_dpm_steps(steps) -> int:
