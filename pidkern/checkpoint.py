@@ -693,8 +693,6 @@ def trained_for(path, cfg: PiDConfig, distilled: bool | None = None) -> tuple[bo
     if distilled is not None and not isinstance(distilled, bool):
         raise TypeError(f"distilled={distilled!r}: expected True, False or None (from the checkpoint's name)")
     named = release_of(path)
-    if named is not None and named[0] != cfg.name:
-        named = None                 # the name of another network: the shapes went another way
     if distilled is not None:
         if named is not None and named[1] != distilled:
             warnings.warn(f"{path}: the name is the release's {'distilled' if named[1] else 'undistilled'} "

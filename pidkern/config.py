@@ -192,6 +192,15 @@ class Sampling:
     def steps(self) -> int:
         return 4 if self.distilled else self.dpm_steps
 
+    def steps_for(self, sampler: str | None) -> int:
+        """The default step count of `sampler` (None: this checkpoint's own sampler)."""
+        return self.dpm_steps if (sampler or self.sampler) == "dpm++" else 4
+
+    def describe(self) -> str:
+        if self.distilled:
+            return "distilled: 4-step sampler (sde)"
+        return f"undistilled: dpm++, {self.dpm_steps} steps, cfg {self.cfg:g}, shift {self.shift}"
+
 
 # The release's inference configs: shift 6 everywhere; the 2kto4k ones a dynamic rule
 # (v1: base 4 at 1024, v1.5: base 6 at 2048), which wins over the static value.
