@@ -22,15 +22,16 @@ def fake_velocity(x, t, cond):
     return 0.6 * x + torch.sin(2.0 * x + cond) * (0.3 + t) - 0.2 * cond * t
 
 
-def ref_sample(x, steps, cfg, shift, cond, uncond):
-    """float64 DPM-Solver++(2M): first order at the first and the last step."""
+def ref_sample(x, steps, cfg, shift, velocity, times=None):
+    """float64 DPM-Solver++(2M): first order at the first and the last step.
+    velocity(x, t, cond) -> v: the network with the caption (cond=True) or without."""
     x = x.double()
-    ts = ref_times(steps, shift)
+    ts = ref_times(steps, shift) if times is None else times
 
     def x0(x, t):
-        v = fake_velocity(x, t, cond)
+        v = velocity(x, t, True)
         if cfg != 1.0:
-            vu = fake_velocity(x, t, uncond)
+            vu = velocity(x, t, False)
             v = vu + cfg * (v - vu)
         return x - t * v
 
@@ -84,7 +85,8 @@ def run_case(steps, cfg, shift, dtype):
     got = sample_dpm(vel, (b, 3, h, w), steps=steps, cfg=cfg, shift=shift, draw=release_draws(11, "cpu"),
                      device="cpu", dtype=dtype)
     x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(11))
-    want = ref_sample(x, steps, cfg, shift, cond.double(), uncond.double())
+    c64, u64 = cond.double(), uncond.double()
+    want = ref_sample(x, steps, cfg, shift, lambda x, t, c: fake_velocity(x, t, c64 if c else u64))
     assert got.dtype == dtype and got.shape == (b, 3, h, w)
     assert len(vel.calls) == steps                      # one prediction per step, none after the last
     assert all(g == (cfg != 1.0) for _, g in vel.calls)  # cfg = 1: no unconditional half at all
