@@ -271,28 +271,49 @@ def dpm_x0(x: torch.Tensor, t: torch.Tensor, v_cond: torch.Tensor, v_uncond, cfg
     return (x - t * noise) / (1 - t)
 
 
-def sample_dpm(velocity: Callable, shape, *, steps: int, cfg: float, shift: float, draw, device,
-               progress=None, dtype=torch.float32) -> torch.Tensor:
-    """DPM-Solver++ with caption guidance; returns `dtype` (the release: float32) in [-1, 1].
+@dataclass(frozen=True)
+class DpmSchedule:
+    """A DPM-Solver++ decode's fixed parts, made before it runs (a CUDA graph captures the
+    loop around them): the times on the device, which steps run the unconditional half
+    (host booleans), and the order of each update."""
+    times: torch.Tensor
+    guided: tuple[bool, ...]
+    orders: tuple[int, ...]
 
-    velocity(x, t, guided) -> (v_cond, v_uncond): the network at time t (a 0-d float32
-        tensor; the network takes t expanded to the batch), v_uncond None unless `guided`.
-    draw(0, shape): the initial noise (release_draws, philox_draws); nothing else is drawn.
-    shift: the flow shift, already resolved (see `dynamic_shift`).
-    dtype: the solver's arithmetic; float32 is the release's, float64 checks the algorithm."""
+
+def dpm_schedule(steps: int, cfg: float, shift: float, device, dtype=torch.float32) -> DpmSchedule:
     steps = check_dpm_steps(steps)
     cfg = check_cfg(cfg)
     times = dpm_times(steps, shift, device, dtype)
-    host_times = times.tolist()
+    host = times.tolist()
+    return DpmSchedule(times, tuple(dpm_guided(t, cfg) for t in host[:steps]), dpm_orders(steps))
+
+
+def sample_dpm(velocity: Callable, shape, *, steps: int, cfg: float, shift: float, draw, device,
+               progress=None, dtype=torch.float32, schedule: DpmSchedule | None = None) -> torch.Tensor:
+    """DPM-Solver++ with caption guidance; returns `dtype` (the release: float32) in [-1, 1].
+
+    velocity(x, t, guided) -> (v_cond, v_uncond): the network at time t (a 0-d tensor; the
+        network takes t expanded to the batch), v_uncond None unless `guided`.
+    draw(0, shape): the initial noise (release_draws, philox_draws); nothing else is drawn.
+    shift: the flow shift, already resolved (see `dynamic_shift`).
+    dtype: the solver's arithmetic; float32 is the release's, float64 checks the algorithm.
+    schedule: `dpm_schedule(steps, cfg, shift, device, dtype)` made beforehand (a CUDA
+        graph's capture cannot read the times back to the host); None makes it here."""
+    cfg = check_cfg(cfg)
+    sched = schedule if schedule is not None else dpm_schedule(steps, cfg, shift, device, dtype)
+    if len(sched.orders) != steps:
+        raise ValueError(f"schedule: made for {len(sched.orders)} steps, not steps={steps}")
+    times = sched.times
 
     def data(x, i):
-        guided = dpm_guided(host_times[i], cfg)
+        guided = sched.guided[i]
         v_cond, v_uncond = velocity(x, times[i], guided)
         return dpm_x0(x, times[i], v_cond, v_uncond if guided else None, cfg)
 
     x = draw(0, shape).to(dtype)
     m0, m1 = data(x, 0), None
-    for i, order in enumerate(dpm_orders(steps), start=1):
+    for i, order in enumerate(sched.orders, start=1):
         x = dpm_update(x, m0, m1, dpm_coefficients(times, i, order))
         if i < steps:            # the last update needs no new prediction
             m0, m1 = data(x, i), m0
