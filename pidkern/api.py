@@ -408,7 +408,8 @@ class Decoder:
         else:
             schedule(4 if steps is None else steps)
             steps = 4 if steps is None else steps
-            given = [f"{k}={v!r}" for k, v in (("cfg", cfg), ("shift", shift)) if v is not None and v != 1.0]
+            given = [f"cfg={cfg!r}"] if cfg is not None and cfg != 1.0 else []      # 1: no guidance, as asked
+            given += [f"shift={shift!r}"] if shift is not None else []
             given += [k for k, v in (("negative_text", negative_text), ("negative_prompt", negative_prompt))
                       if v is not None]
             if given:

@@ -161,6 +161,7 @@ def test_dynamic_shift_default():
     (dict(backend="fast"), "backend='fast'"),
     (dict(sampler="sde", cfg=2.0), "cfg=2.0.*dpm"),
     (dict(sampler="sde", shift=3.0), "shift=3.0"),
+    (dict(sampler="sde", shift=1.0, cfg=1), "shift=1.0"),
     (dict(sampler="ode", negative_prompt="bad"), "negative_prompt"),
 ])
 def test_bad_input(kw, match):
