@@ -608,11 +608,15 @@ def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
             cfg, how = detect_preset(shapes, source.path), "shapes"
     want = expected_shapes(cfg)
     aux = [k for k in want if k.startswith(TRAINING_ONLY_HEAD)]
-    if plan.layout == "comfyui" and aux and not any(k.startswith(TRAINING_ONLY_HEAD) for k in shapes):
+    # ComfyUI's network has no such head; the undistilled teachers' consolidated files are
+    # reported without it too (a user's note, not checked against the files here).
+    named = release_of(source.path)
+    may_lack = plan.layout == "comfyui" or (named is not None and not named[1])
+    if may_lack and aux and not any(k.startswith(TRAINING_ONLY_HEAD) for k in shapes):
         plan.filled = aux
         shapes.update({k: want[k] for k in aux})
-        log.info("%s: ComfyUI layout without the training-only %s*; filled with zeros (never run)",
-                 source.path, TRAINING_ONLY_HEAD)
+        log.info("%s: %s without the training-only %s*; filled with zeros (never run)", source.path,
+                 "ComfyUI layout" if plan.layout == "comfyui" else "an undistilled release file", TRAINING_ONLY_HEAD)
     check_state_dict(shapes, cfg, source.path)
     return plan, cfg, how
 

@@ -213,3 +213,23 @@ def test_undistilled_known_by_name_and_by_argument(tmp_path, capsys):
     assert "from the release's name" in out
     assert main(["info", str(plain)]) == 0
     assert "trained: distilled" in capsys.readouterr().out
+
+
+def test_undistilled_release_file_may_lack_the_training_only_head(tmp_path):
+    cfg = tiny("qwenimage-2kto4k-v1.5")
+    state = random_net(cfg, CPU, torch.float32, seed=2).state_dict()
+    aux = [k for k in state if k.startswith("lq_proj.lq_aux_rgb_head.")]
+    assert aux
+    from safetensors.torch import save_file
+    kept = {f"net.{k}": v for k, v in state.items() if k not in aux}
+    path = tmp_path / UNDISTILLED_DIRS["qwenimage-2kto4k-v1.5"] / "model_ema_bf16.safetensors"
+    path.parent.mkdir()
+    save_file(kept, path)
+    dec = pidkern.load(path, preset=cfg, device="cpu")
+    assert not dec.sampling.distilled
+    got = dec.net.state_dict()
+    assert all(torch.equal(got[k], torch.zeros_like(state[k])) for k in aux)
+    assert all(torch.equal(got[k], state[k]) for k in state if k not in aux)
+    save_file(kept, tmp_path / "other.safetensors")       # without the name: strict, as before
+    with pytest.raises(ValueError, match="missing key.*lq_aux_rgb_head"):
+        pidkern.load(tmp_path / "other.safetensors", preset=cfg, device="cpu")
