@@ -20,8 +20,8 @@ import torch
 from .config import PRESETS, PiDConfig, Sampling, get_preset, sampling_for
 from .latents import explain_wrong_form
 from .reference import PiDNet
-from .sampler import (DPM, SAMPLERS, Guidance, check_cfg, check_dpm_steps, check_noise, check_shift, philox_draws,
-                      release_draws, sample, sample_dpm, schedule, seed_int64)
+from .sampler import (DPM, SAMPLERS, Guidance, check_cfg, check_dpm_steps, check_noise, check_shift, dpm_schedule,
+                      philox_draws, release_draws, sample, sample_dpm, schedule, seed_int64)
 
 log = logging.getLogger("pidkern")
 
@@ -570,14 +570,15 @@ class Decoder:
             if sampler == DPM:
                 negative = None if guidance.negative is None else guidance.negative.to(self.dtype)
 
-                def velocities(x, t, guided):
-                    tt = t.expand(b)
+                sched = dpm_schedule(steps, guidance.cfg, guidance.shift, self.device)
+
+                def velocities(x, i, guided):
+                    tt = sched.times[i].expand(b)
                     # the release runs the halves one after the other, the unconditional first
                     v_uncond = net(x, tt, negative, None, sigma, lq_tokens=tokens) if guided else None
                     return net(x, tt, text, None, sigma, lq_tokens=tokens), v_uncond
 
-                return sample_dpm(velocities, (b, 3, h, w), steps=steps, cfg=guidance.cfg, shift=guidance.shift,
-                                  draw=draws(seed, self.device), device=self.device, progress=progress)
+                return sample_dpm(velocities, (b, 3, h, w), sched, draws(seed, self.device), progress)
 
             def velocity(x, t):
                 tt = torch.full((b,), t, device=self.device, dtype=torch.float32)

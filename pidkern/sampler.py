@@ -274,46 +274,47 @@ def dpm_x0(x: torch.Tensor, t: torch.Tensor, v_cond: torch.Tensor, v_uncond, cfg
 @dataclass(frozen=True)
 class DpmSchedule:
     """A DPM-Solver++ decode's fixed parts, made before it runs (a CUDA graph captures the
-    loop around them): the times on the device, which steps run the unconditional half
-    (host booleans), and the order of each update."""
+    loop around them): the times on the device and on the host (the same float32 values),
+    which steps run the unconditional half, the order of each update, the guidance scale."""
     times: torch.Tensor
+    host_times: tuple[float, ...]
     guided: tuple[bool, ...]
     orders: tuple[int, ...]
+    cfg: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.orders)
 
 
 def dpm_schedule(steps: int, cfg: float, shift: float, device, dtype=torch.float32) -> DpmSchedule:
+    """dtype: the solver's arithmetic; float32 is the release's, float64 checks the algorithm."""
     steps = check_dpm_steps(steps)
     cfg = check_cfg(cfg)
     times = dpm_times(steps, shift, device, dtype)
-    host = times.tolist()
-    return DpmSchedule(times, tuple(dpm_guided(t, cfg) for t in host[:steps]), dpm_orders(steps))
+    host = tuple(times.tolist())
+    return DpmSchedule(times, host, tuple(dpm_guided(t, cfg) for t in host[:steps]), dpm_orders(steps), cfg)
 
 
-def sample_dpm(velocity: Callable, shape, *, steps: int, cfg: float, shift: float, draw, device,
-               progress=None, dtype=torch.float32, schedule: DpmSchedule | None = None) -> torch.Tensor:
-    """DPM-Solver++ with caption guidance; returns `dtype` (the release: float32) in [-1, 1].
+def sample_dpm(velocity: Callable, shape, schedule: DpmSchedule, draw, progress=None) -> torch.Tensor:
+    """DPM-Solver++ with caption guidance; returns the schedule's dtype (the release: float32)
+    in [-1, 1].
 
-    velocity(x, t, guided) -> (v_cond, v_uncond): the network at time t (a 0-d tensor; the
-        network takes t expanded to the batch), v_uncond None unless `guided`.
+    velocity(x, i, guided) -> (v_cond, v_uncond): the network at time schedule.times[i]
+        (host_times[i] on the host; the network takes it expanded to the batch), v_uncond
+        None unless `guided`.
     draw(0, shape): the initial noise (release_draws, philox_draws); nothing else is drawn.
-    shift: the flow shift, already resolved (see `dynamic_shift`).
-    dtype: the solver's arithmetic; float32 is the release's, float64 checks the algorithm.
-    schedule: `dpm_schedule(steps, cfg, shift, device, dtype)` made beforehand (a CUDA
-        graph's capture cannot read the times back to the host); None makes it here."""
-    cfg = check_cfg(cfg)
-    sched = schedule if schedule is not None else dpm_schedule(steps, cfg, shift, device, dtype)
-    if len(sched.orders) != steps:
-        raise ValueError(f"schedule: made for {len(sched.orders)} steps, not steps={steps}")
-    times = sched.times
+    Nothing here reads the device back, so a CUDA graph can capture it."""
+    times, cfg, steps = schedule.times, schedule.cfg, schedule.steps
 
     def data(x, i):
-        guided = sched.guided[i]
-        v_cond, v_uncond = velocity(x, times[i], guided)
+        guided = schedule.guided[i]
+        v_cond, v_uncond = velocity(x, i, guided)
         return dpm_x0(x, times[i], v_cond, v_uncond if guided else None, cfg)
 
-    x = draw(0, shape).to(dtype)
+    x = draw(0, shape).to(times.dtype)
     m0, m1 = data(x, 0), None
-    for i, order in enumerate(sched.orders, start=1):
+    for i, order in enumerate(schedule.orders, start=1):
         x = dpm_update(x, m0, m1, dpm_coefficients(times, i, order))
         if i < steps:            # the last update needs no new prediction
             m0, m1 = data(x, i), m0

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pidkern.sampler import (check_cfg, check_dpm_steps, dpm_orders, dpm_times, dynamic_shift, release_draws,
-                             sample_dpm)
+from pidkern.sampler import (check_cfg, check_dpm_steps, dpm_orders, dpm_schedule, dpm_times, dynamic_shift,
+                             release_draws, sample_dpm)
 
 
 def ref_times(steps, shift):
@@ -60,15 +60,16 @@ def rel_l2(a, b):
 
 
 class Velocity:
-    """sample_dpm's velocity(x, t, guided) around fake_velocity; counts calls and batches."""
+    """sample_dpm's velocity(x, i, guided) around fake_velocity; counts calls and batches."""
 
-    def __init__(self, cond, uncond):
-        self.cond, self.uncond, self.calls = cond, uncond, []
+    def __init__(self, cond, uncond, schedule):
+        self.cond, self.uncond, self.schedule, self.calls = cond, uncond, schedule, []
 
-    def __call__(self, x, t, guided):
-        assert t.dim() == 0 and t.dtype == x.dtype
+    def __call__(self, x, i, guided):
+        assert x.dtype == self.schedule.times.dtype
         self.calls.append((x.shape[0], guided))
-        tf = float(t)
+        tf = self.schedule.host_times[i]
+        assert tf == float(self.schedule.times[i])
         vu = fake_velocity(x, tf, self.uncond) if guided else None
         return fake_velocity(x, tf, self.cond), vu
 
@@ -81,9 +82,9 @@ def run_case(steps, cfg, shift, dtype):
     shift = 3.0 if shift == "explicit" else dynamic_shift(6.0, 2048, 3840, 2160)
     cond = torch.tensor([0.3, -0.7], dtype=dtype).view(b, 1, 1, 1)
     uncond = torch.tensor([-0.4, 0.2], dtype=dtype).view(b, 1, 1, 1)
-    vel = Velocity(cond, uncond)
-    got = sample_dpm(vel, (b, 3, h, w), steps=steps, cfg=cfg, shift=shift, draw=release_draws(11, "cpu"),
-                     device="cpu", dtype=dtype)
+    sched = dpm_schedule(steps, cfg, shift, "cpu", dtype)
+    vel = Velocity(cond, uncond, sched)
+    got = sample_dpm(vel, (b, 3, h, w), sched, release_draws(11, "cpu"))
     x = torch.randn(b, 3, h, w, generator=torch.Generator().manual_seed(11))
     c64, u64 = cond.double(), uncond.double()
     want = ref_sample(x, steps, cfg, shift, lambda x, t, c: fake_velocity(x, t, c64 if c else u64))
