@@ -526,11 +526,6 @@ class Decoder:
         args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt, cfg, shift,
                             negative_text, negative_prompt)
         which = self.backend_for(backend)
-        if "guidance" in args and which == "fast":
-            # DPM-Solver++ has no fast path yet: "auto" takes the reference, "fast" says so.
-            if backend == "fast":
-                raise ValueError(f"backend='fast': sampler={DPM!r} runs on backend='reference' for now")
-            which = "reference"
         if which == "fast":
             eng = self.engine()
             self._park(eng.model.unread_parameters)
@@ -540,10 +535,12 @@ class Decoder:
                              f"backend={which!r}")
         return self._decode_reference(**args, progress=progress)
 
-    def plan(self, latent_shape, text_len: int | None = None, plan=None):
+    def plan(self, latent_shape, text_len: int | None = None, plan=None, guided: bool = False):
         """The fast path's plan for latents of `latent_shape` [B, C, h, w]: what it will run
-        (on CUDA the raced entries are filled by the first decode of that shape)."""
+        (on CUDA the raced entries are filled by the first decode of that shape). guided: a
+        sampler="dpm++" decode with cfg != 1, whose network runs a batch of 2B."""
         b, _, lh, lw = latent_shape
+        b = 2 * b if guided else b
         h, w = self.config.output_size(lh, lw)
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
 

@@ -27,7 +27,8 @@ from .graphs import GraphCache, Runner, capture
 from .memory import InsufficientMemoryError, check_fits, estimate_memory, weight_bytes  # noqa: F401  (re-exported)
 from .plan import Plan, check_overrides, resolve
 from .reference import fold_patch_pixels
-from .sampler import check_noise, ode_update, philox_key, release_draws, renoise_count, schedule, seed_int64
+from .sampler import (DPM, check_noise, dpm_schedule, ode_update, philox_key, release_draws, renoise_count,
+                      sample_dpm, schedule, seed_int64)
 
 
 class Engine:
@@ -113,6 +114,36 @@ class Engine:
                 x = ode_update(x, v, t, t_next)
         return x.clamp(-1, 1)
 
+    def run_dpm(self, latent, sigma, text, negative, noise, sched, h, w, plan: Plan, racing=False):
+        """A DPM-Solver++ decode (pidkern.sampler.sample_dpm) around the fast network. With
+        guidance (`negative` given) the two halves are one batch of 2B, the unconditional
+        first: every input doubled, the caption of the first half `negative`."""
+        from . import _ext
+        cfg, model = self.cfg, self.model
+        b = latent.shape[0]
+        guided = negative is not None
+        if guided:
+            latent, sigma, text = torch.cat([latent, latent]), torch.cat([sigma, sigma]), torch.cat([negative, text])
+        tab = self.tables(h, w, text.shape[1])
+        model.add_times(sched.host_times[:-1])       # eager: the warm-ups before a capture make them
+        heads, y = model.prologue(latent, text, h, w, plan["keep_heads"])
+        fl = model.net.final_layer
+        philox = isinstance(noise, torch.Tensor)
+
+        def draw(k, shape):
+            return _ext.philox_normal(noise, self._counter(0), shape) if philox else noise[0]
+
+        def velocities(x, i, with_uncond):
+            xin = torch.cat([x, x]) if guided else x
+            p = model.forward(xin, sched.host_times[i], heads, y, sigma, tab, plan, racing)
+            v = fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), xin.shape[0], h, w, cfg.patch)
+            if not guided:
+                return v, None
+            v_uncond, v_cond = v.chunk(2)
+            return v_cond, v_uncond if with_uncond else None
+
+        return sample_dpm(velocities, (b, 3, h, w), sched, draw)
+
     def _counter(self, k: int) -> torch.Tensor:
         """The Philox stream's draw index k as a device scalar (graphs freeze Python ints)."""
         return self._device_scalar(k, torch.int64)
@@ -129,21 +160,34 @@ class Engine:
 
     # -- graphs ------------------------------------------------------------------------
     def _build_runner(self, key):
-        b, c, lh, lw, t_len, steps, sampler, noise, over = key
+        b, c, lh, lw, t_len, steps, sampler, noise, over, guidance = key
         h, w = self.cfg.output_size(lh, lw)
         dev = self.device
-        plan = self.plan(b, h, w, t_len, dict(over))
+        guided = guidance is not None and guidance[2]
+        plan = self.plan(2 * b if guided else b, h, w, t_len, dict(over))
         bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev), sigma=torch.zeros(b, device=dev),
                     text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev))
         if noise == "philox":
             bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
         else:
-            bufs["noise"] = [torch.zeros(b, 3, h, w, device=dev).normal_() for _ in range(steps)]
-        for k in ("latent", "text"):
-            bufs[k].normal_()
-        args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps, sampler, h, w, plan)
+            # the initial image and one eps per re-noising step: DPM-Solver++ and the ODE draw one
+            bufs["noise"] = [torch.zeros(b, 3, h, w, device=dev).normal_()
+                             for _ in range(1 + renoise_count(steps, sampler))]
+        if guided:
+            bufs["negative"] = torch.zeros(b, t_len, self.cfg.text_dim, device=dev)
+        for k in ("latent", "text", "negative"):
+            if k in bufs:
+                bufs[k].normal_()
+        if sampler == DPM:
+            sched = dpm_schedule(steps, guidance[0], guidance[1], dev)      # read back before capture
+            args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs.get("negative"), bufs["noise"], sched, h, w,
+                    plan)
+            run = self.run_dpm
+        else:
+            args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps, sampler, h, w, plan)
+            run = self.run
         # the first warm-up races the plan's open choices: all of it before capture
-        graph, out = capture(lambda first: self.run(*args, racing=first), dev)
+        graph, out = capture(lambda first: run(*args, racing=first), dev)
         return Runner(graph, bufs, out)
 
     # -- entry point ---------------------------------------------------------------------
@@ -159,27 +203,38 @@ class Engine:
             return [draw(k, shape) for k in range(n)]
         return [draw(k, shape, out=buf) for k, buf in enumerate(out[:n])]
 
-    def check_memory(self, batch, h, w, text_len, noise="release"):
-        check_fits(self.cfg, self.device, batch, h, w, text_len, noise)
+    def check_memory(self, batch, h, w, text_len, noise="release", sampler="sde", cfg_scale=1.0):
+        check_fits(self.cfg, self.device, batch, h, w, text_len, noise, sampler, cfg_scale)
 
     @torch.inference_mode()
-    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise="release", plan=None):
+    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise="release", plan=None,
+               guidance=None):
+        """guidance: the `pidkern.sampler.Guidance` of a sampler="dpm++" decode (the graph is
+        per cfg and shift too; with cfg > 1 the network runs one batch of 2B per step)."""
         check_noise(noise)
         h, w = size
         b = latent.shape[0]
-        the_plan = self.plan(b, h, w, text.shape[1], plan)
+        negative = None if guidance is None else guidance.negative
+        nb = 2 * b if negative is not None else b          # the network's batch
+        the_plan = self.plan(nb, h, w, text.shape[1], plan)
+        scale = 1.0 if guidance is None else guidance.cfg
         if not the_plan["graphs"]:
-            self.check_memory(b, h, w, text.shape[1], noise)
+            self.check_memory(b, h, w, text.shape[1], noise, sampler, scale)
             draws = philox_key(seed, self.device) if noise == "philox" else self.draw_noise((b, 3, h, w), steps,
                                                                                               sampler, seed)
-            out = self.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True)
+            if sampler == DPM:
+                sched = dpm_schedule(steps, guidance.cfg, guidance.shift, self.device)
+                out = self.run_dpm(latent, sigma, text, negative, draws, sched, h, w, the_plan, racing=True)
+            else:
+                out = self.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True)
             if progress:
                 progress(steps, steps)
             return out
+        g_key = None if guidance is None else (guidance.cfg, guidance.shift, negative is not None)
         key = (b, latent.shape[1], latent.shape[2], latent.shape[3], text.shape[1], steps, sampler, noise,
-               tuple(sorted({**self.overrides, **check_overrides(plan)}.items())))
+               tuple(sorted({**self.overrides, **check_overrides(plan)}.items())), g_key)
         if key not in self.graphs.keys():
-            self.check_memory(b, h, w, text.shape[1], noise)
+            self.check_memory(b, h, w, text.shape[1], noise, sampler, scale)
         entry = self.graphs.get(key)
         with entry.lock:
             r = entry.runner
@@ -187,7 +242,10 @@ class Engine:
                 r.bufs["noise"].fill_(seed_int64(seed))      # the whole stream follows on the device
             else:
                 self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
-            out = r.replay(latent=latent, sigma=sigma, text=text)
+            inputs = dict(latent=latent, sigma=sigma, text=text)
+            if negative is not None:
+                inputs["negative"] = negative
+            out = r.replay(**inputs)
         if progress:
             progress(steps, steps)
         return out
