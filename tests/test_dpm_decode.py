@@ -235,22 +235,47 @@ def test_undistilled_release_file_may_lack_the_training_only_head(tmp_path):
         pidkern.load(tmp_path / "other.safetensors", preset=cfg, device="cpu")
 
 
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay runs the captured function again into
+    the same output tensor (what a replay does with the static buffers)."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        self.out.copy_(self.run(False))
+
+
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (kernels under its interpreter)")
-def test_fast_path_matches_reference():
-    """The fast path (interpreted kernels; one batch of 2B per guided step, the multistep
-    history in the loop's own tensors) against the reference path (two network calls of B
-    per guided step), float32, guided, a second-order step included."""
+def test_fast_path_matches_reference(monkeypatch):
+    """The fast path (interpreted kernels; one batch of 2B per guided step) against the
+    reference path (two network calls of B per guided step), float32, guided, a second-order
+    step included; then the graph runner's buffers (the negative caption's, one noise
+    buffer) with an eager stand-in for the capture, fed as Engine.decode feeds them."""
+    from pidkern import engine as engine_module
     with pytest.warns(UserWarning, match="RANDOM weights"):
         dec = pidkern.load(preset=tiny("flux-2k"), device="cpu", distilled=False)
     g = torch.Generator().manual_seed(4)
     latent = torch.randn(2, dec.config.latent_channels, 1, 1, generator=g)
     text, neg = torch.randn(2, 5, dec.config.text_dim, generator=g), torch.randn(1, 5, dec.config.text_dim, generator=g)
+    sigma = torch.tensor([0.0, 0.3])
     kw = dict(sampler="dpm++", steps=3, cfg=3.0, shift=4.0, seed=3, negative_text=neg)
-    ref = dec.decode(latent, torch.tensor([0.0, 0.3]), text, backend="reference", **kw)
-    fast = dec.decode(latent, torch.tensor([0.0, 0.3]), text, backend="fast", **kw)
+    ref = dec.decode(latent, sigma, text, backend="reference", **kw)
+    fast = dec.decode(latent, sigma, text, backend="fast", **kw)
     assert rel_l2(fast, ref) <= 1e-5
-    other = dec.decode(latent, torch.tensor([0.0, 0.3]), text, backend="reference", **{**kw, "cfg": 2.0})
+    other = dec.decode(latent, sigma, text, backend="reference", **{**kw, "cfg": 2.0})
     assert rel_l2(other, ref) > 1e-3
+
+    def capture(run, device, warm_ups=2):
+        out = run(True)
+        return EagerGraph(run, out), out
+    monkeypatch.setattr(engine_module, "capture", capture)
+    eng = dec.engine()
+    runner = eng._build_runner((2, dec.config.latent_channels, 1, 1, 5, 3, "dpm++", "release", (), (3.0, 4.0, True)))
+    assert sorted(runner.bufs) == ["latent", "negative", "noise", "sigma", "text"] and len(runner.bufs["noise"]) == 1
+    eng.draw_noise(tuple(ref.shape), 3, "dpm++", 3, out=runner.bufs["noise"])
+    replayed = runner.replay(latent=latent, sigma=sigma, text=text, negative=neg.expand(2, -1, -1))
+    assert rel_l2(replayed, ref) <= 1e-5
 
 
 def test_memory_estimate_knows_the_doubled_batch():
