@@ -21,12 +21,14 @@ import threading
 
 import torch
 
-from . import fp8, ops
+from . import fp8
 from .fast import FastPiD
 from .graphs import GraphCache, Runner, capture
-from .memory import InsufficientMemoryError, check_fits, estimate_memory, weight_bytes  # noqa: F401  (re-exported)
+from .inputs import DecodeInputs
+from .memory import check_fits
 from .plan import Plan, check_overrides, resolve
 from .reference import fold_patch_pixels
+from .routes import DeviceSpec
 from .sampler import (DPM, check_noise, dpm_schedule, ode_update, philox_key, release_draws, renoise_count,
                       sample_dpm, schedule, seed_int64)
 
@@ -54,6 +56,7 @@ class Engine:
                 raise ValueError(f"precision='fp8': {why}")
         with decoder.using_net() as net:      # whole on the device while FastPiD reads it
             self.model = FastPiD(net, self.dtype, self.precision)
+        self.spec = DeviceSpec.of(self.device)    # what the route table's capability rules read
         self.plans: dict = {}
         self._scalars: dict = {}
         self._tables: dict = {}
@@ -70,9 +73,8 @@ class Engine:
         with self._lock:
             if key not in self.plans:
                 self.plans[key] = resolve(self.cfg, batch, h, w, text_len, self.device,
-                                          torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over,
-                                          collectives, precision=self.precision,
-                                          torchao_ok=self.precision == "fp8" and fp8.torchao_available(self.device))
+                                          torch.finfo(self.dtype).bits // 8, overrides=over, collectives=collectives,
+                                          precision=self.precision, spec=self.spec)
             return self.plans[key]
 
     def tables(self, h: int, w: int, text_len: int) -> dict:
@@ -115,9 +117,11 @@ class Engine:
         return x.clamp(-1, 1)
 
     def run_dpm(self, latent, sigma, text, negative, noise, sched, h, w, plan: Plan, racing=False):
-        """A DPM-Solver++ decode (pidkern.sampler.sample_dpm) around the fast network. With
-        guidance (`negative` given) the two halves are one batch of 2B, the unconditional
-        first: every input doubled, the caption of the first half `negative`."""
+        """A DPM-Solver++ decode (pidkern.sampler.sample_dpm, the reference's loop) around the
+        fast network. With guidance (`negative` given) the two halves are one batch of 2B,
+        the unconditional first: latent and sigma doubled, the first half's caption
+        `negative`; the velocity splits after the final layer. The multistep history is the
+        loop's own tensors: static in a graph's pool."""
         from . import _ext
         cfg, model = self.cfg, self.model
         b = latent.shape[0]
@@ -159,36 +163,54 @@ class Engine:
         return self._scalars[key]
 
     # -- graphs ------------------------------------------------------------------------
+    def graph_key(self, inputs: DecodeInputs, plan=None) -> tuple:
+        """What a captured decode is keyed by: every shape, the sampler, the noise stream and
+        the plan's overrides (a different plan never replays another's graph); for "dpm++"
+        the guidance scale, the shift and whether the unconditional half runs."""
+        g = inputs.guidance       # DPM-Solver++: one graph per cfg and shift too
+        return (inputs.batch, *inputs.latent.shape[1:], inputs.text.shape[1], inputs.steps, inputs.sampler,
+                inputs.noise, tuple(sorted({**self.overrides, **check_overrides(plan)}.items())),
+                None if g is None else (g.cfg, g.shift, g.negative is not None))
+
+    def static_buffers(self, key, noise_shape=None) -> dict:
+        """A graph's static inputs for `key` (graph_key's): latent, sigma, text, and the noise
+        (the Philox key, or one [B, 3, H, W] buffer per draw; "dpm++" with guidance: the
+        unconditional caption `negative` too; with `noise_shape`
+        always buffers of that shape, e.g. a band's rows of the draws). Filled with random values: a warm-up must not meet
+        zeros it would never meet in use."""
+        b, c, lh, lw, t_len, steps, sampler, noise, _, guidance = key
+        h, w = self.cfg.output_size(lh, lw)
+        dev = self.device
+        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev).normal_(), sigma=torch.zeros(b, device=dev),
+                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev).normal_())
+        if guidance is not None and guidance[2]:      # the unconditional half's caption
+            bufs["negative"] = torch.zeros(b, t_len, self.cfg.text_dim, device=dev).normal_()
+        if noise == "philox" and noise_shape is None:
+            bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
+        else:
+            shape = noise_shape or (b, 3, h, w)
+            bufs["noise"] = [torch.zeros(shape, device=dev).normal_() for _ in range(1 + renoise_count(steps, sampler))]
+        return bufs
+
+    def capture(self, key, run, noise_shape=None) -> Runner:
+        """Capture run(bufs, first) over the static buffers of `key` (the first warm-up races
+        the plan's open choices: all of it before capture)."""
+        bufs = self.static_buffers(key, noise_shape)
+        graph, out = capture(lambda first: run(bufs, first), self.device)
+        return Runner(graph, bufs, out)
+
     def _build_runner(self, key):
         b, c, lh, lw, t_len, steps, sampler, noise, over, guidance = key
         h, w = self.cfg.output_size(lh, lw)
-        dev = self.device
         guided = guidance is not None and guidance[2]
         plan = self.plan(2 * b if guided else b, h, w, t_len, dict(over))
-        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev), sigma=torch.zeros(b, device=dev),
-                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev))
-        if noise == "philox":
-            bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
-        else:
-            # the initial image and one eps per re-noising step: DPM-Solver++ and the ODE draw one
-            bufs["noise"] = [torch.zeros(b, 3, h, w, device=dev).normal_()
-                             for _ in range(1 + renoise_count(steps, sampler))]
-        if guided:
-            bufs["negative"] = torch.zeros(b, t_len, self.cfg.text_dim, device=dev)
-        for k in ("latent", "text", "negative"):
-            if k in bufs:
-                bufs[k].normal_()
         if sampler == DPM:
-            sched = dpm_schedule(steps, guidance[0], guidance[1], dev)      # read back before capture
-            args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs.get("negative"), bufs["noise"], sched, h, w,
-                    plan)
-            run = self.run_dpm
-        else:
-            args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps, sampler, h, w, plan)
-            run = self.run
-        # the first warm-up races the plan's open choices: all of it before capture
-        graph, out = capture(lambda first: run(*args, racing=first), dev)
-        return Runner(graph, bufs, out)
+            sched = dpm_schedule(steps, guidance[0], guidance[1], self.device)   # read back before capture
+            return self.capture(key, lambda bufs, first: self.run_dpm(
+                bufs["latent"], bufs["sigma"], bufs["text"], bufs.get("negative"), bufs["noise"], sched, h, w, plan,
+                racing=first))
+        return self.capture(key, lambda bufs, first: self.run(bufs["latent"], bufs["sigma"], bufs["text"],
+                                                              bufs["noise"], steps, sampler, h, w, plan, racing=first))
 
     # -- entry point ---------------------------------------------------------------------
     def draw_noise(self, shape, steps, sampler, seed, out=None):
@@ -207,45 +229,44 @@ class Engine:
         check_fits(self.cfg, self.device, batch, h, w, text_len, noise, sampler, cfg_scale)
 
     @torch.inference_mode()
-    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise="release", plan=None,
-               guidance=None):
-        """guidance: the `pidkern.sampler.Guidance` of a sampler="dpm++" decode (the graph is
-        per cfg and shift too; with cfg > 1 the network runs one batch of 2B per step)."""
-        check_noise(noise)
-        h, w = size
-        b = latent.shape[0]
-        negative = None if guidance is None else guidance.negative
-        nb = 2 * b if negative is not None else b          # the network's batch
-        the_plan = self.plan(nb, h, w, text.shape[1], plan)
-        scale = 1.0 if guidance is None else guidance.cfg
+    def decode(self, inputs: DecodeInputs, progress=None, plan=None):
+        """One whole fast decode of checked inputs (Decoder.prepare's). A "dpm++" decode with
+        guidance runs the network on a batch of 2B: its plan and memory check are that batch's."""
+        check_noise(inputs.noise)
+        h, w = inputs.size
+        b, t_len, steps, sampler, seed = inputs.batch, inputs.text.shape[1], inputs.steps, inputs.sampler, inputs.seed
+        g = inputs.guidance
+        negative = None if g is None else g.negative
+        scale = 1.0 if g is None else g.cfg
+        the_plan = self.plan(2 * b if negative is not None else b, h, w, t_len, plan)
         if not the_plan["graphs"]:
-            self.check_memory(b, h, w, text.shape[1], noise, sampler, scale)
-            draws = philox_key(seed, self.device) if noise == "philox" else self.draw_noise((b, 3, h, w), steps,
-                                                                                              sampler, seed)
+            self.check_memory(b, h, w, t_len, inputs.noise, sampler, scale)
+            draws = philox_key(seed, self.device) if inputs.noise == "philox" else self.draw_noise(
+                (b, 3, h, w), steps, sampler, seed)
             if sampler == DPM:
-                sched = dpm_schedule(steps, guidance.cfg, guidance.shift, self.device)
-                out = self.run_dpm(latent, sigma, text, negative, draws, sched, h, w, the_plan, racing=True)
+                sched = dpm_schedule(steps, g.cfg, g.shift, self.device)
+                out = self.run_dpm(inputs.latent, inputs.sigma, inputs.text, negative, draws, sched, h, w, the_plan,
+                                   racing=True)
             else:
-                out = self.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True)
+                out = self.run(inputs.latent, inputs.sigma, inputs.text, draws, steps, sampler, h, w, the_plan,
+                               racing=True)
             if progress:
                 progress(steps, steps)
             return out
-        g_key = None if guidance is None else (guidance.cfg, guidance.shift, negative is not None)
-        key = (b, latent.shape[1], latent.shape[2], latent.shape[3], text.shape[1], steps, sampler, noise,
-               tuple(sorted({**self.overrides, **check_overrides(plan)}.items())), g_key)
+        key = self.graph_key(inputs, plan)
         if key not in self.graphs.keys():
-            self.check_memory(b, h, w, text.shape[1], noise, sampler, scale)
+            self.check_memory(b, h, w, t_len, inputs.noise, sampler, scale)
         entry = self.graphs.get(key)
         with entry.lock:
             r = entry.runner
-            if noise == "philox":
+            if inputs.noise == "philox":
                 r.bufs["noise"].fill_(seed_int64(seed))      # the whole stream follows on the device
             else:
                 self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
-            inputs = dict(latent=latent, sigma=sigma, text=text)
+            fed = dict(latent=inputs.latent, sigma=inputs.sigma, text=inputs.text)
             if negative is not None:
-                inputs["negative"] = negative
-            out = r.replay(**inputs)
+                fed["negative"] = negative
+            out = r.replay(**fed)
         if progress:
             progress(steps, steps)
         return out

@@ -12,7 +12,8 @@ from pidkern import ops
 from pidkern.api import Decoder, random_net
 from pidkern.checkpoint import inspect_checkpoint, save_checkpoint
 from pidkern.config import UNDISTILLED_DIRS, sampling_for, tiny
-from pidkern.sampler import dpm_times, dynamic_shift, philox_draws
+from pidkern._ext import philox_draws
+from pidkern.sampler import dpm_times, dynamic_shift
 from test_dpm import ref_sample, ref_times, rel_l2
 
 CPU = torch.device("cpu")
@@ -140,9 +141,9 @@ def test_dynamic_shift_default():
     latent, sigma, text, neg = inputs(dec)
     args = dec.prepare(latent, sigma, text, sampler="dpm++", negative_text=neg)
     H, W = dec.config.output_size(1, 2)
-    assert args["guidance"].shift == dynamic_shift(6.0, 2048, H, W)
-    assert args["guidance"].cfg == 5.0 and args["steps"] == 25 and args["sampler"] == "dpm++"
-    assert dec.prepare(latent, sigma, text, sampler="dpm++", shift=2.5, cfg=1)["guidance"].shift == 2.5
+    assert args.guidance.shift == dynamic_shift(6.0, 2048, H, W)
+    assert args.guidance.cfg == 5.0 and args.steps == 25 and args.sampler == "dpm++"
+    assert dec.prepare(latent, sigma, text, sampler="dpm++", shift=2.5, cfg=1).guidance.shift == 2.5
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -271,7 +272,7 @@ def test_fast_path_matches_reference(monkeypatch):
         return EagerGraph(run, out), out
     monkeypatch.setattr(engine_module, "capture", capture)
     eng = dec.engine()
-    runner = eng._build_runner((2, dec.config.latent_channels, 1, 1, 5, 2, "dpm++", "release", (), (3.0, 4.0, True)))
+    runner = eng._build_runner(eng.graph_key(dec.prepare(latent, sigma, text, **kw)))
     assert sorted(runner.bufs) == ["latent", "negative", "noise", "sigma", "text"] and len(runner.bufs["noise"]) == 1
     eng.draw_noise(tuple(ref.shape), 2, "dpm++", 3, out=runner.bufs["noise"])
     replayed = runner.replay(latent=latent, sigma=sigma, text=text, negative=neg.expand(2, -1, -1))
