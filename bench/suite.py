@@ -38,7 +38,10 @@ from pidkern.config import get_preset, tiny
 from pidkern.flops import decode_flops, tflops
 from pidkern.timing import environment, slug
 
-ROWS = ("fast", "fp8", "ablations", "release", "bf16", "compile", "cascade")
+ROWS = ("fast", "fp8", "ablations", "undistilled", "release", "bf16", "compile", "cascade")
+# The undistilled row: the release's teacher sampler at its documented step count, a milder
+# guidance scale than its default 5 (the cost does not depend on the scale, only on cfg != 1).
+UNDISTILLED_STEPS, UNDISTILLED_CFG = 25, 3.0
 
 # PiD paper, 512² latent -> 2048², GB200, torch.compile (ms)
 PAPER_MS = {"PiD": 211.2, "VAE + SeedVR2-3B": 1237.5, "VAE + TSD-SR": 724.8, "VAE + InvSR": 1017.7,
@@ -125,6 +128,8 @@ class Plan:
                     for route in pb.ATTENTION_ROUTES:
                         rows.append(self._pid_row(f"fast attention={route}", size, batch, self._fast,
                                                   plan=pb.ablation_plan((), route)))
+                if "undistilled" in self.rows_on and size == self.ablation_size and batch == self.batches[0]:
+                    rows.append(self._undistilled_row(size, batch))
                 if "release" in self.rows_on:
                     rows.append(self._pid_row("release", size, batch, self._release,
                                               note="fp32 weights, bf16 autocast, eager, adapter every step"))
@@ -146,6 +151,23 @@ class Plan:
             latent, sigma, text = self._inputs(size, batch)
             return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="fast", plan=plan)
         return build
+
+    def _undistilled_row(self, size, batch):
+        """DPM-Solver++ with guidance: 2B images through the network per step."""
+        steps = 2 if self.smoke else UNDISTILLED_STEPS
+        flop = decode_flops(self.cfg, 2 * batch, size, size, steps)["total"]
+
+        def build():
+            from pidkern.config import sampling_for
+            dec = self.decoder(self.fast_dtype())
+            dec.sampling = sampling_for(self.cfg, distilled=False)
+            latent, sigma, text = self._inputs(size, batch)
+            negative = torch.zeros_like(text[:1])
+            return lambda: dec.decode(latent, sigma, text, steps=steps, seed=0, sampler="dpm++", backend="fast",
+                                      cfg=UNDISTILLED_CFG, negative_text=negative)
+        return Row("undistilled", "pid", size, batch, build, flop,
+                   f"dpm++ {steps} steps, cfg {UNDISTILLED_CFG:g}: {2 * steps} network evaluations of the batch, "
+                   f"fast path")
 
     def _fp8(self, size, batch):
         def build():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, PiDConfig, get_preset
+from .config import PRESETS, PiDConfig, get_preset, sampling_for
 from .decoder import Decoder
 # The image functions live in pidkern.images; importable from here as before.
 from .images import IMAGE_FORMATS, numbered_paths, save_images, save_png, to_pil, to_uint8  # noqa: F401
@@ -32,8 +32,9 @@ log = logging.getLogger("pidkern")
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native", *,
-         random: bool = False, revision: str | None = None, progress: bool = True) -> Decoder:
+         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native",
+         distilled: bool | None = None, *, random: bool = False, revision: str | None = None,
+         progress: bool = True) -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights; or the
@@ -66,12 +67,16 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         8-bit e4m3 with per-row scales (docs/fp8.md), quantized once when the fast model is
         built; the 8-bit copies replace the originals in device memory during fast decodes.
         Needs an Ada/Hopper or later GPU on CUDA; on the CPU the same math runs emulated.
+    distilled: True (the 4-step checkpoints), False (the undistilled v1.5 teachers, decoded
+        with DPM-Solver++ and guidance by default), or None: from a released name in the
+        checkpoint's path (the two kinds have the same tensors), else True.
+        `decoder.sampling` holds the resulting defaults (docs/samplers.md).
     progress: bars on stderr while weights are fetched, read or built.
 
     The Decoder returned is also what `pidkern.decode` uses when given no `model=`.
     """
     dec = _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parallel, group, sp_attention,
-                precision, random=random, revision=revision, progress=progress)
+                precision, distilled, random=random, revision=revision, progress=progress)
     global _last_loaded
     _last_loaded = weakref.ref(dec)
     return dec
@@ -95,7 +100,7 @@ def _random_config(preset, random: bool) -> PiDConfig:
 
 
 def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parallel, group, sp_attention, precision,
-          random=False, revision=None, progress=True) -> Decoder:
+          distilled=None, random=False, revision=None, progress=True) -> Decoder:
     precision = resolve_precision(precision)
     if not isinstance(random, bool):
         raise TypeError(f"random={random!r}: expected True (random weights) or False")
@@ -105,8 +110,10 @@ def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parall
         from .parallel import sequence_parallel, setup
         group, device = setup(parallel, group, device, sp_attention)
         dec = _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, None, None, None, precision,
-                    random=random, revision=revision, progress=progress)
-        return sequence_parallel(dec, group, attention=sp_attention or "gather")
+                    distilled, random=random, revision=revision, progress=progress)
+        sp = sequence_parallel(dec, group, attention=sp_attention or "gather")
+        sp.sampling = dec.sampling
+        return sp
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if autocast is not None:
@@ -114,6 +121,8 @@ def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parall
     cfg = resolve_config(preset) if preset is not None else None
     if checkpoint is None:
         cfg = _random_config(preset, random)
+        if distilled is not None and not isinstance(distilled, bool):
+            raise TypeError(f"distilled={distilled!r}: expected True, False or None")
         if not random:
             warnings.warn(f"pidkern.load: {cfg.name} is no released preset, so there are no weights to fetch; "
                           f"building it with RANDOM weights (noise-like images)", stacklevel=3)
@@ -121,7 +130,7 @@ def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parall
         n = sum(p.numel() for p in _meta_net(cfg).parameters())
         with busy(f"building random {cfg.name} weights ({_count(n)} parameters)", progress):
             net = random_net(cfg, dev, dt)
-        return Decoder(net, dev, dt, "random", autocast, enc, precision)
+        return Decoder(net, dev, dt, "random", autocast, enc, precision, sampling_for(cfg, distilled is not False))
     path = checkpoint
     from .hub import fetch_checkpoint, release_name
     if isinstance(checkpoint, str) and not Path(checkpoint).expanduser().exists() and release_name(checkpoint):
@@ -130,14 +139,15 @@ def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parall
         raise ValueError(f"revision={revision!r}: applies to a released checkpoint fetched by name, not to the local "
                          f"path {str(checkpoint)!r}")
     enc = resolve_text_encoder(text_encoder, dev)
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, trained_for
     with busy(f"reading {Path(path).name}", progress):
         state, cfg = load_checkpoint(path, preset=cfg, ema=ema)
         with torch.device("meta"):
             net = PiDNet(cfg)
         net.load_state_dict(state, assign=True, strict=True)
         net = net.to(dev, dt)
-    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision)
+    trained, _ = trained_for(checkpoint, cfg, distilled)
+    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision, sampling_for(cfg, trained))
 
 
 def _meta_net(cfg: PiDConfig) -> PiDNet:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, RELEASE_DIRS, PiDConfig, get_preset
+from .config import PRESETS, UNDISTILLED_DIRS, PiDConfig, get_preset, release_names
 
 log = logging.getLogger("pidkern")
 
@@ -100,20 +100,29 @@ def _fingerprint(shapes: Mapping[str, tuple]) -> tuple[int, int, bool] | None:
     return int(w[1]), int(w[0]), any(k.startswith("pit_lq_gate.") for k in shapes)
 
 
-def _release_name_in(path) -> str | None:
-    """The preset whose released directory name appears in `path`, if any."""
+def release_of(path) -> tuple[str, bool] | None:
+    """(preset, distilled) of the released checkpoint whose name appears in `path`, if any
+    (the undistilled teachers are known only by name: their tensors are the distilled
+    v1.5 networks')."""
     if path is None:
         return None
+    names = release_names()
     # The path as given first: a Hugging Face cache entry is a link whose target (a blob
     # named by its hash) no longer carries the release's directory name.
     parts = Path(path).parts
     if Path(path).exists():
         parts = Path(path).resolve().parts + parts
     for part in reversed(parts):  # the innermost name wins
-        hits = [name for name, d in RELEASE_DIRS.items() if d in part]
+        hits = [d for d in names if d in part]
         if hits:
-            return max(hits, key=lambda n: len(RELEASE_DIRS[n]))
+            return names[max(hits, key=len)]
     return None
+
+
+def _release_name_in(path) -> str | None:
+    """The preset whose released name appears in `path`, if any."""
+    found = release_of(path)
+    return None if found is None else found[0]
 
 
 def detect_preset(shapes: Mapping, path=None) -> PiDConfig:
@@ -617,11 +626,15 @@ def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
             cfg, how = detect_preset(shapes, source.path), "shapes"
     want = expected_shapes(cfg)
     aux = [k for k in want if k.startswith(TRAINING_ONLY_HEAD)]
-    if plan.layout == "comfyui" and aux and not any(k.startswith(TRAINING_ONLY_HEAD) for k in shapes):
+    # ComfyUI's network has no such head; the undistilled teachers' consolidated files are
+    # reported without it too (a user's note, not checked against the files here).
+    named = release_of(source.path)
+    may_lack = plan.layout == "comfyui" or (named is not None and not named[1])
+    if may_lack and aux and not any(k.startswith(TRAINING_ONLY_HEAD) for k in shapes):
         plan.filled = aux
         shapes.update({k: want[k] for k in aux})
-        log.info("%s: ComfyUI layout without the training-only %s*; filled with zeros (never run)",
-                 source.path, TRAINING_ONLY_HEAD)
+        log.info("%s: %s without the training-only %s*; filled with zeros (never run)", source.path,
+                 "ComfyUI layout" if plan.layout == "comfyui" else "an undistilled release file", TRAINING_ONLY_HEAD)
     check_state_dict(shapes, cfg, source.path)
     return plan, cfg, how
 
@@ -678,6 +691,8 @@ class CheckpointInfo:
     parameters: int
     skipped: dict[str, int]     # top-level groups not read -> entries
     filled: tuple[str, ...]     # training-only keys the file lacks (zeros on load)
+    distilled: bool = True      # trained for the 4-step sampler (False: an undistilled teacher)
+    distilled_from: str = "assumed"  # "argument", "name" (a released name in the path) or "assumed"
 
 
 def parameter_count(cfg: PiDConfig) -> int:
@@ -690,9 +705,36 @@ def same_network(cfg: PiDConfig) -> tuple[str, ...]:
     return tuple(n for n, c in PRESETS.items() if c != cfg and expected_shapes(c) == want)
 
 
-def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = False) -> CheckpointInfo:
+def trained_for(path, cfg: PiDConfig, distilled: bool | None = None) -> tuple[bool, str]:
+    """(distilled, how it is known) of a checkpoint at `path` of network `cfg`.
+
+    The undistilled teachers have the distilled v1.5 networks' keys and shapes: only a
+    released name in the path tells them apart. `distilled` (an argument) wins; without
+    it the name decides, and a path without one is taken as distilled (with a warning
+    where an undistilled twin exists)."""
+    if distilled is not None and not isinstance(distilled, bool):
+        raise TypeError(f"distilled={distilled!r}: expected True, False or None (from the checkpoint's name)")
+    named = release_of(path)
+    if distilled is not None:
+        if named is not None and named[1] != distilled:
+            warnings.warn(f"{path}: the name is the release's {'distilled' if named[1] else 'undistilled'} "
+                          f"checkpoint, but distilled={distilled} was given; going by the argument", stacklevel=3)
+        return distilled, "argument"
+    if named is not None:
+        return named[1], "name"
+    if cfg.name in UNDISTILLED_DIRS:
+        warnings.warn(f"{path}: the network of {cfg.name}, whose release has a distilled and an undistilled "
+                      f"checkpoint with the same tensors; no released name in the path, so taking it as the "
+                      f"distilled one. Pass distilled=False (CLI: --undistilled) for "
+                      f"{UNDISTILLED_DIRS[cfg.name]}", AmbiguousPresetWarning, stacklevel=3)
+    return True, "assumed"
+
+
+def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = False,
+                       distilled: bool | None = None) -> CheckpointInfo:
     """Layout, preset, EMA, key count, dtypes and parameter count of a checkpoint, with the
-    same strict checks as `load_checkpoint`, without reading the weights."""
+    same strict checks as `load_checkpoint`, without reading the weights. distilled: as
+    `trained_for` (None: from the checkpoint's name)."""
     preset = _check_args(preset, None, ema)
     src = _resolve(path)
     with warnings.catch_warnings():
@@ -703,11 +745,12 @@ def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = 
             for src_keys in plan.sources.values():
                 dt = source.dtypes[src_keys[0]]
                 dtypes[dt] = dtypes.get(dt, 0) + 1
+        distilled, distilled_from = trained_for(src, cfg, distilled)
     return CheckpointInfo(path=src, layout=plan.layout, prefix=plan.prefix, split_adaln=plan.split_adaln,
                           config=cfg, preset_from=how, same_network=same_network(cfg), ema_read=plan.ema,
                           ema_available=plan.ema_available, keys=len(expected_shapes(cfg)), dtypes=dtypes,
                           parameters=parameter_count(cfg), skipped=plan.skipped,
-                          filled=tuple(plan.filled))
+                          filled=tuple(plan.filled), distilled=distilled, distilled_from=distilled_from)
 
 
 def config_metadata(cfg: PiDConfig) -> dict[str, str]:

@@ -173,12 +173,14 @@ def _load_decoder(args):
         raise ValueError(f"--sp-attention {args.sp_attention}: needs --sequence-parallel")
     if getattr(args, "precision", "native") != "native":
         extra["precision"] = args.precision
+    if getattr(args, "undistilled", False):
+        extra["distilled"] = False
     random = args.checkpoint is None    # --preset alone: random weights, as the flag says
     dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, random=random,
                        progress=not args.quiet, **extra)
     t_load = time.perf_counter() - t0
     _info(args, f"loaded {dec.config.name} from {dec.source} on {dec.device} "
-                f"({str(dec.dtype).replace('torch.', '')}) in {t_load:.2f} s")
+                f"({str(dec.dtype).replace('torch.', '')}; {dec.sampling.describe()}) in {t_load:.2f} s")
     return dec, t_load
 
 
@@ -199,6 +201,41 @@ def _text_for(args, dec, batch: int) -> dict:
     return {}
 
 
+def _check_sampler_args(args) -> None:
+    """What can be checked of --sampler/--steps/--cfg/--shift before the checkpoint (and so
+    its default sampler) is known; the decoder checks the rest."""
+    from .sampler import DPM, MAX_DPM_STEPS
+    top = MAX_DPM_STEPS if args.sampler in (DPM, None) else 4
+    if args.steps is not None and not 1 <= args.steps <= top:
+        raise ValueError(f"--steps {args.steps}: expected 1 to {top}"
+                         + (" (the distilled schedule; dpm++ takes up to 100)" if top == 4 else ""))
+    if args.cfg is not None and not args.cfg >= 1.0:      # false for NaN too
+        raise ValueError(f"--cfg {args.cfg}: expected a guidance scale >= 1 (1: no guidance)")
+    if args.shift is not None and not 0.0 < args.shift < float("inf"):
+        raise ValueError(f"--shift {args.shift}: expected a flow shift > 0")
+
+
+_SAMPLER_FLAGS = (("steps", "--steps"), ("cfg", "--cfg"), ("shift", "--shift"), ("sampler", "--sampler"),
+                  ("negative_prompt", "--negative-prompt"))
+
+
+def _reraise_as_flag(e: Exception):
+    """Re-raise an API error about a sampler argument (`steps=5: ...`) naming its flag."""
+    msg = str(e)
+    for api_name, flag in _SAMPLER_FLAGS:
+        if msg.startswith(api_name + "="):
+            raise type(e)(f"{flag} {msg[len(api_name) + 1:]}") from None
+    raise e
+
+
+def _sampler_kwargs(args) -> dict:
+    """The decode's sampler arguments (None: the checkpoint's default)."""
+    kw = dict(steps=args.steps, sampler=args.sampler, cfg=args.cfg, shift=args.shift)
+    if args.negative_prompt is not None:
+        kw["negative_prompt"] = args.negative_prompt
+    return kw
+
+
 def cmd_decode(args) -> int:
     if getattr(args, "sequence_parallel", False):
         from .parallel import torchrun_group
@@ -213,8 +250,7 @@ def cmd_decode(args) -> int:
 def _decode(args) -> int:
     latent = read_tensor(args.latent, "LATENT", LATENT_KEYS)
     # Checked before loading: a load can take many seconds.
-    if not 1 <= args.steps <= 4:
-        raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")
+    _check_sampler_args(args)
     # SDXL's scheduler sigma (Euler frame) runs to ~15; to_pid_frame maps it into [0, 1].
     if not 0.0 <= args.sigma <= (float("inf") if args.backbone == "sdxl" else 1.0):  # false for NaN too
         raise ValueError(f"--sigma {args.sigma}: expected the latent's noise level in [0, 1]"
@@ -268,12 +304,12 @@ def _decode(args) -> int:
     text = _text_for(args, dec, latent.shape[0])
 
     t1 = time.perf_counter()
-    bar = _progress(args, args.steps, "step", "decode")
+    bar = _progress(args, args.steps or dec.sampling.steps_for(args.sampler), "step", "decode")
     seed = None if args.seed < 0 else args.seed
     try:
         with bar:
-            images = dec.decode(latent, sigma, steps=args.steps, seed=seed, sampler=args.sampler,
-                                backend=args.backend, progress=lambda step, steps: bar.update(1), noise=args.noise,
+            images = dec.decode(latent, sigma, seed=seed, backend=args.backend,
+                                progress=lambda step, steps: bar.update(1), noise=args.noise, **_sampler_kwargs(args),
                                 **text)
     except (ValueError, TypeError) as e:
         # The API names its own arguments; say which file on the command line they came from.
@@ -281,7 +317,7 @@ def _decode(args) -> int:
         for api_name, flag, path in (("latent", "LATENT", args.latent), ("text", "--text-embeds", args.text_embeds)):
             if msg.startswith(api_name + ":"):
                 raise type(e)(f"{flag} {str(path)!r}:{msg[len(api_name) + 1:]}") from None
-        raise
+        _reraise_as_flag(e)
     t_dec = time.perf_counter() - t1
     if images is None:   # a rank other than 0 of a sequence-parallel decode: rank 0 has the image
         return 0
@@ -357,8 +393,7 @@ def cmd_upscale(args) -> int:
     for path in args.images:
         alpha |= any(im.alpha is not None for im in pipelines.read_images(path, name="image"))
     outs = _check_output(args.output, args.quality, len(args.images), alpha=alpha and args.alpha == "keep")
-    if not 1 <= args.steps <= 4:
-        raise ValueError(f"--steps {args.steps}: expected 1 to 4 (the distilled schedule)")
+    _check_sampler_args(args)
     if not 0.0 <= args.degrade_sigma <= 1.0:
         raise ValueError(f"--degrade-sigma {args.degrade_sigma}: expected a noise level in [0, 1]")
     _quiet_libraries(args)
@@ -373,7 +408,8 @@ def cmd_upscale(args) -> int:
     from .sampler import resolve_seed
     seed = resolve_seed(seed)
     t1 = time.perf_counter()
-    with _progress(args, len(args.images) * args.steps, "step", "upscale") as bar, ticking(bar):
+    steps = args.steps or dec.sampling.steps_for(args.sampler)
+    with _progress(args, len(args.images) * steps, "step", "upscale") as bar, ticking(bar):
         for i, (src, out) in enumerate(zip(args.images, outs)):
             name = Path(src).name
 
@@ -384,9 +420,13 @@ def cmd_upscale(args) -> int:
                 bar.set_postfix_str(f"{name}: decode")
                 bar.update(1)
             # One image per call: sizes differ, and image i keeps seed + i as in a batch call.
-            pic = pipelines.upscale(src, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
-                                    seed=seed + i, backbone=backbone, alpha=args.alpha, stage=stage,
-                                    decode_kwargs=dict(steps=args.steps, backend=args.backend, progress=step))
+            try:
+                pic = pipelines.upscale(src, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
+                                        seed=seed + i, backbone=backbone, alpha=args.alpha, stage=stage,
+                                        decode_kwargs=dict(backend=args.backend, **_sampler_kwargs(args),
+                                                           progress=step))
+            except (ValueError, TypeError) as e:
+                _reraise_as_flag(e)
             save_images(pic, out, quality=args.quality)
             _print_path(out, bar)
     _info(args, f"upscaled {len(outs)} image{'s' if len(outs) > 1 else ''} in "
@@ -432,8 +472,16 @@ def checkpoint_lines(info) -> list[str]:
              + (f"; skipped: {', '.join(f'{k} ({n})' for k, n in sorted(info.skipped.items()))}"
                 if info.skipped else ""),
              "dtype: " + ", ".join(f"{dt} ({n})" for dt, n in sorted(info.dtypes.items())),
-             f"parameters: {info.parameters:,}"]
+             f"parameters: {info.parameters:,}",
+             f"trained: {_trained_line(info)}"]
     return lines
+
+
+def _trained_line(info) -> str:
+    from .config import sampling_for
+    how = {"argument": "as given", "name": "from the release's name in the path",
+           "assumed": "assumed: the path carries no release name; --undistilled for an undistilled teacher"}
+    return f"{sampling_for(info.config, info.distilled).describe()} ({how[info.distilled_from]})"
 
 
 def info_lines() -> list[str]:
@@ -520,7 +568,9 @@ def cmd_info(args) -> int:
         print("\n".join(info_lines()))
         return 0
     from .checkpoint import inspect_checkpoint
-    print("\n".join(checkpoint_lines(inspect_checkpoint(args.checkpoint, preset=args.preset, ema=args.ema))))
+    info = inspect_checkpoint(args.checkpoint, preset=args.preset, ema=args.ema,
+                              distilled=False if args.undistilled else None)
+    print("\n".join(checkpoint_lines(info)))
     return 0
 
 
@@ -555,9 +605,10 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_common_arguments(p) -> None:
-    """What decode and upscale share: the output, the model, the caption, the sampler steps."""
+    """What decode and upscale share: the output, the model, the caption, the sampler."""
     from .resolve import BACKENDS, DTYPES
     from .config import PRESETS
+    from .sampler import SAMPLERS
     p.add_argument("-o", "--output", required=True, metavar="OUT.png",
                    help="image path to write (.png, .jpg, .webp, .tif, .bmp); checked before any work")
     p.add_argument("--checkpoint", default=None,
@@ -576,7 +627,22 @@ def _add_common_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
     p.add_argument("--precision", default="native", choices=("native", "fp8"),
                    help="fp8: the fast path's large GEMMs in 8-bit e4m3 (docs/fp8.md; default native)")
-    p.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
+    p.add_argument("--undistilled", action="store_true",
+                   help="the checkpoint is an undistilled teacher (needed only when its path does not carry the "
+                        "release's name, e.g. PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="sde (the distilled checkpoints' 4-step sampler), ode, or dpm++ (DPM-Solver++ with caption "
+                        "guidance, the undistilled checkpoints'); default: the checkpoint's")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps: 1 to 4 for sde/ode (default 4), 1 to 100 for dpm++ (default 25)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="dpm++ guidance scale, >= 1 (1: none, half the network evaluations; default: the "
+                        "checkpoint's, 5)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="dpm++ flow shift (default: the checkpoint's rule at the output size)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="dpm++ with --cfg > 1: the unconditional caption, encoded by --text-encoder (default: the "
+                        "release's null caption)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1 to 95 (default 95)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timings on stderr")
 
@@ -585,7 +651,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     from .resolve import DTYPES
     from .checkpoint import LAYOUTS
     from .config import PRESETS
-    from .sampler import NOISE_STREAMS, SAMPLERS
+    from .sampler import NOISE_STREAMS
     parser = argparse.ArgumentParser(prog="pidkern", description="Fast inference for PiD, the pixel-diffusion decoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and decoding do")
     sub = parser.add_subparsers(dest="command", metavar="{decode,upscale,convert,info,bench}")
@@ -617,7 +683,6 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--text-embeds", default=None, metavar="FILE",
                    help="caption embeddings [B or 1, T<=300, 2304] (tensor 'text_embeds' or the only tensor); "
                         "default: --prompt, else zeros")
-    d.add_argument("--sampler", default="sde", choices=SAMPLERS, help="sde (the release's) or ode (default sde)")
     d.add_argument("--noise", default="release", choices=NOISE_STREAMS,
                    help="release: the release's torch.Generator stream, its images for a seed (default); philox: "
                         "a counter-based stream drawn inside the fast path's CUDA graph (less memory, other images)")
@@ -673,6 +738,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
                    help="check CKPT against this preset (default: metadata or shapes)")
     i.add_argument("--ema", action="store_true", help="describe CKPT's EMA copy (net_ema.) instead")
+    i.add_argument("--undistilled", action="store_true",
+                   help="CKPT is an undistilled teacher (when its path does not carry the release's name)")
     i.add_argument("--plan", nargs=2, metavar=("PRESET", "HxW"), default=None,
                    help="print the fast path's plan (routes, bands, graphs) for PRESET at output size HxW")
     i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")

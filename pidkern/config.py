@@ -138,6 +138,85 @@ RELEASE_DIRS: dict[str, str] = {
 }
 
 
+# The three undistilled v1.5 checkpoints: the teachers of the distilled v1.5 ones, the same
+# networks (keys and shapes) in the same layout; only their name says which they are.
+UNDISTILLED_DIRS: dict[str, str] = {
+    "flux-2kto4k-v1.5": "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled",
+    "flux2-2kto4k-v1.5": "PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled",
+    "qwenimage-2kto4k-v1.5": "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled",
+}
+
+
+def release_names() -> dict[str, tuple[str, bool]]:
+    """Every released checkpoint's name -> (preset, distilled)."""
+    names = {d: (p, True) for p, d in RELEASE_DIRS.items()}
+    names.update({d: (p, False) for p, d in UNDISTILLED_DIRS.items()})
+    return names
+
+
+@dataclass(frozen=True)
+class ShiftRule:
+    """The flow shift of DPM-Solver++ when none is given: `static`, or with `base_shift`
+    the release's dynamic rule base_shift * sqrt(sqrt(H*W) / base_size) of the output size."""
+    static: float
+    base_shift: float | None = None
+    base_size: int | None = None
+
+    def shift(self, h: int, w: int) -> float:
+        if self.base_shift is None:
+            return self.static
+        return self.base_shift * math.sqrt(math.sqrt(h * w) / self.base_size)
+
+    def __str__(self):
+        if self.base_shift is None:
+            return f"{self.static:g}"
+        return f"{self.base_shift:g} * sqrt(sqrt(H*W) / {self.base_size})"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a checkpoint decodes when a decode names nothing (docs/samplers.md says where
+    each value comes from). distilled: trained for the 4-step sampler ("sde"); otherwise
+    for DPM-Solver++ ("dpm++") with guidance. `dpm_steps`, `cfg`, `shift` are the
+    DPM-Solver++ defaults (the release's inference configs carry them for every checkpoint)."""
+    distilled: bool = True
+    dpm_steps: int = 25
+    cfg: float = 5.0
+    shift: ShiftRule = ShiftRule(6.0)
+
+    @property
+    def sampler(self) -> str:
+        return "sde" if self.distilled else "dpm++"
+
+    @property
+    def steps(self) -> int:
+        return 4 if self.distilled else self.dpm_steps
+
+    def steps_for(self, sampler: str | None) -> int:
+        """The default step count of `sampler` (None: this checkpoint's own sampler)."""
+        return self.dpm_steps if (sampler or self.sampler) == "dpm++" else 4
+
+    def describe(self) -> str:
+        if self.distilled:
+            return "distilled: 4-step sampler (sde)"
+        return f"undistilled: dpm++, {self.dpm_steps} steps, cfg {self.cfg:g}, shift {self.shift}"
+
+
+# The release's inference configs: shift 6 everywhere; the 2kto4k ones a dynamic rule
+# (v1: base 4 at 1024, v1.5: base 6 at 2048), which wins over the static value.
+SHIFT_RULES: dict[str, ShiftRule] = {
+    **{name: ShiftRule(6.0) for name in ("flux-2k", "sd3-2k", "flux2-2k", "dinov2-2k", "siglip-2k")},
+    **{name: ShiftRule(6.0, 4.0, 1024) for name in ("sd3-2kto4k", "sdxl-2kto4k")},
+    **{name: ShiftRule(6.0, 6.0, 2048) for name in UNDISTILLED_DIRS},
+}
+
+
+def sampling_for(cfg: PiDConfig, distilled: bool = True) -> Sampling:
+    """The defaults of a checkpoint of `cfg` (a custom config: the v1.5 rule for v1.5, else v1 2k)."""
+    rule = SHIFT_RULES.get(cfg.name) or (ShiftRule(6.0, 6.0, 2048) if cfg.is_v15 else ShiftRule(6.0))
+    return Sampling(distilled=distilled, shift=rule)
+
+
 def get_preset(name: str) -> PiDConfig:
     try:
         return PRESETS[name]

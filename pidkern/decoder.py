@@ -6,19 +6,21 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from contextlib import contextmanager
 
 import torch
 
-from .config import PiDConfig
+from .config import PiDConfig, Sampling, sampling_for
 from .inputs import DecodeInputs
 from .latents import explain_wrong_form
 from .parking import Parking
 from .progress import steps_callback
 from .reference import PiDNet
 from .resolve import BACKENDS, resolve_precision
-from .text import resolve_text_encoder
-from .sampler import SAMPLERS, check_noise, release_draws, sample, schedule, seed_int64
+from .text import NEGATIVE_PROMPT, resolve_text_encoder
+from .sampler import (DPM, SAMPLERS, Guidance, check_cfg, check_dpm_steps, check_noise, check_shift, dpm_schedule,
+                      release_draws, sample, sample_dpm, schedule, seed_int64)
 
 
 class Decoder:
@@ -31,8 +33,10 @@ class Decoder:
     net; none of them parks while they do."""
 
     def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None,
-                 text_encoder=None, precision: str = "native"):
+                 text_encoder=None, precision: str = "native", sampling: Sampling | None = None):
         self.precision = resolve_precision(precision)
+        # What a decode runs when it names no sampler, steps, cfg or shift (the checkpoint's).
+        self.sampling = sampling if sampling is not None else sampling_for(net.cfg)
         self._net = net.eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
@@ -173,25 +177,25 @@ class Decoder:
             raise ValueError("text: contains NaN or Inf")
         return text.to(self.device, torch.float32)
 
-    def encode_prompt(self, prompt, batch: int) -> torch.Tensor:
+    def encode_prompt(self, prompt, batch: int, name: str = "prompt") -> torch.Tensor:
         """Caption embeddings for `prompt` through `text_encoder`: a str (for every sample)
         or a list of `batch` str -> float32 [batch, 300, text_dim] on the decoder's device,
-        ready for the network (and for `decode(text=...)`)."""
+        ready for the network (and for `decode(text=...)`). `name`: the argument errors name."""
         if isinstance(prompt, str):
             captions = [prompt] * batch
         elif isinstance(prompt, (list, tuple)):
             bad = [i for i, p in enumerate(prompt) if not isinstance(p, str)]
             if bad:
-                raise ValueError(f"prompt[{bad[0]}]={prompt[bad[0]]!r}: expected a str (prompt is a str or a list of str)")
+                raise ValueError(f"{name}[{bad[0]}]={prompt[bad[0]]!r}: expected a str ({name} is a str or a list of str)")
             if len(prompt) != batch:
-                raise ValueError(f"prompt: {len(prompt)} captions for a batch of {batch}; pass one str for all or "
+                raise ValueError(f"{name}: {len(prompt)} captions for a batch of {batch}; pass one str for all or "
                                  f"exactly {batch}")
             captions = list(prompt)
         else:
-            raise ValueError(f"prompt: expected a str or a list of str, got {type(prompt).__name__}")
+            raise ValueError(f"{name}: expected a str or a list of str, got {type(prompt).__name__}")
         enc = self.text_encoder
         if enc is None:
-            raise ValueError(f"prompt={prompt!r} needs a text encoder and this Decoder has none: pass "
+            raise ValueError(f"{name}={prompt!r} needs a text encoder and this Decoder has none: pass "
                              f"pidkern.load(..., text_encoder=PATH) or set decoder.text_encoder = PATH "
                              f"(a Gemma-2-2B-it directory or ComfyUI .safetensors; pip install \"pidkern[text]\")")
         text = enc.encode(captions)
@@ -201,7 +205,7 @@ class Decoder:
                              f"at most {cfg.max_text} tokens of width {cfg.text_dim}")
         if not torch.isfinite(text).all():
             # Gemma-2's activations overflow float16; the release runs it in bfloat16.
-            raise ValueError(f"text_encoder: encoding prompt={prompt!r} gave NaN or Inf (dtype {text.dtype}; "
+            raise ValueError(f"text_encoder: encoding {name}={prompt!r} gave NaN or Inf (dtype {text.dtype}; "
                              f"Gemma-2 needs bfloat16 or float32)")
         return text.to(self.device, torch.float32)
 
@@ -222,9 +226,10 @@ class Decoder:
                              f"of {cfg.name} decodes to {natural[0]}x{natural[1]} ({cfg.upscale}x)")
         return natural
 
-    def prepare(self, latent, sigma=0.0, text=None, steps=4, seed=None, size=None, sampler="sde", noise="release",
-                prompt=None):
-        """Check and move every input: the validated inputs of a decode (inputs.DecodeInputs)."""
+    def prepare(self, latent, sigma=0.0, text=None, steps=None, seed=None, size=None, sampler=None, noise="release",
+                prompt=None, cfg=None, shift=None, negative_text=None, negative_prompt=None):
+        """Check and move every input: the validated inputs of a decode (inputs.DecodeInputs;
+        its `guidance`, a `pidkern.sampler.Guidance`, for sampler="dpm++")."""
         if prompt is not None and text is not None:
             raise ValueError("prompt and text are both given; pass captions (prompt=) or their embeddings (text=)")
         latent = self._check_latent(latent)
@@ -233,17 +238,94 @@ class Decoder:
         if h % self.config.patch or w % self.config.patch:
             raise ValueError(f"latent: {tuple(latent.shape[-2:])} decodes to {h}x{w}, not a multiple of "
                              f"{self.config.patch}")
-        schedule(steps)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+        sampler, steps = self._sampler_steps(sampler, steps, cfg, shift, negative_text, negative_prompt)
         check_noise(noise)
         if noise == "philox":
             seed_int64(seed)     # a bad seed fails here, before any work
         sigma = self._check_sigma(sigma, b)
         # Gemma runs last, once every cheap check has passed.
         text = self._check_text(text, b) if prompt is None else self.encode_prompt(prompt, b)
+        guidance = self._guidance(cfg, shift, negative_text, negative_prompt, text, h, w) if sampler == DPM else None
         return DecodeInputs(latent=latent, sigma=sigma, text=text, steps=steps, seed=seed, size=(h, w),
-                            sampler=sampler, noise=noise)
+                            sampler=sampler, noise=noise, guidance=guidance)
+
+    # -- the sampler's inputs (sampler="dpm++": docs/samplers.md) ---------------------------
+    def _sampler_steps(self, sampler, steps, cfg, shift, negative_text, negative_prompt) -> tuple[str, int]:
+        """The sampler and step count (the checkpoint's defaults for None), checked."""
+        trained = self.sampling
+        sampler = trained.sampler if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+        if sampler == DPM:
+            steps = check_dpm_steps(trained.dpm_steps if steps is None else steps)
+            check_shift(shift)
+            if cfg is not None:
+                check_cfg(cfg)
+        else:
+            schedule(4 if steps is None else steps)
+            steps = 4 if steps is None else steps
+            given = [f"cfg={cfg!r}"] if cfg is not None and cfg != 1.0 else []      # 1: no guidance, as asked
+            given += [f"shift={shift!r}"] if shift is not None else []
+            given += [k for k, v in (("negative_text", negative_text), ("negative_prompt", negative_prompt))
+                      if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: guidance and the flow shift belong to sampler={DPM!r}; the "
+                                 f"distilled sampler {sampler!r} has neither (pass sampler={DPM!r})")
+        if sampler == DPM and trained.distilled:
+            warnings.warn(f"{self.config.name} ({self.source}) is a distilled checkpoint, trained for the 4-step "
+                          f"sampler, not for sampler={DPM!r} or guidance; decoding as asked", stacklevel=4)
+        elif sampler != DPM and not trained.distilled:
+            warnings.warn(f"{self.config.name} ({self.source}) is an undistilled checkpoint, trained for "
+                          f"sampler={DPM!r} with guidance, not for the 4-step sampler {sampler!r}; decoding as "
+                          f"asked", stacklevel=4)
+        return sampler, steps
+
+    def _guidance(self, cfg, shift, negative_text, negative_prompt, text, h: int, w: int) -> Guidance:
+        cfg = check_cfg(self.sampling.cfg if cfg is None else cfg)
+        shift = check_shift(shift)
+        shift = self.sampling.shift.shift(h, w) if shift is None else shift
+        if cfg == 1.0:
+            for k, v in (("negative_text", negative_text), ("negative_prompt", negative_prompt)):
+                if v is not None:
+                    raise ValueError(f"{k}: the unconditional caption is used only with guidance (cfg > 1), and "
+                                     f"this decode has cfg=1")
+            return Guidance(cfg, shift)
+        return Guidance(cfg, shift, self._negative(negative_text, negative_prompt, text, cfg))
+
+    def _negative(self, negative_text, negative_prompt, text, cfg) -> torch.Tensor:
+        """The unconditional half's caption embeddings, [B, T, text_dim] like `text`."""
+        b, t_len, cfgn = text.shape[0], text.shape[1], self.config
+        if negative_text is not None and negative_prompt is not None:
+            raise ValueError("negative_text and negative_prompt are both given; pass the unconditional caption "
+                             "(negative_prompt=) or its embeddings (negative_text=)")
+        if negative_text is not None:
+            neg = negative_text
+            if not isinstance(neg, torch.Tensor):
+                raise TypeError(f"negative_text: expected a torch.Tensor [1 or {b}, {t_len}, {cfgn.text_dim}], got "
+                                f"{type(neg).__name__}")
+            if neg.dim() != 3 or neg.shape[2] != cfgn.text_dim:
+                raise ValueError(f"negative_text: expected shape [1 or {b}, {t_len}, {cfgn.text_dim}], got "
+                                 f"{tuple(neg.shape)}")
+            if neg.shape[0] not in (1, b):
+                raise ValueError(f"negative_text: batch {neg.shape[0]}; expected 1 (for every sample) or the "
+                                 f"latent's batch {b}")
+            if not torch.isfinite(neg).all():
+                raise ValueError("negative_text: contains NaN or Inf")
+            neg = neg.to(self.device, torch.float32).expand(b, -1, -1)
+        elif negative_prompt is not None:
+            neg = self.encode_prompt(negative_prompt, b, "negative_prompt")
+        elif self.text_encoder is not None:
+            neg = self.encode_prompt(NEGATIVE_PROMPT, b, "negative_prompt")      # the release's null caption
+        else:
+            raise ValueError(f"cfg={cfg:g}: guidance needs the unconditional caption, and this Decoder has no text "
+                             f"encoder to build the release's (its encoding of pidkern.text.NEGATIVE_PROMPT): pass "
+                             f"negative_text= (embeddings [1 or {b}, {t_len}, {cfgn.text_dim}]), attach a text "
+                             f"encoder (pidkern.load(..., text_encoder=PATH)), or cfg=1")
+        if neg.shape[1] != t_len:
+            raise ValueError(f"negative_text: {neg.shape[1]} tokens but the caption has {t_len}; both halves of a "
+                             f"guided step take captions of one length (the release pads both to "
+                             f"{cfgn.max_text})")
+        return neg
 
     # -- decoding ----------------------------------------------------------------------
     def _autocast(self):
@@ -261,9 +343,10 @@ class Decoder:
         return backend
 
     @torch.inference_mode()
-    def decode(self, latent, sigma=0.0, text=None, steps: int = 4, seed: int | None = None, size=None,
-               sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release",
-               prompt=None, plan=None) -> torch.Tensor:
+    def decode(self, latent, sigma=0.0, text=None, steps: int | None = None, seed: int | None = None, size=None,
+               sampler: str | None = None, backend: str = "auto", progress=None, noise: str = "release",
+               prompt=None, plan=None, cfg: float | None = None, shift: float | None = None, negative_text=None,
+               negative_prompt=None) -> torch.Tensor:
         """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
 
         sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
@@ -271,7 +354,17 @@ class Decoder:
         NOT the release's empty caption (that is `prompt=""` through a text encoder).
         prompt: captions, a str for every sample or a list of B str, encoded by
         `text_encoder` with the release's recipe (see `encode_prompt`).
-        steps: 1..4 of the distilled schedule; seed: same seed, same noise stream.
+        sampler: "sde" (the distilled checkpoints' default), "ode", or "dpm++" (DPM-Solver++
+        with guidance, the undistilled checkpoints' default); None = the checkpoint's
+        (`decoder.sampling`; docs/samplers.md).
+        steps: 1..4 of the distilled schedule, 1..100 for "dpm++"; None = 4, or the
+        checkpoint's DPM-Solver++ default (25). seed: same seed, same noise stream.
+        cfg, shift, negative_text, negative_prompt ("dpm++" only): the guidance scale (>= 1;
+        1 = no guidance and one network evaluation per step, else two: on the fast path one
+        batch of 2B; None = the checkpoint's, 5), the flow shift (None = the checkpoint's
+        rule at this output size), and the unconditional half's caption: embeddings
+        [1 or B, T, 2304] or captions through `text_encoder` (default: the release's null
+        caption, its encoding of `pidkern.text.NEGATIVE_PROMPT`).
         size: optional (H, W) check against the latent's natural output size.
         backend: "reference" (plain PyTorch), "fast" (CUDA engine) or "auto" (fast on CUDA
         in 16-bit, and for a precision="fp8" decoder anywhere; the reference otherwise).
@@ -288,7 +381,8 @@ class Decoder:
         dict such as {"attention": "prep+sdpa", "graphs": False}, a "key=value,..." string
         or a `pidkern.plan.Plan` (see `Decoder.plan`); fast backend only.
         """
-        inputs = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt)
+        inputs = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt, cfg, shift,
+                              negative_text, negative_prompt)
         which = self.backend_for(backend)
         if which != "fast" and plan is not None:
             raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
@@ -306,10 +400,12 @@ class Decoder:
             if bar is not None:
                 bar.close()
 
-    def plan(self, latent_shape, text_len: int | None = None, plan=None):
+    def plan(self, latent_shape, text_len: int | None = None, plan=None, guided: bool = False):
         """The fast path's plan for latents of `latent_shape` [B, C, h, w]: what it will run
-        (on CUDA the raced entries are filled by the first decode of that shape)."""
+        (on CUDA the raced entries are filled by the first decode of that shape). guided: a
+        sampler="dpm++" decode with cfg != 1, whose network runs a batch of 2B."""
         b, _, lh, lw = latent_shape
+        b = 2 * b if guided else b
         h, w = self.config.output_size(lh, lw)
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
 
@@ -345,6 +441,18 @@ class Decoder:
                 shape = (b, 3, shard.rows * p, w)
             text = inputs.text.to(self.dtype)
             sigma = inputs.sigma
+            if inputs.sampler == DPM:
+                g = inputs.guidance
+                negative = None if g.negative is None else g.negative.to(self.dtype)
+                sched = dpm_schedule(inputs.steps, g.cfg, g.shift, self.device)
+
+                def velocities(x, i, guided):
+                    tt = sched.times[i].expand(b)
+                    # the release runs the halves one after the other, the unconditional first
+                    v_uncond = net(x, tt, negative, None, sigma, lq_tokens=tokens, **extra) if guided else None
+                    return net(x, tt, text, None, sigma, lq_tokens=tokens, **extra), v_uncond
+
+                return sample_dpm(velocities, shape, sched, draws, progress)
 
             def velocity(x, t):
                 tt = torch.full((b,), t, device=self.device, dtype=torch.float32)

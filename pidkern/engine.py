@@ -29,7 +29,8 @@ from .memory import check_fits
 from .plan import Plan, check_overrides, resolve
 from .reference import fold_patch_pixels
 from .routes import DeviceSpec
-from .sampler import check_noise, ode_update, philox_key, release_draws, renoise_count, schedule, seed_int64
+from .sampler import (DPM, check_noise, dpm_schedule, ode_update, philox_key, release_draws, renoise_count,
+                      sample_dpm, schedule, seed_int64)
 
 
 class Engine:
@@ -115,6 +116,38 @@ class Engine:
                 x = ode_update(x, v, t, t_next)
         return x.clamp(-1, 1)
 
+    def run_dpm(self, latent, sigma, text, negative, noise, sched, h, w, plan: Plan, racing=False):
+        """A DPM-Solver++ decode (pidkern.sampler.sample_dpm, the reference's loop) around the
+        fast network. With guidance (`negative` given) the two halves are one batch of 2B,
+        the unconditional first: latent and sigma doubled, the first half's caption
+        `negative`; the velocity splits after the final layer. The multistep history is the
+        loop's own tensors: static in a graph's pool."""
+        from . import _ext
+        cfg, model = self.cfg, self.model
+        b = latent.shape[0]
+        guided = negative is not None
+        if guided:
+            latent, sigma, text = torch.cat([latent, latent]), torch.cat([sigma, sigma]), torch.cat([negative, text])
+        tab = self.tables(h, w, text.shape[1])
+        model.add_times(sched.host_times[:-1])       # eager: the warm-ups before a capture make them
+        heads, y = model.prologue(latent, text, h, w, plan["keep_heads"])
+        fl = model.net.final_layer
+        philox = isinstance(noise, torch.Tensor)
+
+        def draw(k, shape):
+            return _ext.philox_normal(noise, self._counter(0), shape) if philox else noise[0]
+
+        def velocities(x, i, with_uncond):
+            xin = torch.cat([x, x]) if guided else x
+            p = model.forward(xin, sched.host_times[i], heads, y, sigma, tab, plan, racing)
+            v = fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), xin.shape[0], h, w, cfg.patch)
+            if not guided:
+                return v, None
+            v_uncond, v_cond = v.chunk(2)
+            return v_cond, v_uncond if with_uncond else None
+
+        return sample_dpm(velocities, (b, 3, h, w), sched, draw)
+
     def _counter(self, k: int) -> torch.Tensor:
         """The Philox stream's draw index k as a device scalar (graphs freeze Python ints)."""
         return self._device_scalar(k, torch.int64)
@@ -132,20 +165,26 @@ class Engine:
     # -- graphs ------------------------------------------------------------------------
     def graph_key(self, inputs: DecodeInputs, plan=None) -> tuple:
         """What a captured decode is keyed by: every shape, the sampler, the noise stream and
-        the plan's overrides (a different plan never replays another's graph)."""
+        the plan's overrides (a different plan never replays another's graph); for "dpm++"
+        the guidance scale, the shift and whether the unconditional half runs."""
+        g = inputs.guidance       # DPM-Solver++: one graph per cfg and shift too
         return (inputs.batch, *inputs.latent.shape[1:], inputs.text.shape[1], inputs.steps, inputs.sampler,
-                inputs.noise, tuple(sorted({**self.overrides, **check_overrides(plan)}.items())))
+                inputs.noise, tuple(sorted({**self.overrides, **check_overrides(plan)}.items())),
+                None if g is None else (g.cfg, g.shift, g.negative is not None))
 
     def static_buffers(self, key, noise_shape=None) -> dict:
         """A graph's static inputs for `key` (graph_key's): latent, sigma, text, and the noise
-        (the Philox key, or one [B, 3, H, W] buffer per draw; with `noise_shape`
+        (the Philox key, or one [B, 3, H, W] buffer per draw; "dpm++" with guidance: the
+        unconditional caption `negative` too; with `noise_shape`
         always buffers of that shape, e.g. a band's rows of the draws). Filled with random values: a warm-up must not meet
         zeros it would never meet in use."""
-        b, c, lh, lw, t_len, steps, sampler, noise, _ = key
+        b, c, lh, lw, t_len, steps, sampler, noise, _, guidance = key
         h, w = self.cfg.output_size(lh, lw)
         dev = self.device
         bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev).normal_(), sigma=torch.zeros(b, device=dev),
                     text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev).normal_())
+        if guidance is not None and guidance[2]:      # the unconditional half's caption
+            bufs["negative"] = torch.zeros(b, t_len, self.cfg.text_dim, device=dev).normal_()
         if noise == "philox" and noise_shape is None:
             bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
         else:
@@ -161,9 +200,15 @@ class Engine:
         return Runner(graph, bufs, out)
 
     def _build_runner(self, key):
-        b, c, lh, lw, t_len, steps, sampler, noise, over = key
+        b, c, lh, lw, t_len, steps, sampler, noise, over, guidance = key
         h, w = self.cfg.output_size(lh, lw)
-        plan = self.plan(b, h, w, t_len, dict(over))
+        guided = guidance is not None and guidance[2]
+        plan = self.plan(2 * b if guided else b, h, w, t_len, dict(over))
+        if sampler == DPM:
+            sched = dpm_schedule(steps, guidance[0], guidance[1], self.device)   # read back before capture
+            return self.capture(key, lambda bufs, first: self.run_dpm(
+                bufs["latent"], bufs["sigma"], bufs["text"], bufs.get("negative"), bufs["noise"], sched, h, w, plan,
+                racing=first))
         return self.capture(key, lambda bufs, first: self.run(bufs["latent"], bufs["sigma"], bufs["text"],
                                                               bufs["noise"], steps, sampler, h, w, plan, racing=first))
 
@@ -180,28 +225,37 @@ class Engine:
             return [draw(k, shape) for k in range(n)]
         return [draw(k, shape, out=buf) for k, buf in enumerate(out[:n])]
 
-    def check_memory(self, batch, h, w, text_len, noise="release"):
-        check_fits(self.cfg, self.device, batch, h, w, text_len, noise)
+    def check_memory(self, batch, h, w, text_len, noise="release", sampler="sde", cfg_scale=1.0):
+        check_fits(self.cfg, self.device, batch, h, w, text_len, noise, sampler, cfg_scale)
 
     @torch.inference_mode()
     def decode(self, inputs: DecodeInputs, progress=None, plan=None):
-        """One whole fast decode of checked inputs (Decoder.prepare's)."""
+        """One whole fast decode of checked inputs (Decoder.prepare's). A "dpm++" decode with
+        guidance runs the network on a batch of 2B: its plan and memory check are that batch's."""
         check_noise(inputs.noise)
         h, w = inputs.size
         b, t_len, steps, sampler, seed = inputs.batch, inputs.text.shape[1], inputs.steps, inputs.sampler, inputs.seed
-        the_plan = self.plan(b, h, w, t_len, plan)
+        g = inputs.guidance
+        negative = None if g is None else g.negative
+        scale = 1.0 if g is None else g.cfg
+        the_plan = self.plan(2 * b if negative is not None else b, h, w, t_len, plan)
         if not the_plan["graphs"]:
-            self.check_memory(b, h, w, t_len, inputs.noise)
+            self.check_memory(b, h, w, t_len, inputs.noise, sampler, scale)
             draws = philox_key(seed, self.device) if inputs.noise == "philox" else self.draw_noise(
                 (b, 3, h, w), steps, sampler, seed)
-            out = self.run(inputs.latent, inputs.sigma, inputs.text, draws, steps, sampler, h, w, the_plan,
-                           racing=True)
+            if sampler == DPM:
+                sched = dpm_schedule(steps, g.cfg, g.shift, self.device)
+                out = self.run_dpm(inputs.latent, inputs.sigma, inputs.text, negative, draws, sched, h, w, the_plan,
+                                   racing=True)
+            else:
+                out = self.run(inputs.latent, inputs.sigma, inputs.text, draws, steps, sampler, h, w, the_plan,
+                               racing=True)
             if progress:
                 progress(steps, steps)
             return out
         key = self.graph_key(inputs, plan)
         if key not in self.graphs.keys():
-            self.check_memory(b, h, w, t_len, inputs.noise)
+            self.check_memory(b, h, w, t_len, inputs.noise, sampler, scale)
         entry = self.graphs.get(key)
         with entry.lock:
             r = entry.runner
@@ -209,7 +263,10 @@ class Engine:
                 r.bufs["noise"].fill_(seed_int64(seed))      # the whole stream follows on the device
             else:
                 self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
-            out = r.replay(latent=inputs.latent, sigma=inputs.sigma, text=inputs.text)
+            fed = dict(latent=inputs.latent, sigma=inputs.sigma, text=inputs.text)
+            if negative is not None:
+                fed["negative"] = negative
+            out = r.replay(**fed)
         if progress:
             progress(steps, steps)
         return out

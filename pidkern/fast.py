@@ -232,6 +232,14 @@ class FastPiD:
             return t.clone(memory_format=torch.contiguous_format).view(*shape)
         return own(w[:, :2], -1, d), own(b[:, :2], -1), own(w[:, 2:], -1, d), own(b[:, 2:], -1)
 
+    def add_times(self, times) -> None:
+        """Precompute the conditioning of more times (a DPM-Solver++ schedule's), before a
+        graph captures the steps that read it. About 1 MB each for flux-2k; kept."""
+        with torch.no_grad():
+            for t in times:
+                if t not in self.cond:
+                    self.cond[t] = self._conditioning(t)
+
     def _conditioning(self, t: float) -> Conditioning:
         """PiDNet.forward's `temb = t_embedder(t*1000)`, `c = SiLU(temb)` and every block's
         adaLN(c), in float32 for one t."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RELEASE_DIRS
+from .config import RELEASE_DIRS, release_names
 
 REPO_ID = "nvidia/PiD"
 WEIGHTS_FILE = "model_ema_bf16.pth"
@@ -38,14 +38,14 @@ def release_name(name) -> str | None:
     """The release name that `name` (a release name or a preset name) stands for, else None."""
     if not isinstance(name, str):
         return None
-    if name in RELEASE_DIRS.values():
+    if name in release_names():        # the distilled ones and the undistilled teachers
         return name
     return RELEASE_DIRS.get(name)
 
 
 def preset_of(release: str) -> str:
     """The preset name of a release name."""
-    return next(p for p, r in RELEASE_DIRS.items() if r == release)
+    return release_names()[release][0]
 
 
 def hub_filename(release: str) -> str:

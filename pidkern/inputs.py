@@ -12,17 +12,20 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .sampler import Guidance
+
 
 @dataclass(frozen=True)
 class DecodeInputs:
     latent: torch.Tensor          # [B, C, h, w] float32 on the decoder's device
     sigma: torch.Tensor           # [B] float32: the latent's noise level
     text: torch.Tensor            # [B, T, text_dim] float32 caption embeddings
-    steps: int                    # 1..4 of the distilled schedule
+    steps: int                    # 1..4 of the distilled schedule, 1..100 for "dpm++"
     seed: int | None              # the noise stream's seed (None: drawn once, see sampler.resolve_seed)
     size: tuple                   # (H, W) of the output image
     sampler: str = "sde"          # sampler.SAMPLERS
     noise: str = "release"        # sampler.NOISE_STREAMS
+    guidance: Guidance | None = None  # sampler "dpm++": cfg, shift and the unconditional caption
 
     @property
     def batch(self) -> int:

@@ -52,7 +52,7 @@ def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
                     dtype_bytes: int = 2, noise: str = "release", world_size: int = 1,
-                    precision: str = "native") -> int:
+                    precision: str = "native", sampler: str = "sde", cfg_scale: float = 1.0) -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -70,11 +70,19 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     precision: the model's ("native" or "fp8", see weight_bytes); the fp8 activations'
     codes (one byte per element of one GEMM input at a time) are left out, a forecast
     no GPU run has checked.
+    sampler, cfg_scale: "dpm++" keeps four more images (two predictions of history, the
+    velocity, the new prediction) and, with a guidance scale != 1, runs the network on a
+    batch of 2B (the unconditional half beside the conditional one): every term of the
+    network doubles, and the doubled input and second velocity add two images. A
+    forecast: no GPU run has checked the DPM-Solver++ graph.
     """
     cfg = _config(preset)
     check_noise(noise)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}: expected a positive int (the ranks of the decode)")
+    images = batch                                             # the decode's own images
+    if sampler == "dpm++" and cfg_scale != 1.0:
+        batch = 2 * batch                                      # the network's batch from here on
     t = cfg.max_text if text_len is None else text_len
     grid_rows, grid_cols = height // cfg.patch, width // cfg.patch
     rows = grid_rows
@@ -85,7 +93,7 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     n_all = batch * grid_rows * grid_cols
     e = dtype_bytes
     d = cfg.hidden
-    image = batch * 3 * rows * cfg.patch * width * 4          # one float32 image (this rank's rows)
+    image = images * 3 * rows * cfg.patch * width * 4         # one float32 image (this rank's rows)
     n_heads = cfg.num_lq_heads + cfg.is_v15
     heads = n_heads * n * d * e if heads_fit(cfg, n, e) else n * d * e
     per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
@@ -97,7 +105,9 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         # buffers, only the initial image, which the graph makes itself
         + image * (4 if noise == "release" else 1)
         + n * per_pixel * e                                   # pixel tokens
-        + (batch * 3 * height * width * 4 if world_size > 1 else 0)   # the full-size draw / gathered image
+        + (images * 3 * height * width * 4 if world_size > 1 else 0)  # the full-size draw / gathered image
+        # DPM-Solver++: history, velocity, prediction; guided, the doubled x and velocity too
+        + (image * (4 + 2 * (batch > images)) if sampler == "dpm++" else 0)
     )
     m = batch * (L + t)
     patch_peak = n * d * 4 + m * 3 * d * e * 2 + m * d * e    # residual, qkv + its roped copy, output
@@ -121,23 +131,25 @@ def free_device_bytes(device: torch.device) -> int:
 
 
 def shortfall(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int | None = None,
-              noise: str = "release") -> int:
+              noise: str = "release", sampler: str = "sde", cfg_scale: float = 1.0) -> int:
     """Bytes a decode lacks beside the loaded weights (0: it fits): what estimate_memory
     predicts beyond the weights, against what the device can still give (free, plus what
     the allocator holds unused). Off CUDA, 0. The one "does it fit" rule: the engine
     refuses a decode by it, the pipelines offload their generator by it."""
     if device.type != "cuda":
         return 0
-    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
+    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise, sampler=sampler, cfg_scale=cfg_scale) \
+        - weight_bytes(cfg)
     return max(0, need - free_device_bytes(device))
 
 
 def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int,
-               noise: str = "release") -> None:
+               noise: str = "release", sampler: str = "sde", cfg_scale: float = 1.0) -> None:
     """Raise InsufficientMemoryError when a decode cannot fit beside the loaded weights."""
-    short = shortfall(cfg, device, batch, h, w, text_len, noise)
+    short = shortfall(cfg, device, batch, h, w, text_len, noise, sampler, cfg_scale)
     if short:
-        need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
+        need = estimate_memory(cfg, batch, h, w, text_len, noise=noise, sampler=sampler, cfg_scale=cfg_scale) \
+            - weight_bytes(cfg)
         raise InsufficientMemoryError(
             f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
             f"weights (estimate_memory), but only {(need - short) / 2**30:.2f} GiB is free on {device}")

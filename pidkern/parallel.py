@@ -341,6 +341,8 @@ class SequenceParallelDecoder(Decoder):
                 raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
                                  f"backend={which!r}")
             args = self.prepare(latent, sigma, **inputs)
+            if args.guidance is not None:
+                raise ValueError("sampler='dpm++': not supported with parallel='sequence' yet; decode on one process")
             drawn = resolve_seed(args.seed)         # used only if every rank passed seed=None
             mine = self._describe(args, output)
             mine["backend"] = which
@@ -431,7 +433,7 @@ class SequenceParallelDecoder(Decoder):
         builds the same key at the same decode, so all capture the same sequence of
         collectives: two eager warm-ups (the first races the plan's open choices, and then
         every rank takes rank 0's choices, so the graphs agree), then the capture."""
-        b, c, lh, lw, t_len, steps, sampler, _, over = key
+        b, c, lh, lw, t_len, steps, sampler, _, over, _ = key      # no guidance: "dpm++" is refused here
         h, w = self.config.output_size(lh, lw)
         plan = self._band_plan(b, h, w, t_len, dict(over))
         p = self.config.patch

@@ -1,4 +1,8 @@
-"""The distilled few-step sampler of the release (docs/design.md, "The sampler").
+"""The release's two samplers (docs/design.md, "The sampler"; docs/samplers.md).
+
+"sde" / "ode": the distilled few-step sampler of the ten 4-step checkpoints.
+"dpm++": DPM-Solver++ with classifier-free guidance on the caption, the sampler of the
+undistilled teachers (the bottom of this file).
 
 `t` runs from 0.999 (pure noise) to 0 (the image). The SDE sampler re-noises the clean
 estimate x0 with fresh Gaussian noise at every intermediate time; the ODE sampler takes
@@ -12,12 +16,17 @@ noise buffers, no host work for a new seed). The two give different images for o
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
-SAMPLERS = ("sde", "ode")
+DPM = "dpm++"
+SAMPLERS = ("sde", "ode", DPM)
+DISTILLED_SAMPLERS = ("sde", "ode")
+MAX_DPM_STEPS = 100
 NOISE_STREAMS = ("release", "philox")
 
 
@@ -82,7 +91,9 @@ def release_draws(seed: int | None, device) -> Callable[..., torch.Tensor]:
 
 def renoise_count(steps: int, sampler: str) -> int:
     """How many eps a decode draws after the initial noise (one per re-noising step)."""
-    return sum(1 for t in schedule(steps)[1:] if t > 0) if sampler == "sde" else 0
+    if sampler != "sde":     # the ODE and DPM-Solver++ draw only the initial noise
+        return 0
+    return sum(1 for t in schedule(steps)[1:] if t > 0)
 
 
 def ode_update(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
@@ -108,8 +119,8 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
 
     Noise: `generator` (the release's stream) or `draw(k, shape)` (release_draws,
     _ext.philox_draws): k = 0 is the initial noise, k = 1, 2, ... the re-noising eps in order."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+    if sampler not in DISTILLED_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {DISTILLED_SAMPLERS} (sample_dpm runs {DPM!r})")
     if (generator is None) == (draw is None):
         raise ValueError("sample: give exactly one of generator= and draw=")
     if draw is None:
@@ -125,4 +136,181 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
             x = sde_update(x, v, t, t_next, draw(i + 1, shape) if t_next > 0 else None)
         if progress:
             progress(i + 1, steps)
+    return x.clamp(-1, 1)
+
+
+# -- DPM-Solver++ (the undistilled checkpoints' sampler) ------------------------------------
+#
+# The release's `generate_samples_from_batch` of its teacher model (docs/samplers.md has
+# every value and where it comes from): DPM-Solver++ multistep of order min(steps, 2),
+# lower order at the last step, on the flow schedule alpha_t = 1 - t, sigma_t = t, with
+# the network's output read as a velocity. Timesteps: linspace(1, 1/1000, steps+1) mapped
+# by the flow shift s -> shift*s / (1 + (shift-1)*s) of s = 1 - t, reversed, so they run
+# from just below 1 to exactly 0. Everything after the network is float32 in the release
+# (its 0-d timestep tensors and its float32 noise); the functions below do the same
+# operations in the same order, so the same device gives the same numbers.
+
+T_END = 0.001        # the release's t_0 = 1 / total_N with total_N = 1000
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """The checked DPM-Solver++ inputs of a decode: the guidance scale, the resolved flow
+    shift, and the unconditional caption embeddings [B, T, 2304] (None when cfg = 1)."""
+    cfg: float
+    shift: float
+    negative: torch.Tensor | None = None
+
+
+def check_dpm_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_DPM_STEPS:
+        raise ValueError(f"steps={steps!r}: expected an integer from 1 to {MAX_DPM_STEPS} (sampler={DPM!r})")
+    return steps
+
+
+def check_cfg(cfg) -> float:
+    """The guidance scale as a float >= 1 (1 = no guidance)."""
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)):
+        raise ValueError(f"cfg={cfg!r}: expected a number >= 1 (1 = no guidance)")
+    cfg = float(cfg)
+    if not math.isfinite(cfg) or cfg < 1:
+        raise ValueError(f"cfg={cfg!r}: expected a finite number >= 1 (1 = no guidance)")
+    return cfg
+
+
+def check_shift(shift):
+    """None (the checkpoint's rule) or a finite flow shift > 0."""
+    if shift is None:
+        return None
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift={shift!r}: expected None (the checkpoint's rule) or a finite number > 0")
+    return float(shift)
+
+
+def dynamic_shift(base_shift: float, base_size: int, h: int, w: int) -> float:
+    """The release's resolution-dependent shift: base_shift * sqrt(sqrt(H*W) / base_size), in
+    float64 on the host as the release computes it (H, W: the output image's size)."""
+    return base_shift * math.sqrt(math.sqrt(h * w) / base_size)
+
+
+def dpm_times(steps: int, shift: float, device, dtype=torch.float32) -> torch.Tensor:
+    """The steps+1 times of a DPM-Solver++ decode on `device`, from just below 1 to 0.
+    The linspace runs on the CPU and the rest on `device`, as in the release (float32)."""
+    check_dpm_steps(steps)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+        raise TypeError(f"shift={shift!r}: expected a number (resolve None with the checkpoint's rule first)")
+    betas = torch.linspace(1, T_END, steps + 1, dtype=dtype).to(device)
+    s = 1.0 - betas
+    return (shift * s / (1 + (shift - 1) * s)).flip(dims=[0])
+
+
+def dpm_orders(steps: int) -> tuple[int, ...]:
+    """The order of each of the `steps` updates: first order to start (no history yet) and
+    at the last step (the release's lower_order_final), second order in between."""
+    check_dpm_steps(steps)
+    return tuple(1 if i in (1, steps) else 2 for i in range(1, steps + 1))
+
+
+def _half_log_snr(t: torch.Tensor) -> torch.Tensor:
+    return torch.log(1 - t) - torch.log(t)     # log(alpha_t) - log(sigma_t); +inf at t = 0
+
+
+def dpm_coefficients(times: torch.Tensor, i: int, order: int) -> tuple:
+    """0-d float32 coefficients of update i (times[i-1] -> times[i]) of `order`:
+    (a, b) for x = a*x - b*m0, or (a, b, c, half_b) for
+    x = a*x - b*m0 - half_b * (c * (m0 - m1)), m0 and m1 the data predictions at
+    times[i-1] and times[i-2]. Computed on the times' device, in the release's order."""
+    t, s = times[i], times[i - 1]
+    lam_t, lam_s = _half_log_snr(t), _half_log_snr(s)
+    h = lam_t - lam_s
+    alpha_t = torch.exp(torch.log(1 - t))
+    b = alpha_t * torch.expm1(-h)
+    a = t / s
+    if order == 1:
+        return a, b
+    if order != 2:
+        raise ValueError(f"order={order!r}: expected 1 or 2")
+    h_0 = lam_s - _half_log_snr(times[i - 2])
+    r0 = h_0 / h
+    return a, b, 1.0 / r0, 0.5 * b
+
+
+def dpm_update(x: torch.Tensor, m0: torch.Tensor, m1, coef: tuple) -> torch.Tensor:
+    """One multistep DPM-Solver++ update with the coefficients of `dpm_coefficients`."""
+    if len(coef) == 2:
+        a, b = coef
+        return a * x - b * m0
+    a, b, c, half_b = coef
+    d = c * (m0 - m1)
+    return a * x - b * m0 - half_b * d
+
+
+def dpm_guided(t: float, cfg: float) -> bool:
+    """Whether the step at time t runs the unconditional half: guidance on, t strictly inside
+    the release's guidance interval (0, 1)."""
+    return cfg != 1.0 and 0.0 < t < 1.0
+
+
+def dpm_x0(x: torch.Tensor, t: torch.Tensor, v_cond: torch.Tensor, v_uncond, cfg: float) -> torch.Tensor:
+    """The data prediction at time t (a 0-d tensor) from the network's velocities.
+
+    As the release: each velocity becomes the noise (1 - t) v + x in x's dtype (float32),
+    the guided noise is uncond + cfg * (cond - uncond), and x0 = (x - t * noise) / (1 - t).
+    (Near t = 1 this loses digits: 1 - t is ~1e-3 there; the release's images carry it.)"""
+    noise = (1 - t) * v_cond.to(x.dtype) + x
+    if v_uncond is not None:
+        noise_u = (1 - t) * v_uncond.to(x.dtype) + x
+        noise = noise_u + cfg * (noise - noise_u)
+    return (x - t * noise) / (1 - t)
+
+
+@dataclass(frozen=True)
+class DpmSchedule:
+    """A DPM-Solver++ decode's fixed parts, made before it runs (a CUDA graph captures the
+    loop around them): the times on the device and on the host (the same float32 values),
+    which steps run the unconditional half, the order of each update, the guidance scale."""
+    times: torch.Tensor
+    host_times: tuple[float, ...]
+    guided: tuple[bool, ...]
+    orders: tuple[int, ...]
+    cfg: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.orders)
+
+
+def dpm_schedule(steps: int, cfg: float, shift: float, device, dtype=torch.float32) -> DpmSchedule:
+    """dtype: the solver's arithmetic; float32 is the release's, float64 checks the algorithm."""
+    steps = check_dpm_steps(steps)
+    cfg = check_cfg(cfg)
+    times = dpm_times(steps, shift, device, dtype)
+    host = tuple(times.tolist())
+    return DpmSchedule(times, host, tuple(dpm_guided(t, cfg) for t in host[:steps]), dpm_orders(steps), cfg)
+
+
+def sample_dpm(velocity: Callable, shape, schedule: DpmSchedule, draw, progress=None) -> torch.Tensor:
+    """DPM-Solver++ with caption guidance; returns the schedule's dtype (the release: float32)
+    in [-1, 1].
+
+    velocity(x, i, guided) -> (v_cond, v_uncond): the network at time schedule.times[i]
+        (host_times[i] on the host; the network takes it expanded to the batch), v_uncond
+        None unless `guided`.
+    draw(0, shape): the initial noise (release_draws, _ext.philox_draws); nothing else is drawn.
+    Nothing here reads the device back, so a CUDA graph can capture it."""
+    times, cfg, steps = schedule.times, schedule.cfg, schedule.steps
+
+    def data(x, i):
+        guided = schedule.guided[i]
+        v_cond, v_uncond = velocity(x, i, guided)
+        return dpm_x0(x, times[i], v_cond, v_uncond if guided else None, cfg)
+
+    x = draw(0, shape).to(times.dtype)
+    m0, m1 = data(x, 0), None
+    for i, order in enumerate(schedule.orders, start=1):
+        x = dpm_update(x, m0, m1, dpm_coefficients(times, i, order))
+        if i < steps:            # the last update needs no new prediction
+            m0, m1 = data(x, i), m0
+        if progress:
+            progress(i, steps)
     return x.clamp(-1, 1)

@@ -17,6 +17,11 @@ The recipe, read off the release (`PixelDiTModel._encode_text_raw` in
    No mask is passed on: the PiD network attends over all 300 rows.
 5. The release runs Gemma in bfloat16 (then hands the rows to the network as float32).
 
+Guidance (sampler="dpm++") needs an unconditional caption. The release's is its "null
+caption": this same recipe applied once to its configs' default negative prompt
+(`NEGATIVE_PROMPT`; `PixelDiTModelConfig.negative_prompt`, which no PiD config overrides),
+prefix included, repeated over the batch.
+
 Where other ports differ, the release wins. ComfyUI's PixelDiT text encoder
 (`comfy/text_encoders/pixeldit.py`) encodes an empty or whitespace-only caption as BOS
 plus padding to 300 without the prefix, and passes a caption that already starts with the
@@ -52,6 +57,9 @@ PREFIX_LINES = (
     "User Prompt: ",
 )
 PREFIX = "\n".join(PREFIX_LINES)
+# The release's default negative prompt, whose encoding is its null caption for guidance.
+NEGATIVE_PROMPT = ("low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, low res, "
+                   "blurry, deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark")
 MAX_TOKENS = 300       # rows PiD takes: BOS + the last 299 positions
 TEXT_DIM = 2304        # Gemma-2-2B's hidden size, PiD's caption width
 HEAD_DIM = 256         # Gemma-2-2B's head width; not readable from weight shapes alone

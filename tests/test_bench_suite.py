@@ -31,6 +31,8 @@ def test_smoke_suite_runs_and_writes_outputs(tmp_path, monkeypatch, capsys):
         assert "error" not in r, (r["name"], r.get("traceback"))
         assert r["median_ms"] > 0 and r["first_call_ms"] > 0 and math.isfinite(r["tflops"]) and r["tflop"] > 0
     assert rc == (1 if any("error" in r for r in rows) else 0)
+    und = next(r for r in rows if r["name"] == "undistilled")      # DPM-Solver++ with guidance: 2B per step
+    assert "error" not in und and "dpm++ 2 steps" in und["note"], und
     fp8 = next(r for r in rows if r["name"] == "fp8")
     assert "error" not in fp8, fp8.get("traceback")    # the 8-bit engine runs (emulated) on the CPU too
     md = next(tmp_path.glob("*.md")).read_text()

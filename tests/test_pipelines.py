@@ -284,6 +284,22 @@ def test_upscale_crops_back_to_exactly_4x(dec):
     assert torch.equal(got[0], decode_ref(dec, latent, 0.0, 5, 13, 21))
 
 
+def test_upscale_passes_the_dpm_sampler_through(dec):
+    """decode_kwargs carry DPM-Solver++ and its guidance to the decode, the release's null
+    caption included (a warning: tiny-flux-2k is a distilled checkpoint)."""
+    vae = tiny_kl_vae()
+    img = rgb(16, 16, 4)
+    dpm = dict(sampler="dpm++", steps=2, cfg=2.5, shift=3.0)
+    with pytest.warns(UserWarning, match="distilled checkpoint"):
+        got = pipelines.upscale(img, dec, vae, prompt="a red cube", seed=2, output_type="pt", decode_kwargs=dpm)
+    with torch.no_grad():
+        z = vae.encode(padded(img, 8)).latent_dist.mean
+    latent = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    with pytest.warns(UserWarning, match="distilled checkpoint"):
+        want = dec.decode(latent, 0.0, prompt=["a red cube"], seed=2, **dpm)
+    assert torch.equal(got[0], want[0])
+
+
 def test_upscale_degrade_batch_and_input_forms(dec):
     """degrade_sigma mixes seeded noise in as the release's add_noise does; image i of a
     batch uses seed + i; uint8 and [0, 1] float tensors are the same image."""
