@@ -406,7 +406,7 @@ class Decoder:
     @torch.inference_mode()
     def decode(self, latent, sigma=0.0, text=None, steps: int = 4, seed: int | None = None, size=None,
                sampler: str = "sde", backend: str = "auto", progress=None, noise: str = "release",
-               prompt=None, plan=None) -> torch.Tensor:
+               prompt=None, plan=None, window=None, overlap=None) -> torch.Tensor:
         """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
 
         sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
@@ -427,8 +427,17 @@ class Decoder:
         plan: the fast path's choices for this decode, overriding its rules and races: a
         dict such as {"attention": "prep+sdpa", "graphs": False}, a "key=value,..." string
         or a `pidkern.plan.Plan` (see `Decoder.plan`); fast backend only.
+        window, overlap: None (default): the image whole, refused past the preset's trained
+        range (`PiDConfig.trained_res`) with an error naming window="auto"; "auto" or a size
+        in output pixels (int or (h, w)): overlapping windows of that size blended at every
+        step (pidkern.window, docs/windows.md; a window covering the image is the plain
+        decode); "whole": the image whole even past the trained range. progress is then
+        called per batch of windows, as (windows evaluated, windows x steps).
         """
         args = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt)
+        grid = self.window_grid(args["size"], window, overlap)
+        if grid is not None:
+            return self._decode_windows(grid, args, backend, plan, progress)
         which = self.backend_for(backend)
         if which == "fast":
             eng = self.engine()
@@ -445,6 +454,26 @@ class Decoder:
         b, _, lh, lw = latent_shape
         h, w = self.config.output_size(lh, lw)
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
+
+    # -- windowed decoding (pidkern.window) ---------------------------------------------
+    def window_grid(self, size, window=None, overlap=None):
+        """The window grid of a decode of `size` (H, W), or None for the plain decode."""
+        from .window import resolve_grid
+        return resolve_grid(self.config, size, window, overlap, trained=self.source != "random")
+
+    def _decode_windows(self, grid, args, backend, plan, progress, group=None):
+        from .window import sample_windows
+        which = self.backend_for(backend)
+        if which == "fast" and backend == "fast":
+            raise ValueError("window=: windowed decoding runs on backend='reference' for now; pass "
+                             "backend='reference' or 'auto'")
+        if plan is not None:
+            raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this windowed decode runs "
+                             f"backend='reference'")
+        with self.using_net() as net, self._autocast():
+            return sample_windows(net, grid, **{k: args[k] for k in ("latent", "sigma", "text", "steps", "seed",
+                                                                     "sampler", "noise")},
+                                  dtype=self.dtype, device=self.device, progress=progress, group=group)
 
     def reference_weights_on_device(self) -> None:
         """Bring back the weights a fast decode parked in host memory (reading `net` does

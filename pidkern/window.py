@@ -1,0 +1,356 @@
+"""Windowed decoding: one canvas, overlapping windows of a trained size, fused at every step.
+
+PiD was trained at a few output resolutions (`PiDConfig.trained_res`). Past them, or past
+the card's memory, the canvas is split into overlapping windows of one size inside that
+range. At every sampler step each window's velocity is the network's on its crop of the
+current canvas, its crop of the latent (so its own adapter tokens) and the caption; the
+velocities are blended into one canvas velocity with weights that sum to one at every
+pixel, and the sampler steps once on the whole canvas with noise drawn for the whole
+canvas (the MultiDiffusion rule). Nothing differs between windows but the network's view,
+and a window covering the whole canvas is exactly the plain decode. See docs/windows.md.
+
+The pieces, each written once:
+- `make_grid`: the window grid (sizes aligned to the latent cell and the patch, edge
+  windows shifted inward, never padded) with its checks;
+- `WindowGrid.profiles`: the blend weights, separable, normalised per axis;
+- `windowed_velocity`: crops, evaluates in batches of windows, blends (and under a
+  torch.distributed group, spreads the windows over the ranks and sums with all_reduce);
+- `pid_evaluator`: the reference PiD network on a batch of windows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .config import PiDConfig
+
+AUTO = "auto"
+
+
+def cell(cfg: PiDConfig) -> int:
+    """Output pixels a window's side and position must be a multiple of: whole latent cells
+    (so the window's latent crop is exact) and whole patches."""
+    return math.lcm(cfg.upscale, cfg.patch)
+
+
+def has_range(cfg: PiDConfig) -> bool:
+    return cfg.trained_res[1] > 0
+
+
+def in_trained_range(cfg: PiDConfig, h: int, w: int) -> bool:
+    """Whether an h x w output lies within the checkpoint's training (by area: the release
+    trains equal-area buckets of several aspect ratios). Below the range counts as in it:
+    windows cannot help a small image."""
+    return not has_range(cfg) or h * w <= cfg.trained_res[1] ** 2
+
+
+def default_window(cfg: PiDConfig) -> int:
+    """The largest trained side, aligned down to the cell: the most context per window and
+    the fewest windows."""
+    c = cell(cfg)
+    return max(c, cfg.trained_res[1] // c * c)
+
+
+def default_overlap(cfg: PiDConfig) -> int:
+    """A quarter of the default window, aligned to the cell. The outer quarter of an
+    overlap gets no weight (a window's prediction is least reliable where its context is
+    cut; the adapter's 3x3 convolutions alone reach 10 patch cells in), the middle half is
+    the raised-cosine ramp."""
+    c = cell(cfg)
+    return max(c, default_window(cfg) // 4 // c * c)
+
+
+def _side_pair(window, name: str) -> tuple[int, int]:
+    if isinstance(window, int) and not isinstance(window, bool):
+        return window, window
+    if (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in window)):
+        return int(window[0]), int(window[1])
+    raise TypeError(f"{name}={window!r}: expected None, 'auto', an int (square window, output pixels) or "
+                    f"(height, width)")
+
+
+def check_window(cfg: PiDConfig, window) -> tuple[int, int]:
+    """(h, w) of a requested window: positive multiples of the cell, inside the trained
+    range (each side >= its low end, the area <= its high end squared)."""
+    h, w = _side_pair(window, "window")
+    c = cell(cfg)
+    lo, hi = cfg.trained_res
+    if h <= 0 or w <= 0 or h % c or w % c:
+        raise ValueError(f"window={window!r}: sides must be positive multiples of {c} output pixels (one latent "
+                         f"cell of {cfg.name} is {cfg.upscale} px, a patch {cfg.patch} px)")
+    if has_range(cfg) and (min(h, w) < lo or h * w > hi * hi):
+        lo_c = -(-lo // c) * c
+        raise ValueError(f"window={window!r}: outside the trained range of {cfg.name} (sides >= {lo}, area <= "
+                         f"{hi}x{hi}); expected a window from {lo_c} to {hi // c * c} px in steps of {c}, "
+                         f"or window='auto' ({default_window(cfg)})")
+    return h, w
+
+
+def check_overlap(overlap, size: tuple[int, int]) -> int:
+    if isinstance(overlap, bool) or not isinstance(overlap, int):
+        raise TypeError(f"overlap={overlap!r}: expected an int (output pixels) or None")
+    if overlap < 0 or overlap >= min(size):
+        raise ValueError(f"overlap={overlap}: expected 0 <= overlap < the window's smaller side "
+                         f"({min(size)} px)")
+    return overlap
+
+
+def _starts(n_px: int, win: int, overlap: int, c: int) -> tuple[int, ...]:
+    """Window starts along one axis: evenly spread, aligned to `c`, the first at 0 and the
+    last ending at the edge; as few as keep every pair overlapping by >= `overlap`."""
+    if win >= n_px:
+        return (0,)
+    span = (n_px - win) // c               # cells the last window starts at
+    n = 2
+    while -(-span // (n - 1)) * c > win - overlap:
+        n += 1
+    return tuple(c * round(i * span / (n - 1)) for i in range(n))
+
+
+def _ramp(length: int, overlap: int) -> torch.Tensor:
+    """Weight of a window's first `length` pixels from an inner edge, float64: zero over
+    the outer quarter of the overlap, a raised cosine over its middle half, one after."""
+    m = overlap // 4
+    r = overlap - 2 * m
+    i = torch.arange(length, dtype=torch.float64)
+    if r == 0:
+        return (i >= m).double()
+    u = ((i - m + 0.5) / r).clamp(0, 1)
+    return 0.5 - 0.5 * torch.cos(math.pi * u)
+
+
+def _profiles(starts: Sequence[int], win: int, n_px: int, overlap: int) -> torch.Tensor:
+    """[len(starts), win] float64 weights along one axis, summing to one at every pixel."""
+    ramp = _ramp(win, overlap)
+    raw = torch.ones(len(starts), win, dtype=torch.float64)
+    for k, s in enumerate(starts):
+        if s > 0:
+            raw[k] *= ramp
+        if s + win < n_px:
+            raw[k] *= ramp.flip(0)
+    total = torch.zeros(n_px, dtype=torch.float64)
+    for k, s in enumerate(starts):
+        total[s:s + win] += raw[k]
+    if (total <= 0).any():      # _starts keeps every overlap >= `overlap`: cannot happen
+        raise AssertionError(f"window profile leaves pixels uncovered: starts {starts}, window {win}")
+    return torch.stack([raw[k] / total[s:s + win] for k, s in enumerate(starts)])
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """Overlapping windows of one size over an output canvas (all in output pixels)."""
+    canvas: tuple[int, int]       # (H, W)
+    size: tuple[int, int]         # (h, w) of every window
+    overlap: int                  # the least overlap of neighbouring windows
+    rows: tuple[int, ...]         # top of each row of windows
+    cols: tuple[int, ...]         # left of each column of windows
+    upscale: int                  # output pixels per latent cell
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    @property
+    def whole(self) -> bool:
+        """One window covering the canvas: the plain decode."""
+        return self.size == self.canvas
+
+    def boxes(self) -> list[tuple[int, int]]:
+        """(top, left) of every window, row-major."""
+        return [(y, x) for y in self.rows for x in self.cols]
+
+    def crop(self, t: torch.Tensor, k: int) -> torch.Tensor:
+        """Window k of an output-sized [B, C, H, W] tensor."""
+        y, x = self.boxes()[k]
+        return t[..., y:y + self.size[0], x:x + self.size[1]]
+
+    def crop_latent(self, latent: torch.Tensor, k: int) -> torch.Tensor:
+        """The latent cells under window k (exact: windows are aligned to the cell)."""
+        y, x = self.boxes()[k]
+        u = self.upscale
+        return latent[..., y // u:(y + self.size[0]) // u, x // u:(x + self.size[1]) // u]
+
+    def profiles(self, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [len(rows), h], cols [len(cols), w]): window (i, j)'s weight at (y, x) is
+        rows[i, y] * cols[j, x]; the weights of all windows sum to one at every pixel."""
+        py = _profiles(self.rows, self.size[0], self.canvas[0], self.overlap)
+        px = _profiles(self.cols, self.size[1], self.canvas[1], self.overlap)
+        return py.to(device, dtype), px.to(device, dtype)
+
+    def weight(self, k: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Window k's [h, w] blend weight."""
+        py, px = self.profiles(device, torch.float64)
+        i, j = divmod(k, len(self.cols))
+        return (py[i][:, None] * px[j][None, :]).to(dtype)
+
+    def describe(self) -> str:
+        return (f"{len(self.rows)}x{len(self.cols)} windows of {self.size[0]}x{self.size[1]} over "
+                f"{self.canvas[0]}x{self.canvas[1]}, overlap >= {self.overlap}")
+
+
+def make_grid(cfg: PiDConfig, canvas: tuple[int, int], window=AUTO, overlap: int | None = None) -> WindowGrid:
+    """The window grid of a decode of `canvas` (H, W) output pixels.
+
+    window: "auto" (`default_window`) or a size in output pixels, int or (h, w), inside
+    the trained range and aligned to `cell(cfg)`; a side longer than the canvas's is the
+    canvas's (so a window at least as large as the image is the plain decode).
+    overlap: output pixels, 0 <= overlap < the window's smaller side; None: `default_overlap`,
+    or a quarter of the window when that is smaller."""
+    if isinstance(window, str):
+        if window != AUTO:
+            raise ValueError(f"window={window!r}: expected None, 'auto', an int or (height, width)")
+        if not has_range(cfg):
+            raise ValueError(f"window='auto': {cfg.name} declares no trained range (trained_res); pass a "
+                             f"window size in output pixels")
+        size = (default_window(cfg),) * 2
+    else:
+        size = check_window(cfg, window)
+    c = cell(cfg)
+    if overlap is None:
+        overlap = min(default_overlap(cfg), max(0, min(size) // 4 // c * c)) if has_range(cfg) else min(size) // 4
+    overlap = check_overlap(overlap, size)
+    H, W = canvas
+    if H % c or W % c:
+        raise ValueError(f"canvas {H}x{W}: windowed decoding needs sides in whole latent cells ({c} px)")
+    h, w = min(size[0], H), min(size[1], W)
+    return WindowGrid((H, W), (h, w), overlap, _starts(H, h, overlap, c), _starts(W, w, overlap, c), cfg.upscale)
+
+
+def rank_windows(n: int, rank: int, world: int) -> list[int]:
+    """The windows one rank of `world` evaluates: contiguous, as even as possible."""
+    base, extra = divmod(n, world)
+    first = rank * base + min(rank, extra)
+    return list(range(first, first + base + (rank < extra)))
+
+
+def windowed_velocity(grid: WindowGrid, evaluate: Callable[[torch.Tensor, float, list[int]], torch.Tensor],
+                      batch_windows: int = 1, group=None, progress=None) -> Callable:
+    """velocity(x, t) of the whole canvas, for `pidkern.sampler.sample`.
+
+    evaluate(crops, t, ids): the network's velocity [len(ids)*B, 3, h, w] on window crops
+    [len(ids)*B, 3, h, w] (window-major: window ids[0]'s B images first) at time t.
+    batch_windows: windows per evaluate call. group: a torch.distributed group whose ranks
+    each evaluate their share of the windows; the weighted sums meet in one all_reduce per
+    step, so every rank steps the same canvas. progress: optional callable(windows_done)
+    after every batch.
+    """
+    if isinstance(batch_windows, bool) or not isinstance(batch_windows, int) or batch_windows < 1:
+        raise ValueError(f"batch_windows={batch_windows!r}: expected a positive int")
+    mine = list(range(len(grid)))
+    if group is not None:
+        import torch.distributed as dist
+        mine = rank_windows(len(grid), dist.get_rank(group), dist.get_world_size(group))
+    cache: dict = {}
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        if "w" not in cache:
+            cache["w"] = grid.profiles(x.device, torch.float32)
+        py, px = cache["w"]
+        b = x.shape[0]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for first in range(0, len(mine), batch_windows):
+            ids = mine[first:first + batch_windows]
+            crops = torch.cat([grid.crop(x, k) for k in ids])
+            v = evaluate(crops, t, ids)
+            for n, k in enumerate(ids):
+                i, j = divmod(k, len(grid.cols))
+                wk = py[i][:, None] * px[j][None, :]
+                grid.crop(out, k).add_(v[n * b:(n + 1) * b].to(out.device, torch.float32) * wk)
+            if progress:
+                progress(len(ids))
+        if group is not None:
+            import torch.distributed as dist
+            dist.all_reduce(out, group=group)
+        return out
+    return velocity
+
+
+def pid_evaluator(net, grid: WindowGrid, latent: torch.Tensor, text: torch.Tensor, sigma: torch.Tensor,
+                  dtype: torch.dtype, device) -> Callable:
+    """evaluate(crops, t, ids) of the reference PiDNet: each window's adapter tokens come
+    from its own latent crop (computed once, at its first use) and the caption is every
+    window's."""
+    b = latent.shape[0]
+    h, w = grid.size
+    tokens: dict[int, torch.Tensor] = {}
+
+    def evaluate(crops: torch.Tensor, t: float, ids: list[int]) -> torch.Tensor:
+        for k in ids:
+            if k not in tokens:
+                tokens[k] = net.adapter_tokens(grid.crop_latent(latent, k).to(device, dtype), h, w)
+        n = len(ids)
+        tt = torch.full((n * b,), t, device=device, dtype=torch.float32)
+        lq = torch.cat([tokens[k] for k in ids])
+        return net(crops.to(device), tt, text.repeat(n, 1, 1), None, sigma.repeat(n), lq_tokens=lq)
+    return evaluate
+
+
+WHOLE = "whole"
+
+
+def resolve_grid(cfg: PiDConfig, canvas: tuple[int, int], window=None, overlap=None,
+                 trained: bool = True) -> WindowGrid | None:
+    """What `Decoder.decode(window=, overlap=)` runs: None for the plain decode, else the grid.
+
+    window=None refuses a canvas past the trained range (for trained weights: `trained`),
+    naming window="auto"; window="whole" decodes it whole anyway; a grid of one window
+    covering the canvas is the plain decode (None)."""
+    h, w = canvas
+    if window is None or window == WHOLE:
+        if overlap is not None:
+            raise ValueError(f"overlap={overlap!r}: needs window= ('auto' or a size in output pixels)")
+        if window is None and trained and not in_trained_range(cfg, h, w):
+            lo, hi = cfg.trained_res
+            raise ValueError(f"latent: decodes to {h}x{w}, outside the trained range of {cfg.name} (up to {hi}x{hi} "
+                             f"in area; trained at {lo} to {hi} px); decode it in windows with window='auto' "
+                             f"({default_window(cfg)} px windows blended at every step), or whole anyway with "
+                             f"window='whole' (the network was not trained there)")
+        return None
+    grid = make_grid(cfg, canvas, window, overlap)
+    return None if grid.whole else grid
+
+
+def canvas_band_rows(canvas_width: int, batch: int, band_bytes: int = 64 * 2**20) -> int:
+    """Image rows per in-place sampler update on a canvas: about `band_bytes` of float64
+    temporaries (five per element: x, v, eps, x0 and the sum)."""
+    return max(1, band_bytes // (batch * 3 * canvas_width * 8 * 5))
+
+
+def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, *,
+                   steps: int, seed, sampler: str, noise: str, dtype: torch.dtype, device, canvas_device=None,
+                   batch_windows: int = 1, group=None, progress=None) -> torch.Tensor:
+    """A windowed decode with the reference network: `pidkern.sampler.sample` over the whole
+    canvas, its velocity blended from the windows (`windowed_velocity`, `pid_evaluator`).
+
+    canvas_device: where the canvas, the noise draws and the sampler's update live (default
+    `device`; the host for a canvas past the card's memory, whose release-stream noise is
+    then that device's stream of the seed). The network runs on `device`."""
+    from .sampler import philox_draws, release_draws, sample
+    canvas_device = torch.device(device if canvas_device is None else canvas_device)
+    b = latent.shape[0]
+    shape = (b, 3, *grid.canvas)
+    evaluate = pid_evaluator(net, grid, latent, text.to(dtype), sigma, dtype, device)
+    total = len(grid) * steps if group is None else len(rank_windows(len(grid), _rank(group), _world(group))) * steps
+    done = [0]
+
+    def tick(n):
+        done[0] += n
+        progress(done[0], total)
+
+    velocity = windowed_velocity(grid, evaluate, batch_windows, group, tick if progress else None)
+    draws = (philox_draws if noise == "philox" else release_draws)(seed, canvas_device)
+    return sample(velocity, shape, steps=steps, sampler=sampler, draw=draws, device=canvas_device,
+                  band_rows=canvas_band_rows(grid.canvas[1], b))
+
+
+def _rank(group) -> int:
+    import torch.distributed as dist
+    return dist.get_rank(group)
+
+
+def _world(group) -> int:
+    import torch.distributed as dist
+    return dist.get_world_size(group)

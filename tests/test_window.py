@@ -1,0 +1,189 @@
+"""Windowed decoding (pidkern.window): the plumbing proven exact, then the PiD decode.
+
+The exactness reference is a stand-in network whose velocity at a pixel depends only on
+the pixels within `RADIUS` of it (three small convolutions) and on the latent cell under
+it. Run through the same sampler, window and blend code, windowed decoding must equal
+the whole-canvas decode to float rounding whenever no window's weight reaches within
+RADIUS of a cut it makes (the outer quarter of every overlap has no weight, so overlap
+>= 4 * RADIUS), and must differ when it does.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pidkern
+from pidkern.api import Decoder
+from pidkern.config import get_preset, tiny
+from pidkern.sampler import philox_draws, release_draws, sample
+from pidkern.window import (WindowGrid, cell, default_overlap, default_window, make_grid, rank_windows,
+                            resolve_grid, windowed_velocity)
+
+RADIUS = 4
+
+
+class StandIn(torch.nn.Module):
+    """A local velocity model: 5x5, 3x3 and 1x1 convolutions over the image and the latent
+    (nearest-upsampled to pixels after a 1x1 projection), plus t and sigma terms."""
+
+    def __init__(self, latent_channels: int, upscale: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.up = upscale
+        self.proj = torch.randn(4, latent_channels, generator=g) / latent_channels ** 0.5
+        self.w1 = torch.randn(8, 3 + 4, 5, 5, generator=g) / 10
+        self.w2 = torch.randn(8, 8, 3, 3, generator=g) / 8
+        self.w3 = torch.randn(3, 8, 3, 3, generator=g) / 8
+
+    def forward(self, x, t, latent, sigma):
+        lat = F.interpolate(torch.einsum("oc,bchw->bohw", self.proj, latent), scale_factor=self.up, mode="nearest")
+        u = torch.tanh(F.conv2d(torch.cat([x, lat], 1), self.w1, padding=2))
+        u = torch.tanh(F.conv2d(u, self.w2, padding=1) + t)
+        return F.conv2d(u, self.w3, padding=1) + x * sigma[:, None, None, None]
+
+
+def standin_decode(model, grid, latent, sigma, *, steps, sampler, noise, seed, batch_windows=1):
+    b = latent.shape[0]
+
+    def evaluate(crops, t, ids):
+        lat = torch.cat([grid.crop_latent(latent, k) for k in ids])
+        return model(crops, t, lat, sigma.repeat(len(ids)))
+    draws = (philox_draws if noise == "philox" else release_draws)(seed, torch.device("cpu"))
+    vel = windowed_velocity(grid, evaluate, batch_windows)
+    return sample(vel, (b, 3, *grid.canvas), steps=steps, sampler=sampler, draw=draws, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sampler,noise", [("sde", "release"), ("ode", "release"), ("sde", "philox")])
+def test_windows_equal_the_whole_canvas_for_a_local_network(sampler, noise):
+    cfg = tiny("flux-2k")
+    model = StandIn(cfg.latent_channels, cfg.upscale)
+    g = torch.Generator().manual_seed(1)
+    latent = torch.randn(2, cfg.latent_channels, 7, 9, generator=g)      # 224 x 288: odd cell counts
+    sigma = torch.tensor([0.1, 0.4])
+    canvas = (224, 288)
+    whole = make_grid(cfg, canvas, 256, 0)
+    assert len(whole) == 2            # 224 rows whole, 288 columns in two windows: not the whole canvas yet
+    one = WindowGrid(canvas, canvas, 0, (0,), (0,), cfg.upscale)    # the whole canvas as one window
+    ref = standin_decode(model, one, latent, sigma, steps=4, sampler=sampler, noise=noise, seed=3)
+    grid = make_grid(cfg, canvas, 128, 4 * RADIUS)
+    assert len(grid) > 4 and len(set(grid.rows)) == len(grid.rows)
+    got = standin_decode(model, grid, latent, sigma, steps=4, sampler=sampler, noise=noise, seed=3,
+                         batch_windows=3)
+    assert got.shape == ref.shape == (2, 3, 224, 288)
+    assert (got - ref).abs().max() <= 1e-5
+    # a window's weight reaching into its own cut's receptive field: no longer exact
+    near = make_grid(cfg, canvas, 128, 4 * RADIUS - 12)
+    bad = standin_decode(model, near, latent, sigma, steps=4, sampler=sampler, noise=noise, seed=3)
+    assert (bad - ref).abs().max() > 1e-3
+
+
+def test_blend_weights_sum_to_one_and_vanish_near_cuts():
+    cfg = tiny("flux-2k")
+    for canvas, size, overlap in [((224, 288), 128, 64), ((160, 480), (128, 160), 32), ((96, 416), 128, 96)]:
+        grid = make_grid(cfg, canvas, size, overlap)
+        total = torch.zeros(canvas, dtype=torch.float64)
+        for k, (y, x) in enumerate(grid.boxes()):
+            wk = grid.weight(k, dtype=torch.float64)
+            assert (wk >= 0).all()
+            total[y:y + grid.size[0], x:x + grid.size[1]] += wk
+            m = overlap // 4
+            if x > 0:            # an inner cut on the left: no weight within the outer quarter of the overlap
+                assert (wk[:, :m] == 0).all()
+            if x + grid.size[1] < canvas[1]:
+                assert (wk[:, grid.size[1] - m:] == 0).all()
+        assert torch.allclose(total, torch.ones_like(total), rtol=0, atol=1e-12)
+        # every window inside the canvas, aligned, and neighbours overlapping by >= overlap
+        for starts, side, n in ((grid.rows, grid.size[0], canvas[0]), (grid.cols, grid.size[1], canvas[1])):
+            assert starts[0] == 0 and starts[-1] + side == n
+            assert all(s % cell(cfg) == 0 for s in starts)
+            assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_grid_defaults_per_family_and_rank_split():
+    assert (default_window(get_preset("flux-2k")), default_overlap(get_preset("flux-2k"))) == (2048, 512)
+    assert (default_window(get_preset("flux-2kto4k-v1.5")), default_overlap(get_preset("flux-2kto4k-v1.5"))) == \
+        (4096, 1024)
+    assert default_window(tiny("siglip-2k")) == 256 and cell(tiny("siglip-2k")) == 128
+    g = make_grid(get_preset("flux-2k"), (8192, 8192), "auto")
+    assert g.size == (2048, 2048) and len(g) == 25 and g.rows == (0, 1536, 3072, 4608, 6144)
+    for n, world in ((25, 2), (7, 3), (2, 3)):
+        parts = [rank_windows(n, r, world) for r in range(world)]
+        assert sum(parts, []) == list(range(n))
+
+
+def test_bad_windows_name_the_argument_and_the_allowed_values():
+    cfg = tiny("flux-2k")
+    with pytest.raises(ValueError, match=r"window=512: outside the trained range .* from 128 to 256 px in steps "
+                                         r"of 32"):
+        make_grid(cfg, (512, 512), 512)
+    with pytest.raises(ValueError, match=r"window=96: outside the trained range"):
+        make_grid(cfg, (512, 512), 96)
+    with pytest.raises(ValueError, match=r"window=\(128, 144\): sides must be positive multiples of 32"):
+        make_grid(cfg, (512, 512), (128, 144))
+    with pytest.raises(ValueError, match=r"overlap=128: expected 0 <= overlap < the window's smaller side "
+                                         r"\(128 px\)"):
+        make_grid(cfg, (512, 512), 128, 128)
+    with pytest.raises(ValueError, match=r"overlap=-32"):
+        make_grid(cfg, (512, 512), 128, -32)
+    with pytest.raises(TypeError, match=r"overlap=1.5"):
+        make_grid(cfg, (512, 512), 128, 1.5)
+    with pytest.raises(ValueError, match=r"window='big'"):
+        make_grid(cfg, (512, 512), "big")
+    with pytest.raises(ValueError, match=r"overlap=64: needs window="):
+        resolve_grid(cfg, (512, 512), None, 64)
+    # the plain decode past the trained range: refused for trained weights, naming window='auto'
+    with pytest.raises(ValueError, match=r"outside the trained range .* window='auto'"):
+        resolve_grid(cfg, (512, 320), None)
+    assert resolve_grid(cfg, (512, 320), None, trained=False) is None
+    assert resolve_grid(cfg, (512, 320), "whole") is None
+    assert resolve_grid(cfg, (256, 256), None) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pidkern.load(preset=tiny("flux-2k"), device="cpu")
+
+
+def test_a_window_covering_the_image_is_the_plain_decode(tiny_decoder):
+    dec = tiny_decoder
+    latent = torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(2))   # 160 x 224
+    text = torch.randn(2, 5, dec.config.text_dim, generator=torch.Generator().manual_seed(3))
+    for noise, sampler in (("release", "sde"), ("philox", "ode")):
+        plain = dec.decode(latent, 0.3, text, steps=2, seed=4, noise=noise, sampler=sampler)
+        for window in ((160, 224), 256, "auto"):
+            got = dec.decode(latent, 0.3, text, steps=2, seed=4, noise=noise, sampler=sampler, window=window,
+                             overlap=32)
+            assert torch.equal(got, plain), window
+
+
+def test_pid_windows_shape_determinism_and_progress(tiny_decoder):
+    dec = tiny_decoder
+    latent = torch.randn(1, 16, 5, 7, generator=torch.Generator().manual_seed(5))    # 160 x 224
+    seen = []
+    a = dec.decode(latent, 0.2, steps=2, seed=7, window=128, overlap=64, progress=lambda d, t: seen.append((d, t)))
+    grid = dec.window_grid((160, 224), 128, 64)
+    assert a.shape == (1, 3, 160, 224) and torch.isfinite(a).all() and a.abs().max() <= 1
+    assert seen == [(k, 2 * len(grid)) for k in range(1, 2 * len(grid) + 1)]
+    assert torch.equal(a, dec.decode(latent, 0.2, steps=2, seed=7, window=128, overlap=64))
+    assert not torch.equal(a, dec.decode(latent, 0.2, steps=2, seed=8, window=128, overlap=64))
+    plain = dec.decode(latent, 0.2, steps=2, seed=7)
+    assert (a - plain).abs().max() > 1e-3        # a global-attention net: windows are not the whole
+
+
+def test_trained_weights_refuse_the_plain_decode_past_the_range():
+    cfg = tiny("flux-2k")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = pidkern.load(preset=cfg, device="cpu").net
+    dec = Decoder(net, torch.device("cpu"), torch.float32, source="trained.safetensors")
+    latent = torch.randn(1, 16, 9, 9)          # 288 x 288 px > 256^2 in area
+    with pytest.raises(ValueError, match=r"decodes to 288x288, outside the trained range of tiny-flux-2k .* "
+                                         r"window='auto'"):
+        dec.decode(latent, steps=1)
+    assert dec.decode(latent, steps=1, window="whole").shape == (1, 3, 288, 288)
+    assert dec.decode(latent, steps=1, window="auto").shape == (1, 3, 288, 288)
