@@ -448,11 +448,17 @@ class Decoder:
                              f"backend={which!r}")
         return self._decode_reference(**args, progress=progress)
 
-    def plan(self, latent_shape, text_len: int | None = None, plan=None):
+    def plan(self, latent_shape, text_len: int | None = None, plan=None, window=None, overlap=None):
         """The fast path's plan for latents of `latent_shape` [B, C, h, w]: what it will run
-        (on CUDA the raced entries are filled by the first decode of that shape)."""
+        (on CUDA the raced entries are filled by the first decode of that shape). With
+        window= (as in `decode`): a `pidkern.window.WindowPlan` (grid, windows per call,
+        where the canvas lives, memory) holding the plan of one batch of windows."""
         b, _, lh, lw = latent_shape
         h, w = self.config.output_size(lh, lw)
+        grid = None if window is None else self.window_grid((h, w), window, overlap)
+        if grid is not None:
+            from .window import window_plan
+            return window_plan(self.config, b, grid, self.device.type, lambda shape: self.plan(shape, text_len, plan))
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
 
     # -- windowed decoding (pidkern.window) ---------------------------------------------

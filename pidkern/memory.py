@@ -83,7 +83,8 @@ def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
                     dtype_bytes: int = 2, noise: str = "release", world_size: int = 1,
-                    precision: str = "native") -> int:
+                    precision: str = "native", window=None, overlap: int | None = None, canvas: str = "auto",
+                    batch_windows: int = 1) -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -101,8 +102,16 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     precision: the model's ("native" or "fp8", see weight_bytes); the fp8 activations'
     codes (one byte per element of one GEMM input at a time) are left out, a forecast
     no GPU run has checked.
+    window, overlap, canvas, batch_windows: a windowed decode (pidkern.window,
+    docs/windows.md): one batch of windows at the window's size, plus the canvas and
+    every window's adapter tokens where the canvas lives on the card ("auto": the host
+    past pidkern.window.CANVAS_DEVICE_BYTES).
     """
     cfg = _config(preset)
+    if window is not None:
+        from .window import windowed_estimate
+        return windowed_estimate(estimate_memory, cfg, batch, height, width, window, overlap, canvas, batch_windows,
+                                 text_len=text_len, dtype_bytes=dtype_bytes, noise=noise, precision=precision)
     check_noise(noise)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}: expected a positive int (the ranks of the decode)")
@@ -162,4 +171,5 @@ def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int,
     if need > free:
         raise InsufficientMemoryError(
             f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
-            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}")
+            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}; decode it in "
+            f"windows with window='auto' (pidkern.window)")

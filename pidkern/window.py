@@ -320,17 +320,20 @@ def canvas_band_rows(canvas_width: int, batch: int, band_bytes: int = 64 * 2**20
 
 
 def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, *,
-                   steps: int, seed, sampler: str, noise: str, dtype: torch.dtype, device, canvas_device=None,
+                   steps: int, seed, sampler: str, noise: str, dtype: torch.dtype, device, canvas: str = "auto",
                    batch_windows: int = 1, group=None, progress=None) -> torch.Tensor:
     """A windowed decode with the reference network: `pidkern.sampler.sample` over the whole
     canvas, its velocity blended from the windows (`windowed_velocity`, `pid_evaluator`).
 
-    canvas_device: where the canvas, the noise draws and the sampler's update live (default
-    `device`; the host for a canvas past the card's memory, whose release-stream noise is
-    then that device's stream of the seed). The network runs on `device`."""
+    canvas: where the canvas, the noise draws and the sampler's update live (`canvas_place`:
+    "auto" keeps it on `device` unless it is past CANVAS_DEVICE_BYTES on CUDA; on the host,
+    the release stream's noise is the host generator's stream of the seed). The network
+    runs on `device`."""
     from .sampler import philox_draws, release_draws, sample
-    canvas_device = torch.device(device if canvas_device is None else canvas_device)
+    device = torch.device(device)
     b = latent.shape[0]
+    host = canvas_place(b, grid.canvas, device.type, canvas) == "host"
+    canvas_device = torch.device("cpu") if host else device
     shape = (b, 3, *grid.canvas)
     evaluate = pid_evaluator(net, grid, latent, text.to(dtype), sigma, dtype, device)
     total = len(grid) * steps if group is None else len(rank_windows(len(grid), _rank(group), _world(group))) * steps
@@ -354,3 +357,99 @@ def _rank(group) -> int:
 def _world(group) -> int:
     import torch.distributed as dist
     return dist.get_world_size(group)
+
+
+# -- memory and the plan ------------------------------------------------------------------
+
+# A canvas whose sampler state (x, the blended velocity, one noise draw: three float32
+# images) takes more than this lives in host memory; the card then holds the weights and
+# one batch of windows whatever the output size. 4 GiB keeps 8192² (2.25 GiB for batch 1)
+# on the card and puts 16384² (9 GiB) on the host.
+CANVAS_DEVICE_BYTES = 4 * 2**30
+CANVAS_PLACES = ("auto", "device", "host")
+
+
+def canvas_state_bytes(batch: int, canvas: tuple[int, int]) -> int:
+    return 3 * batch * 3 * canvas[0] * canvas[1] * 4
+
+
+def canvas_place(batch: int, canvas: tuple[int, int], device_type: str, place: str = "auto") -> str:
+    """Where the canvas lives: "device" or "host" ("auto": the host past CANVAS_DEVICE_BYTES,
+    on CUDA only; off CUDA the device is the host)."""
+    if place not in CANVAS_PLACES:
+        raise ValueError(f"canvas={place!r}: expected one of {CANVAS_PLACES}")
+    if place != "auto":
+        return place
+    if device_type != "cuda":
+        return "device"
+    return "host" if canvas_state_bytes(batch, canvas) > CANVAS_DEVICE_BYTES else "device"
+
+
+def token_bytes(cfg: PiDConfig, grid: WindowGrid, batch: int, dtype_bytes: int) -> int:
+    """Every window's adapter tokens, kept for the decode (each computed once)."""
+    per_window = (grid.size[0] // cfg.patch) * (grid.size[1] // cfg.patch) * cfg.adapter_width
+    return len(grid) * batch * per_window * dtype_bytes
+
+
+def windowed_memory(cfg: PiDConfig, batch: int, grid: WindowGrid, window_bytes: int, dtype_bytes: int = 2,
+                    place: str = "auto", batch_windows: int = 1) -> dict:
+    """GPU bytes of a windowed decode: `window_bytes` (the decode of one batch of windows,
+    weights included: memory.estimate_memory at the window's size and batch x
+    batch_windows), plus, where the canvas lives on the card, the canvas's sampler state,
+    one band of the in-place update's float64 temporaries and every window's adapter
+    tokens; on the host those are host bytes instead, and the card holds one batch of
+    window crops and velocities in flight."""
+    where = canvas_place(batch, grid.canvas, "cuda", place)
+    band = canvas_band_rows(grid.canvas[1], batch) * batch * 3 * grid.canvas[1] * 8 * 5
+    canvas = canvas_state_bytes(batch, grid.canvas) + band
+    tokens = token_bytes(cfg, grid, batch, dtype_bytes)
+    staging = 2 * batch_windows * batch * 3 * grid.size[0] * grid.size[1] * 4
+    on_card = canvas + tokens if where == "device" else staging
+    return dict(device=window_bytes + on_card, host=0 if where == "device" else canvas + tokens, canvas=where,
+                window=window_bytes, canvas_bytes=canvas, token_bytes=tokens)
+
+
+@dataclass
+class WindowPlan:
+    """What a windowed decode runs: the grid, windows per network call, where the canvas
+    lives, its memory (bytes), and the plan of one batch of windows (the fast path's Plan,
+    or None)."""
+    grid: WindowGrid
+    batch_windows: int
+    canvas: str
+    memory: dict
+    window_plan: object = None
+
+    def __str__(self) -> str:
+        m = self.memory
+        lines = [f"windowed decode: {self.grid.describe()}",
+                 f"  windows per network call: {self.batch_windows}",
+                 f"  canvas: {self.canvas} ({m['canvas_bytes'] / 2**30:.2f} GiB incl. one update band; adapter tokens "
+                 f"{m['token_bytes'] / 2**30:.2f} GiB)",
+                 f"  GPU memory (estimate): {m['device'] / 2**30:.2f} GiB (one batch of windows "
+                 f"{m['window'] / 2**30:.2f} GiB); host {m['host'] / 2**30:.2f} GiB"]
+        if self.window_plan is not None:
+            lines += ["  each batch of windows:"] + ["    " + ln for ln in str(self.window_plan).splitlines()]
+        return "\n".join(lines)
+
+
+def windowed_estimate(estimate, cfg: PiDConfig, batch: int, height: int, width: int, window, overlap, place: str,
+                      batch_windows: int, **kw) -> int:
+    """`memory.estimate_memory(..., window=)`: the bytes on the card (see windowed_memory)."""
+    grid = make_grid(cfg, (height, width), window, overlap)
+    if grid.whole:
+        return estimate(cfg, batch, height, width, **kw)
+    one = estimate(cfg, batch * batch_windows, *grid.size, **kw)
+    return windowed_memory(cfg, batch, grid, one, kw.get("dtype_bytes", 2), place, batch_windows)["device"]
+
+
+def window_plan(cfg: PiDConfig, batch: int, grid: WindowGrid, device_type: str, inner=None,
+                batch_windows: int = 1, place: str = "auto", dtype_bytes: int = 2) -> WindowPlan:
+    """The WindowPlan of a decode; inner(latent_shape): the plan of one batch of windows."""
+    from .memory import estimate_memory
+    u = cfg.upscale
+    one = estimate_memory(cfg, batch * batch_windows, *grid.size, dtype_bytes=dtype_bytes)
+    where = canvas_place(batch, grid.canvas, device_type, place)
+    mem = windowed_memory(cfg, batch, grid, one, dtype_bytes, where, batch_windows)
+    shape = (batch * batch_windows, cfg.latent_channels, grid.size[0] // u, grid.size[1] // u)
+    return WindowPlan(grid, batch_windows, where, mem, inner(shape) if inner else None)

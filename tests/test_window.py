@@ -187,3 +187,33 @@ def test_trained_weights_refuse_the_plain_decode_past_the_range():
         dec.decode(latent, steps=1)
     assert dec.decode(latent, steps=1, window="whole").shape == (1, 3, 288, 288)
     assert dec.decode(latent, steps=1, window="auto").shape == (1, 3, 288, 288)
+
+
+def test_windowed_memory_model_meets_the_targets_and_bounds_the_card():
+    from pidkern.memory import estimate_memory
+    from pidkern.window import CANVAS_DEVICE_BYTES, canvas_state_bytes
+    gib = 2**30
+    one = estimate_memory("flux-2k", 1, 2048, 2048)
+    e8 = estimate_memory("flux-2k", 1, 8192, 8192, window=2048)
+    e16 = estimate_memory("flux-2k", 1, 16384, 16384, window=2048)
+    assert e8 <= 8 * gib and e16 <= 16 * gib
+    # 8192²: one window's decode + the canvas state (3 float32 images) + 25 windows' tokens (+ one band)
+    tokens = 25 * 128 * 128 * 512 * 2
+    assert canvas_state_bytes(1, (8192, 8192)) <= CANVAS_DEVICE_BYTES
+    assert one + canvas_state_bytes(1, (8192, 8192)) + tokens < e8 < one + canvas_state_bytes(1, (8192, 8192)) \
+        + tokens + 128 * 2**20
+    # 16384²: the canvas is on the host; the card holds one window batch and its crops in flight
+    assert one < e16 < one + 128 * 2**20
+    assert estimate_memory("flux-2k", 1, 16384, 16384, window=2048, canvas="device") > 16384 ** 2 * 36
+    # a window covering the image is the plain decode's memory
+    assert estimate_memory("flux-2k", 1, 2048, 2048, window=2048) == one
+    assert estimate_memory("flux-2k", 2, 8192, 8192, window=2048, batch_windows=2) > e8
+
+
+def test_plan_shows_the_grid_batch_and_canvas(tiny_decoder):
+    dec = tiny_decoder
+    wp = dec.plan((1, 16, 7, 9), window=128, overlap=64)
+    assert (len(wp.grid), wp.grid.size, wp.batch_windows, wp.canvas) == (12, (128, 128), 1, "device")
+    assert wp.window_plan is not None and str(wp).startswith("windowed decode: 3x4 windows of 128x128 over 224x288")
+    assert "each batch of windows:" in str(wp)
+    assert not hasattr(dec.plan((1, 16, 4, 4), window=128 + 128), "grid")     # covers the image: the plain plan
