@@ -43,6 +43,9 @@ class PiDConfig:
     trained_res: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
+        object.__setattr__(self, "trained_res", tuple(self.trained_res))   # JSON metadata brings a list
+        if len(self.trained_res) != 2 or not 0 <= self.trained_res[0] <= self.trained_res[1]:
+            raise ValueError(f"PiDConfig.trained_res must be (lowest, highest) output side, got {self.trained_res!r}")
         if self.version not in ("v1", "v1.5"):
             raise ValueError(f"PiDConfig.version must be 'v1' or 'v1.5', got {self.version!r}")
         if self.hidden % self.heads or (self.hidden // self.heads) % 4:

@@ -217,3 +217,83 @@ def test_plan_shows_the_grid_batch_and_canvas(tiny_decoder):
     assert wp.window_plan is not None and str(wp).startswith("windowed decode: 3x4 windows of 128x128 over 224x288")
     assert "each batch of windows:" in str(wp)
     assert not hasattr(dec.plan((1, 16, 4, 4), window=128 + 128), "grid")     # covers the image: the plain plan
+
+
+def test_upscale_16x_is_4x_then_4x_windowed_with_the_tiled_encode():
+    pytest.importorskip("diffusers")
+    from pidkern import pipelines
+    from tiny_diffusers import tiny_kl_vae
+    vae = tiny_kl_vae()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = pidkern.load(preset=tiny("flux-2k"), device="cpu")
+        img = torch.randint(0, 256, (3, 13, 21), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        passes = []
+        got = pipelines.upscale(img, dec, vae, seed=5, output_type="pt", decode_kwargs=dict(steps=1), scale=16,
+                                on_pass=lambda i, k, n, hw: passes.append((i, k, n, hw)))[0]
+        assert got.shape == (3, 208, 336) and passes == [(0, 0, 2, (52, 84)), (0, 1, 2, (208, 336))]
+        assert not vae.use_tiling                     # the VAE's own setting is left as it was
+        # the reference: the 4x upscale, its result encoded in tiles, decoded in windows ('auto':
+        # 208 x 336 is past tiny flux-2k's 256² trained area)
+        first = pipelines.upscale(img, dec, vae, seed=5, output_type="pt", decode_kwargs=dict(steps=1))[0]
+        x = pipelines.pad_image(first[None], pipelines.pad_multiple(dec))
+        vae.enable_tiling()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        vae.disable_tiling()
+        latent = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        want = dec.decode(latent, 0.0, steps=1, seed=5, window="auto")[0, :, :208, :336]
+        assert torch.equal(got, want)
+        with torch.no_grad():
+            untiled = vae.encode(x).latent_dist.mode()
+        assert not torch.equal(untiled, z)            # the tiled encode is what ran
+    for bad in (8, 2, 1, 16.0, True, 0):
+        with pytest.raises(ValueError, match=rf"scale={bad!r}: expected a power of 4 \(4, 16, 64, ...\)"):
+            pipelines.upscale(img, dec, vae, scale=bad)
+
+
+def test_cli_upscale_scale_16_and_decode_window(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from pidkern.api import random_net
+    from pidkern.checkpoint import save_safetensors
+    from pidkern.cli import main
+    from tiny_diffusers import tiny_kl_vae
+    cfg = tiny("flux-2k")
+    save_safetensors(random_net(cfg, torch.device("cpu"), torch.float32, seed=4).state_dict(), cfg,
+                     tmp_path / "pid.safetensors")
+    tiny_kl_vae().save_pretrained(tmp_path / "vae")
+    px = torch.randint(0, 256, (13, 21, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(px.numpy()).save(tmp_path / "a.png")
+    common = ["--checkpoint", tmp_path / "pid.safetensors", "--steps", "1", "--device", "cpu"]
+
+    def run(args):
+        rc = main([str(a) for a in args])
+        return (rc, *capsys.readouterr())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc, out, err = run(["upscale", tmp_path / "a.png", "-o", tmp_path / "big.png", "--vae", tmp_path / "vae",
+                            "--scale", "16", *common])
+        assert rc == 0, err
+        assert Image.open(tmp_path / "big.png").size == (21 * 16, 13 * 16)
+        assert "upscale pass 2/2" in err and "a.png -> 336x208" in err
+        rc, out, err = run(["upscale", tmp_path / "a.png", "-o", tmp_path / "x.png", "--vae", tmp_path / "vae",
+                            "--scale", "8", *common])
+        assert rc == 2 and "--scale 8: expected a power of 4" in err
+        # decode: --window / --overlap are Decoder.decode's; the plain decode past the range names window='auto'
+        latent = torch.randn(1, 16, 9, 9, generator=torch.Generator().manual_seed(1))
+        save_file({"latent": latent}, str(tmp_path / "lat.safetensors"))
+        rc, out, err = run(["decode", tmp_path / "lat.safetensors", "-o", tmp_path / "d.png", *common])
+        assert rc == 2 and "window='auto'" in err
+        rc, out, err = run(["decode", tmp_path / "lat.safetensors", "-o", tmp_path / "d.png", "--window", "128",
+                            "--overlap", "64", *common])
+        assert rc == 0, err
+        dec = pidkern.load(tmp_path / "pid.safetensors", device="cpu")
+        want = pidkern.to_uint8(dec.decode(latent, steps=1, seed=0, window=128, overlap=64))[0]
+        assert torch.equal(torch.from_numpy(np.array(Image.open(tmp_path / "d.png"))), want)
+        rc, out, err = run(["decode", tmp_path / "lat.safetensors", "-o", tmp_path / "d.png", "--window", "100",
+                            *common])
+        assert rc == 2 and "window=100: sides must be positive multiples of 32" in err
