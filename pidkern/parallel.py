@@ -340,10 +340,12 @@ class SequenceParallelDecoder(Decoder):
     def decode(self, latent, sigma=0.0, *, backend: str = "auto", progress=None, output: str | None = None,
                **inputs):
         """As Decoder.decode (the same keyword arguments: text, prompt, steps, seed, size,
-        sampler, noise), on every rank of the group at once. Returns the images on rank 0
-        (None on the other ranks), or on every rank with output="all" (default: the
-        decoder's `output`, "rank0")."""
+        sampler, noise, window, overlap), on every rank of the group at once. Returns the
+        images on rank 0 (None on the other ranks), or on every rank with output="all"
+        (default: the decoder's `output`, "rank0"). A windowed decode (window=) spreads the
+        windows over the ranks instead of splitting rows (pidkern.window)."""
         mine = drawn = error = None
+        window, overlap, grid = inputs.pop("window", None), inputs.pop("overlap", None), None
         try:   # a rank's own input errors go to every rank through the entry check
             if output is not None and output not in OUTPUTS:
                 raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
@@ -357,9 +359,14 @@ class SequenceParallelDecoder(Decoder):
             drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
             mine = self._describe(args, output)
             mine["backend"] = which
+            grid = self.window_grid(args["size"], window, overlap)
+            mine["window"] = None if grid is None else (grid.size, grid.overlap)
         except (ValueError, TypeError) as e:
             error = e
         args["seed"] = self._agree(mine, drawn, error)
+        if grid is not None:
+            x = self._decode_windows(grid, args, backend, plan, progress, group=self.group)
+            return x if output == "all" or self.rank == 0 else None
         run = self._decode_sharded_fast if which == "fast" else self._decode_sharded
         if which == "fast":
             args["plan"] = plan

@@ -297,3 +297,72 @@ def test_cli_upscale_scale_16_and_decode_window(tmp_path, capsys):
         rc, out, err = run(["decode", tmp_path / "lat.safetensors", "-o", tmp_path / "d.png", "--window", "100",
                             *common])
         assert rc == 2 and "window=100: sides must be positive multiples of 32" in err
+
+
+# -- many processes: the windows spread over gloo ranks --------------------------------------
+
+# world size -> (batch, decode kwargs): each case once, to keep process start-up few
+WINDOW_CASES = {2: (2, dict(steps=2, seed=3)), 3: (1, dict(steps=2, seed=4, sampler="ode", noise="philox"))}
+
+
+def _window_inputs(batch):
+    g = torch.Generator().manual_seed(9)
+    return torch.randn(batch, 16, 5, 7, generator=g), torch.tensor([0.1, 0.3])[:batch]   # 160 x 224: 2 x 3 windows
+
+
+def _window_worker(rank: int, world: int, out_dir: str):
+    import os
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    results = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dec = pidkern.load(preset=tiny("flux-2k"), device="cpu", parallel="sequence")
+        batch, kw = WINDOW_CASES[world]
+        latent, sigma = _window_inputs(batch)
+        results["image"] = dec.decode(latent, sigma, window=128, overlap=64, output="all", **kw)
+        results["rank0-only"] = dec.decode(latent[:1], 0.2, steps=1, seed=0, window=128, overlap=64)
+        try:
+            dec.decode(latent, sigma, steps=1, seed=0, window=128, overlap=64 if rank == 0 else 32)
+            results["disagree"] = None
+        except ValueError as e:
+            results["disagree"] = str(e)
+    except Exception:
+        import traceback
+        results["crash"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_windows_over_gloo_ranks_match_one_process(world, tmp_path, tiny_decoder):
+    import time
+
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(_window_worker, args=(world, str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish in 180 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert all("crash" not in r for r in ranks), [r.get("crash") for r in ranks]
+    batch, kw = WINDOW_CASES[world]
+    latent, sigma = _window_inputs(batch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = tiny_decoder.decode(latent, sigma, window=128, overlap=64, **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert len(tiny_decoder.window_grid((160, 224), 128, 64)) == 6
+    for r in ranks:
+        assert r["image"].shape == want.shape and (r["image"] - want).abs().max() <= 1e-5
+    assert ranks[0]["rank0-only"].shape == (1, 3, 160, 224) and all(r["rank0-only"] is None for r in ranks[1:])
+    assert all("window" in (r["disagree"] or "") and "disagree" in r["disagree"] for r in ranks)
