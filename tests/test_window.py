@@ -366,3 +366,16 @@ def test_windows_over_gloo_ranks_match_one_process(world, tmp_path, tiny_decoder
         assert r["image"].shape == want.shape and (r["image"] - want).abs().max() <= 1e-5
     assert ranks[0]["rank0-only"].shape == (1, 3, 160, 224) and all(r["rank0-only"] is None for r in ranks[1:])
     assert all("window" in (r["disagree"] or "") and "disagree" in r["disagree"] for r in ranks)
+
+
+def test_cost_model_windowed_rows():
+    from bench.parallel_cost import render_windows, window_table
+    rows = window_table()
+    assert [(r["side"], r["world"], r["windows"], r["busiest"]) for r in rows[:4]] == \
+        [(8192, 1, 25, 25), (8192, 2, 25, 13), (8192, 4, 25, 7), (8192, 8, 25, 4)]
+    for r in rows:
+        assert r["allreduce_bytes"] == 2 * (r["world"] - 1) / r["world"] * 3 * r["side"] ** 2 * 4
+        assert r["NVLink"]["decode_ms"] <= r["PCIe"]["decode_ms"]
+    assert rows[0]["NVLink"]["speedup"] == pytest.approx(1.0)
+    assert [r["NVLink"]["speedup"] for r in rows[:4]] == sorted(r["NVLink"]["speedup"] for r in rows[:4])
+    assert render_windows(rows).count("\n") == len(rows) + 1
