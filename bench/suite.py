@@ -15,6 +15,9 @@ Rows (each at every size x batch that fits; OOM is recorded as a note):
   compile         torch.compile(reference net), bf16 weights (first call reported apart)
   cascade         the paper's table at 512² -> 2048²: VAE + Real-ESRGAN, VAE + SeedVR2-3B
                   (random-weight cost models, bench/baselines/) and PiD, batch 1
+  windows         8192² from a 2048² image's latent in 2048² windows (pidkern.window), and
+                  one 2048² decode: the windowed one's overhead is its ms / (windows x that)
+                  (smoke: 224² in 128² windows); bench/window_check.py reports it directly
 
 FLOPs: PiD rows use the analytic model (pidkern.flops, useful work with the adapter once),
 baselines a FlopCounterMode count on the meta device. Outputs: JSON with all raw timings,
@@ -38,7 +41,7 @@ from pidkern.config import get_preset, tiny
 from pidkern.flops import decode_flops, tflops
 from pidkern.timing import environment, slug
 
-ROWS = ("fast", "fp8", "ablations", "release", "bf16", "compile", "cascade")
+ROWS = ("fast", "fp8", "ablations", "release", "bf16", "compile", "cascade", "windows")
 
 # PiD paper, 512² latent -> 2048², GB200, torch.compile (ms)
 PAPER_MS = {"PiD": 211.2, "VAE + SeedVR2-3B": 1237.5, "VAE + TSD-SR": 724.8, "VAE + InvSR": 1017.7,
@@ -135,7 +138,29 @@ class Plan:
                                               note="torch.compile(net), bf16" + (" (smoke: backend=eager)" if self.smoke else "")))
         if "cascade" in self.rows_on:
             rows += self._cascade_rows()
+        if "windows" in self.rows_on:
+            rows += self._window_rows()
         return rows
+
+    def _window_rows(self) -> list[Row]:
+        side, window, overlap = (224, 128, 32) if self.smoke else (8192, 2048, None)
+        from pidkern.window import make_grid
+        grid = make_grid(self.cfg, (side, side), window, overlap)
+        dt = self.fast_dtype()
+
+        def build(size, win):
+            def make():
+                dec = self.decoder(dt)
+                latent, sigma, text = self._inputs(size, 1)
+                # the windowed decode runs the reference network today: its unit is timed the same way
+                return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="reference",
+                                          window=win, overlap=overlap if win else None)
+            return make
+        one = decode_flops(self.cfg, 1, grid.size[0], grid.size[1], self.steps)["total"]
+        return [Row(f"windows: one {window}² window", "pid", window, 1, build(window, None), one,
+                    "reference backend, the unit of the windowed row"),
+                Row(f"windows {side}² ({len(grid)} x {window}²)", "pid", side, 1, build(side, window),
+                    len(grid) * one, f"{grid.describe()}; overhead = ms / ({len(grid)} x the one-window row)")]
 
     def _inputs(self, size, batch):
         return pb.decode_inputs(self.cfg, batch, size, size, self.device)

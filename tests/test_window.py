@@ -379,3 +379,17 @@ def test_cost_model_windowed_rows():
     assert rows[0]["NVLink"]["speedup"] == pytest.approx(1.0)
     assert [r["NVLink"]["speedup"] for r in rows[:4]] == sorted(r["NVLink"]["speedup"] for r in rows[:4])
     assert render_windows(rows).count("\n") == len(rows) + 1
+
+
+def test_window_check_smoke_reports_the_overhead(capsys, tmp_path):
+    import json
+
+    from bench.window_check import main
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--smoke", "--side", "224", "--steps", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-flux-2k 224² in 2x2 windows of 128x128" in out and "overhead vs 4 x one" in out
+    r = json.loads(next(tmp_path.glob("window_check_*.json")).read_text())["window"]
+    assert r["windows"] == 4 and r["overhead"] == pytest.approx(r["windowed_ms"] / (4 * r["one_window_ms"]))
+    assert r["windows_per_s"] == pytest.approx(4e3 / r["windowed_ms"])
