@@ -468,18 +468,21 @@ class Decoder:
         return resolve_grid(self.config, size, window, overlap, trained=self.source != "random")
 
     def _decode_windows(self, grid, args, backend, plan, progress, group=None):
-        from .window import sample_windows
+        from .window import fast_evaluator, sample_windows
         which = self.backend_for(backend)
-        if which == "fast" and backend == "fast":
-            raise ValueError("window=: windowed decoding runs on backend='reference' for now; pass "
-                             "backend='reference' or 'auto'")
+        inputs = {k: args[k] for k in ("latent", "sigma", "text", "steps", "seed", "sampler", "noise")}
+        if which == "fast":
+            eng = self.engine()
+            self._park(eng.model.unread_parameters)
+            evaluate = fast_evaluator(eng, grid, args["latent"], args["text"], args["sigma"], plan)
+            return sample_windows(None, grid, **inputs, dtype=self.dtype, device=self.device, progress=progress,
+                                  group=group, evaluate=evaluate)
         if plan is not None:
-            raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this windowed decode runs "
-                             f"backend='reference'")
+            raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
+                             f"backend={which!r}")
         with self.using_net() as net, self._autocast():
-            return sample_windows(net, grid, **{k: args[k] for k in ("latent", "sigma", "text", "steps", "seed",
-                                                                     "sampler", "noise")},
-                                  dtype=self.dtype, device=self.device, progress=progress, group=group)
+            return sample_windows(net, grid, **inputs, dtype=self.dtype, device=self.device, progress=progress,
+                                  group=group)
 
     def reference_weights_on_device(self) -> None:
         """Bring back the weights a fast decode parked in host memory (reading `net` does

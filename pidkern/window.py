@@ -288,6 +288,31 @@ def pid_evaluator(net, grid: WindowGrid, latent: torch.Tensor, text: torch.Tenso
     return evaluate
 
 
+def fast_evaluator(engine, grid: WindowGrid, latent: torch.Tensor, text: torch.Tensor, sigma: torch.Tensor,
+                   overrides=None) -> Callable:
+    """evaluate(crops, t, ids) of the fast path (pidkern.engine's FastPiD): a batch of
+    windows is one FastPiD forward at the window's shape, under the plan of that shape
+    (the same for every batch of that many windows), its adapter prologue run once per
+    batch and kept; the velocity is the final layer folded (as the engine's ODE step)."""
+    from .reference import fold_patch_pixels
+    model, cfg = engine.model, engine.cfg
+    b, (h, w), t_len = latent.shape[0], grid.size, text.shape[1]
+    kept: dict = {}
+    fl = model.net.final_layer
+
+    def evaluate(crops: torch.Tensor, t: float, ids: list[int]) -> torch.Tensor:
+        n = len(ids)
+        plan = engine.plan(n * b, h, w, t_len, overrides)
+        if tuple(ids) not in kept:
+            lat = torch.cat([grid.crop_latent(latent, k) for k in ids])
+            kept[tuple(ids)] = model.prologue(lat, text.repeat(n, 1, 1), h, w, plan["keep_heads"])
+        heads, y = kept[tuple(ids)]
+        p = model.forward(crops.to(engine.device).contiguous(), t, heads, y, sigma.repeat(n),
+                          engine.tables(h, w, t_len), plan, racing=True)
+        return fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), n * b, h, w, cfg.patch)
+    return evaluate
+
+
 WHOLE = "whole"
 
 
@@ -321,9 +346,10 @@ def canvas_band_rows(canvas_width: int, batch: int, band_bytes: int = 64 * 2**20
 
 def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, *,
                    steps: int, seed, sampler: str, noise: str, dtype: torch.dtype, device, canvas: str = "auto",
-                   batch_windows: int = 1, group=None, progress=None) -> torch.Tensor:
-    """A windowed decode with the reference network: `pidkern.sampler.sample` over the whole
-    canvas, its velocity blended from the windows (`windowed_velocity`, `pid_evaluator`).
+                   batch_windows: int = 1, group=None, progress=None, evaluate=None) -> torch.Tensor:
+    """A windowed decode: `pidkern.sampler.sample` over the whole canvas, its velocity
+    blended from the windows (`windowed_velocity`) evaluated by `evaluate` (default: the
+    reference network `net`, `pid_evaluator`; the fast path passes `fast_evaluator`).
 
     canvas: where the canvas, the noise draws and the sampler's update live (`canvas_place`:
     "auto" keeps it on `device` unless it is past CANVAS_DEVICE_BYTES on CUDA; on the host,
@@ -335,7 +361,8 @@ def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Ten
     host = canvas_place(b, grid.canvas, device.type, canvas) == "host"
     canvas_device = torch.device("cpu") if host else device
     shape = (b, 3, *grid.canvas)
-    evaluate = pid_evaluator(net, grid, latent, text.to(dtype), sigma, dtype, device)
+    if evaluate is None:
+        evaluate = pid_evaluator(net, grid, latent, text.to(dtype), sigma, dtype, device)
     total = len(grid) * steps if group is None else len(rank_windows(len(grid), _rank(group), _world(group))) * steps
     done = [0]
 
