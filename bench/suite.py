@@ -147,18 +147,18 @@ class Plan:
         from pidkern.window import make_grid
         grid = make_grid(self.cfg, (side, side), window, overlap)
         dt = self.fast_dtype()
+        backend = "fast" if self.device.type == "cuda" else "reference"
 
         def build(size, win):
             def make():
                 dec = self.decoder(dt)
                 latent, sigma, text = self._inputs(size, 1)
-                # the windowed decode runs the reference network today: its unit is timed the same way
-                return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend="reference",
+                return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend=backend,
                                           window=win, overlap=overlap if win else None)
             return make
         one = decode_flops(self.cfg, 1, grid.size[0], grid.size[1], self.steps)["total"]
         return [Row(f"windows: one {window}² window", "pid", window, 1, build(window, None), one,
-                    "reference backend, the unit of the windowed row"),
+                    f"{backend} backend, the unit of the windowed row"),
                 Row(f"windows {side}² ({len(grid)} x {window}²)", "pid", side, 1, build(side, window),
                     len(grid) * one, f"{grid.describe()}; overhead = ms / ({len(grid)} x the one-window row)")]
 

@@ -59,8 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", type=int, default=None, help="default: the preset's (docs/windows.md)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
-    # the windowed decode runs the reference network today: the unit is timed the same way
-    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--backend", default="auto", help="auto (fast on CUDA), fast or reference: both decodes")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU: 4x4 windows of 128²")
     ap.add_argument("--out", default=None, help="directory for the JSON result (default: print only)")
     args = ap.parse_args(argv)
