@@ -72,7 +72,8 @@ def main(argv=None) -> int:
             dtype, smoke=args.smoke)
     peak = f", peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
     print(f"{r['preset']} {side}² in {r['grid']}, {r['backend']} {r['dtype']} on {r['device']}: "
-          f"{r['windowed_ms']:.0f} ms ({r['windows_per_s']:.2f} windows/s{peak}, estimate {r['estimate_gib']:.2f} GiB); "
+          f"{r['windowed_ms']:.0f} ms ({r['windows_per_s']:.2f} windows/s{peak}, "
+          f"estimate {r['estimate_gib']:.2f} GiB); "
           f"one {r['window'][0]}² decode {r['one_window_ms']:.0f} ms; overhead vs {r['windows']} x one: "
           f"{r['overhead']:.3f}")
     if args.out:
