@@ -227,7 +227,7 @@ def rank_windows(n: int, rank: int, world: int) -> list[int]:
 
 
 def windowed_velocity(grid: WindowGrid, evaluate: Callable[[torch.Tensor, float, list[int]], torch.Tensor],
-                      batch_windows: int = 1, group=None, progress=None) -> Callable:
+                      batch_windows: int = 1, group=None, progress=None, pin: bool = False) -> Callable:
     """velocity(x, t) of the whole canvas, for `pidkern.sampler.sample`.
 
     evaluate(crops, t, ids): the network's velocity [len(ids)*B, 3, h, w] on window crops
@@ -235,7 +235,8 @@ def windowed_velocity(grid: WindowGrid, evaluate: Callable[[torch.Tensor, float,
     batch_windows: windows per evaluate call. group: a torch.distributed group whose ranks
     each evaluate their share of the windows; the weighted sums meet in one all_reduce per
     step, so every rank steps the same canvas. progress: optional callable(windows_done)
-    after every batch.
+    after every batch. pin: the blended velocity in pinned host memory (a host canvas
+    beside a CUDA device: the windows' velocities come back at full PCIe speed).
     """
     if isinstance(batch_windows, bool) or not isinstance(batch_windows, int) or batch_windows < 1:
         raise ValueError(f"batch_windows={batch_windows!r}: expected a positive int")
@@ -250,7 +251,7 @@ def windowed_velocity(grid: WindowGrid, evaluate: Callable[[torch.Tensor, float,
             cache["w"] = grid.profiles(x.device, torch.float32)
         py, px = cache["w"]
         b = x.shape[0]
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device, pin_memory=pin)
         for first in range(0, len(mine), batch_windows):
             ids = mine[first:first + batch_windows]
             crops = torch.cat([grid.crop(x, k) for k in ids])
@@ -370,8 +371,12 @@ def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Ten
         done[0] += n
         progress(done[0], total)
 
-    velocity = windowed_velocity(grid, evaluate, batch_windows, group, tick if progress else None)
+    pin = host and device.type == "cuda"
+    velocity = windowed_velocity(grid, evaluate, batch_windows, group, tick if progress else None, pin)
     draws = (philox_draws if noise == "philox" else release_draws)(seed, canvas_device)
+    if pin:     # the canvas itself in pinned memory: its window crops go to the card at full speed
+        stream = draws
+        draws = lambda k, shp: stream(k, shp).pin_memory()    # noqa: E731
     return sample(velocity, shape, steps=steps, sampler=sampler, draw=draws, device=canvas_device,
                   band_rows=canvas_band_rows(grid.canvas[1], b))
 
