@@ -457,8 +457,11 @@ class Decoder:
         h, w = self.config.output_size(lh, lw)
         grid = None if window is None else self.window_grid((h, w), window, overlap)
         if grid is not None:
+            from .memory import estimate_memory
             from .window import window_plan
-            return window_plan(self.config, b, grid, self.device.type, lambda shape: self.plan(shape, text_len, plan))
+            one = estimate_memory(self.config, b, *grid.size, text_len, torch.finfo(self.dtype).bits // 8)
+            return window_plan(self.config, b, grid, self.device.type, one,
+                               lambda shape: self.plan(shape, text_len, plan), dtype_bytes=torch.finfo(self.dtype).bits // 8)
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
 
     # -- windowed decoding (pidkern.window) ---------------------------------------------

@@ -475,13 +475,12 @@ def windowed_estimate(estimate, cfg: PiDConfig, batch: int, height: int, width: 
     return windowed_memory(cfg, batch, grid, one, kw.get("dtype_bytes", 2), place, batch_windows)["device"]
 
 
-def window_plan(cfg: PiDConfig, batch: int, grid: WindowGrid, device_type: str, inner=None,
+def window_plan(cfg: PiDConfig, batch: int, grid: WindowGrid, device_type: str, window_bytes: int, inner=None,
                 batch_windows: int = 1, place: str = "auto", dtype_bytes: int = 2) -> WindowPlan:
-    """The WindowPlan of a decode; inner(latent_shape): the plan of one batch of windows."""
-    from .memory import estimate_memory
+    """The WindowPlan of a decode. window_bytes: one batch of windows' decode
+    (memory.estimate_memory at the window's size); inner(latent_shape): its plan."""
     u = cfg.upscale
-    one = estimate_memory(cfg, batch * batch_windows, *grid.size, dtype_bytes=dtype_bytes)
     where = canvas_place(batch, grid.canvas, device_type, place)
-    mem = windowed_memory(cfg, batch, grid, one, dtype_bytes, where, batch_windows)
+    mem = windowed_memory(cfg, batch, grid, window_bytes, dtype_bytes, where, batch_windows)
     shape = (batch * batch_windows, cfg.latent_channels, grid.size[0] // u, grid.size[1] // u)
     return WindowPlan(grid, batch_windows, where, mem, inner(shape) if inner else None)
