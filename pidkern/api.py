@@ -459,9 +459,10 @@ class Decoder:
         if grid is not None:
             from .memory import estimate_memory
             from .window import window_plan
-            one = estimate_memory(self.config, b, *grid.size, text_len, torch.finfo(self.dtype).bits // 8)
+            e = torch.finfo(self.dtype).bits // 8
+            one = estimate_memory(self.config, b, *grid.size, text_len, e)
             return window_plan(self.config, b, grid, self.device.type, one,
-                               lambda shape: self.plan(shape, text_len, plan), dtype_bytes=torch.finfo(self.dtype).bits // 8)
+                               lambda shape: self.plan(shape, text_len, plan), dtype_bytes=e)
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
 
     # -- windowed decoding (pidkern.window) ---------------------------------------------
