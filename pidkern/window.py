@@ -345,10 +345,10 @@ def canvas_band_rows(canvas_width: int, batch: int, band_bytes: int = 64 * 2**20
     return max(1, band_bytes // (batch * 3 * canvas_width * 8 * 5))
 
 
-def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, *,
-                   steps: int, seed, sampler: str, noise: str, dtype: torch.dtype, device, canvas: str = "auto",
-                   batch_windows: int = 1, group=None, progress=None, evaluate=None) -> torch.Tensor:
-    """A windowed decode: `pidkern.sampler.sample` over the whole canvas, its velocity
+def sample_windows(net, inputs, *, dtype: torch.dtype, device, canvas: str = "auto", batch_windows: int = 1,
+                   group=None, progress=None, evaluate=None) -> torch.Tensor:
+    """The windowed decode of `inputs` (pidkern.inputs.DecodeInputs, its `window` the grid):
+    `pidkern.sampler.sample` over the whole canvas, its velocity
     blended from the windows (`windowed_velocity`) evaluated by `evaluate` (default: the
     reference network `net`, `pid_evaluator`; the fast path passes `fast_evaluator`).
 
@@ -356,7 +356,10 @@ def sample_windows(net, grid: WindowGrid, latent: torch.Tensor, sigma: torch.Ten
     "auto" keeps it on `device` unless it is past CANVAS_DEVICE_BYTES on CUDA; on the host,
     the release stream's noise is the host generator's stream of the seed). The network
     runs on `device`."""
-    from .sampler import philox_draws, release_draws, sample
+    from ._ext import philox_draws
+    from .sampler import release_draws, sample
+    grid, latent, text, sigma = inputs.window, inputs.latent, inputs.text, inputs.sigma
+    steps, seed, sampler, noise = inputs.steps, inputs.seed, inputs.sampler, inputs.noise
     device = torch.device(device)
     b = latent.shape[0]
     host = canvas_place(b, grid.canvas, device.type, canvas) == "host"

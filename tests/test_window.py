@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import pidkern
+from pidkern._ext import philox_draws
 from pidkern.api import Decoder
 from pidkern.config import get_preset, tiny
-from pidkern.sampler import philox_draws, release_draws, sample
+from pidkern.sampler import release_draws, sample
 from pidkern.window import (WindowGrid, cell, default_overlap, default_window, make_grid, rank_windows,
                             resolve_grid, windowed_velocity)
 
