@@ -334,7 +334,11 @@ class Decoder:
         if which == "fast":
             eng = self.engine()
             self._park(eng.model.unread_parameters)
-            evaluate = fast_evaluator(eng, inputs.window, inputs.latent, inputs.text, inputs.sigma, plan)
+            # one CUDA graph per batch of windows only when asked (plan={"graphs": True}): not yet
+            # checked on a GPU, so windows run eagerly by default (docs/windows.md)
+            from .plan import check_overrides
+            graphs = self.device.type == "cuda" and check_overrides(plan).get("graphs") is True
+            evaluate = fast_evaluator(eng, inputs.window, inputs.latent, inputs.text, inputs.sigma, plan, graphs)
             return sample_windows(None, inputs, dtype=self.dtype, device=self.device, progress=progress,
                                   group=group, evaluate=evaluate)
         if plan is not None:

@@ -20,6 +20,8 @@ The pieces, each written once:
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -289,17 +291,51 @@ def pid_evaluator(net, grid: WindowGrid, latent: torch.Tensor, text: torch.Tenso
     return evaluate
 
 
+# Captured window batches per engine: (batch rows, h, w, text length, t, overrides) -> Runner,
+# with one memory pool and one lock per engine (its graphs are replayed one at a time).
+_captured: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_captured_lock = threading.Lock()
+
+
 def fast_evaluator(engine, grid: WindowGrid, latent: torch.Tensor, text: torch.Tensor, sigma: torch.Tensor,
-                   overrides=None) -> Callable:
+                   overrides=None, graphs: bool = False) -> Callable:
     """evaluate(crops, t, ids) of the fast path (pidkern.engine's FastPiD): a batch of
     windows is one FastPiD forward at the window's shape, under the plan of that shape
     (the same for every batch of that many windows), its adapter prologue run once per
-    batch and kept; the velocity is the final layer folded (as the engine's ODE step)."""
+    batch and kept; the velocity is the final layer folded (as the engine's ODE step).
+
+    graphs: each (batch shape, time) is one CUDA graph, captured once per engine and
+    replayed for every batch of windows of every decode (all of them in one memory pool);
+    its static inputs are the crops, the adapter tokens, the text stream and sigma."""
+    from .fast import AdapterHeads
+    from .graphs import Runner, capture
     from .reference import fold_patch_pixels
     model, cfg = engine.model, engine.cfg
     b, (h, w), t_len = latent.shape[0], grid.size, text.shape[1]
     kept: dict = {}
     fl = model.net.final_layer
+    tab = engine.tables(h, w, t_len)
+
+    def velocity(x, t, heads, y, sig, plan, racing):
+        p = model.forward(x, t, heads, y, sig, tab, plan, racing=racing)
+        return fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), x.shape[0], h, w, cfg.patch)
+
+    def runner(rows: int, t: float, plan, tokens, y):
+        with _captured_lock:
+            store = _captured.setdefault(engine, dict(pool=torch.cuda.graph_pool_handle(), lock=threading.Lock(),
+                                                      runners={}))
+        key = (rows, h, w, t_len, t, tuple(sorted(plan.overrides.items())))
+        if key not in store["runners"]:
+            dev = engine.device
+            bufs = dict(x=torch.randn(rows, 3, h, w, device=dev), tokens=torch.randn_like(tokens),
+                        y=torch.randn_like(y), sigma=torch.rand(rows, device=dev))
+
+            def run(first):
+                heads = AdapterHeads(model.net.lq_proj, bufs["tokens"], keep=plan["keep_heads"])
+                return velocity(bufs["x"], t, heads, bufs["y"], bufs["sigma"], plan, first)
+            graph, out = capture(run, dev, pool=store["pool"])
+            store["runners"][key] = Runner(graph, bufs, out)
+        return store["lock"], store["runners"][key]
 
     def evaluate(crops: torch.Tensor, t: float, ids: list[int]) -> torch.Tensor:
         n = len(ids)
@@ -308,9 +344,12 @@ def fast_evaluator(engine, grid: WindowGrid, latent: torch.Tensor, text: torch.T
             lat = torch.cat([grid.crop_latent(latent, k) for k in ids])
             kept[tuple(ids)] = model.prologue(lat, text.repeat(n, 1, 1), h, w, plan["keep_heads"])
         heads, y = kept[tuple(ids)]
-        p = model.forward(crops.to(engine.device).contiguous(), t, heads, y, sigma.repeat(n),
-                          engine.tables(h, w, t_len), plan, racing=True)
-        return fold_patch_pixels(fl(p.to(fl.linear.weight.dtype)), n * b, h, w, cfg.patch)
+        x, sig = crops.to(engine.device).contiguous(), sigma.repeat(n)
+        if not graphs:
+            return velocity(x, t, heads, y, sig, plan, True)
+        lock, r = runner(n * b, t, plan, heads.tokens, y)
+        with lock:
+            return r.replay(x=x, tokens=heads.tokens, y=y, sigma=sig)
     return evaluate
 
 
