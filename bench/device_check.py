@@ -102,7 +102,7 @@ def main():
     stage("parallel", [py, "-m", "bench.parallel_check", "--out", str(out), "--reps", "3"] +
           (["--sizes", "2048"] if q else []), 90)
     stage("windows", [py, "-m", "bench.window_check", "--out", str(out), "--reps", "1"] +
-          (["--steps", "1"] if q else []), 120)
+          (["--steps", "1"] if q else []), 120)   # both eager; --graphs: both captured
     stage("suite", [py, "-m", "bench", "--sizes", "1024,2048" if q else "1024,2048,4096", "--batches", "1",
                     "--rows", "fast,fp8,release,compile", "--max-row-s", "5",
                     "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)], left() - 5)

@@ -24,21 +24,23 @@ from pidkern.timing import environment, write_result
 
 
 def run(preset: str, side: int, window: int, overlap, steps: int, reps: int, backend: str, device, dtype,
-        smoke: bool = False) -> dict:
+        smoke: bool = False, graphs: bool = False) -> dict:
     cfg = tiny(preset) if smoke else get_preset(preset)
     dec = pb.random_decoder(cfg, device, dtype)
+    # both decodes the same way: eager, or each a captured graph (windows: one per batch and time)
+    plan = {"graphs": graphs} if dec.backend_for(backend) == "fast" else None
     grid = dec.window_grid((side, side), window, overlap)
     if grid is None:
         raise SystemExit(f"--window {window}: covers the {side}² canvas; nothing to window")
     latent, sigma, text = pb.decode_inputs(cfg, 1, side, side, device)
     wl, ws, wt = pb.decode_inputs(cfg, 1, *grid.size, device)
-    one = pb.measure(lambda: dec.decode(wl, ws, wt, steps=steps, seed=0, backend=backend), device,
+    one = pb.measure(lambda: dec.decode(wl, ws, wt, steps=steps, seed=0, backend=backend, plan=plan), device,
                      reps=reps, warmup=1)
     win = pb.measure(lambda: dec.decode(latent, sigma, text, steps=steps, seed=0, backend=backend, window=window,
-                                        overlap=overlap), device, reps=reps, warmup=0)
+                                        overlap=overlap, plan=plan), device, reps=reps, warmup=0)
     n = len(grid)
     out = dict(preset=cfg.name, side=side, window=list(grid.size), overlap=grid.overlap, windows=n,
-               grid=grid.describe(), steps=steps, backend=backend,
+               grid=grid.describe(), steps=steps, backend=dec.backend_for(backend), graphs=bool(plan and graphs),
                dtype=str(dtype).replace("torch.", ""), device=str(device),
                one_window_ms=one["median_ms"], windowed_ms=win["median_ms"],
                ideal_ms=n * one["median_ms"], overhead=win["median_ms"] / (n * one["median_ms"]),
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="auto (fast on CUDA), fast or reference: both decodes")
+    ap.add_argument("--graphs", action="store_true",
+                    help="fast backend: capture both decodes as CUDA graphs (default: both eager)")
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU: 4x4 windows of 128²")
     ap.add_argument("--out", default=None, help="directory for the JSON result (default: print only)")
     args = ap.parse_args(argv)
@@ -69,7 +73,7 @@ def main(argv=None) -> int:
     window = args.window or (128 if args.smoke else 2048)
     overlap = args.overlap if args.overlap is not None else (32 if args.smoke else None)
     r = run(args.preset, side, window, overlap, args.steps, 1 if args.smoke else args.reps, args.backend, device,
-            dtype, smoke=args.smoke)
+            dtype, smoke=args.smoke, graphs=args.graphs)
     peak = f", peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
     print(f"{r['preset']} {side}² in {r['grid']}, {r['backend']} {r['dtype']} on {r['device']}: "
           f"{r['windowed_ms']:.0f} ms ({r['windows_per_s']:.2f} windows/s{peak}, "
