@@ -12,7 +12,9 @@ the others' results) and each under its own share of the time budget:
               the 2048² shapes: ms, TFLOP/s, error against float32
   6. parallel: bench/parallel_check.py, the one-rank sequence-parallel decode against the
               plain one (the issue's bar: within 3%)
-  7. suite:   end-to-end rows: fast (bf16), fp8, the release eager and under torch.compile,
+  7. windows: bench/window_check.py, 8192² from a 2048² image's latent in 2048² windows
+              against 25 x one 2048² decode, same run (docs/windows.md)
+  8. suite:   end-to-end rows: fast (bf16), fp8, the release eager and under torch.compile,
               at 1024² and 2048² (4096² without --quick), only with time left
 Writes its JSON files and log.txt under --out and prints a short table last.
 
@@ -99,6 +101,8 @@ def main():
     stage("attention8", [py, "-m", "bench.attention_fp8_check", "--out", str(out), "--budget-s", "50"], 70)
     stage("parallel", [py, "-m", "bench.parallel_check", "--out", str(out), "--reps", "3"] +
           (["--sizes", "2048"] if q else []), 90)
+    stage("windows", [py, "-m", "bench.window_check", "--out", str(out), "--reps", "1"] +
+          (["--steps", "1"] if q else []), 120)   # both eager; --graphs: both captured
     stage("suite", [py, "-m", "bench", "--sizes", "1024,2048" if q else "1024,2048,4096", "--batches", "1",
                     "--rows", "fast,fp8,release,compile", "--max-row-s", "5",
                     "--budget-s", str(int(max(20, left() - 45))), "--out", str(out)], left() - 5)
@@ -127,6 +131,10 @@ def table(out: Path, summary: dict):
         for r in json.loads(Path(path).read_text()).get("kernels", []):
             rate = (f"{r['fused_tflops']:6.0f} TF/s" if "fused_tflops" in r else f"{r.get('fused_gbps', 0):6.0f} GB/s")
             print(f"kernel {r['name']:38s} {r['fused']['median_ms']:8.3f} ms {rate}  x{r['speedup']:.2f} vs torch")
+    for path in sorted(glob.glob(str(out / "window_check_*.json"))):
+        r = json.loads(Path(path).read_text())["window"]
+        print(f"windows {r['preset']} {r['side']}² in {r['windows']} x {r['window'][0]}²: {r['windowed_ms']:.0f} ms, "
+              f"peak {r.get('peak_gib', 0):.2f} GiB (est {r['estimate_gib']:.2f}), overhead {r['overhead']:.3f}")
     for path in sorted(glob.glob(str(out / "suite_*.md"))):
         print(Path(path).read_text())
 

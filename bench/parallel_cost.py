@@ -2,6 +2,7 @@
 
     python -m bench.parallel_cost              # the README table (flux-2k, 4 steps, bf16)
     python -m bench.parallel_cost --markdown
+    python -m bench.parallel_cost --windows    # windowed decodes (pidkern.window) over N ranks
 
 Inputs, nothing else:
 - measured single-H200 decode times of the fast path (bench/results/engine_check_nvidia-h200_
@@ -128,6 +129,53 @@ def rank_model(cfg: PiDConfig, side: int, world: int, measured: dict[int, float]
     return out
 
 
+WINDOW_SIZES = (8192, 16384)
+WINDOW = 2048
+
+
+def window_rank_model(cfg: PiDConfig, side: int, world: int, measured: dict[int, float], window: int = WINDOW) -> dict:
+    """A windowed decode (pidkern.window) over N ranks: the busiest rank evaluates
+    ceil(windows / N) windows per step (each at one `window`² decode's step time, its
+    adapter once per decode), and the ranks' weighted velocities meet in one all_reduce
+    of the float32 canvas per step (a ring: 2 (N-1)/N of the canvas in and out per rank,
+    2 (N-1) latency steps). The final image needs no gather: every rank holds the canvas."""
+    from pidkern.window import make_grid, rank_windows
+    grid = make_grid(cfg, (side, side), window)
+    n = len(grid)
+    busiest = max(len(rank_windows(n, r, world)) for r in range(world))
+    one_ms, was_measured = single_gpu_ms(cfg, window, measured)
+    total = decode_flops(cfg, 1, window, window, STEPS)
+    step_ms = one_ms * total["per_step"] / total["total"]
+    once_ms = one_ms * total["once"] / total["total"]
+    canvas = 3 * side * side * 4
+    moved = 2 * (world - 1) / world * canvas
+    out = dict(side=side, world=world, windows=n, busiest=busiest, window=window, measured=was_measured,
+               compute_ms=busiest * step_ms, allreduce_bytes=moved, ideal_ms=n * one_ms)
+    for name, (bw, latency) in LINKS.items():
+        comm_ms = 0.0 if world == 1 else 1e3 * (moved / bw + 2 * (world - 1) * latency)
+        step = busiest * step_ms + comm_ms
+        decode = busiest * once_ms + STEPS * step
+        out[name] = dict(comm_ms=comm_ms, step_ms=step, decode_ms=decode, speedup=n * one_ms / decode)
+    return out
+
+
+def window_table(preset: str = "flux-2k", window: int = WINDOW) -> list[dict]:
+    cfg, measured = get_preset(preset), measured_ms()
+    return [window_rank_model(cfg, side, n, measured, window) for side in WINDOW_SIZES for n in WORLDS]
+
+
+def render_windows(rows: list[dict]) -> str:
+    head = ("| size | windows | N | windows/rank | compute ms/step/rank | all_reduce MB/step/rank | NVLink ms/step "
+            "(speed-up vs windows x one window decode on one GPU) | PCIe ms/step (speed-up) |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        cells = [f"{r['side']}²", f"{r['windows']} x {r['window']}²", str(r["world"]), str(r["busiest"]),
+                 f"{r['compute_ms']:.0f}", f"{r['allreduce_bytes'] / 1e6:,.0f}"]
+        cells += [f"{r[k]['step_ms']:.0f} ({r[k]['speedup']:.2f}x)" for k in LINKS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(preset: str = "flux-2k") -> list[dict]:
     cfg, measured = get_preset(preset), measured_ms()
     return [rank_model(cfg, side, n, measured) for side in SIZES for n in WORLDS]
@@ -150,9 +198,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.parallel_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="flux-2k")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--windows", action="store_true",
+                        help="the windowed decode's rows (pidkern.window: 2048² windows spread over the ranks)")
     args = parser.parse_args(argv)
-    rows = table(args.preset)
-    print(json.dumps(rows, indent=1) if args.json else render(rows))
+    rows = window_table(args.preset) if args.windows else table(args.preset)
+    print(json.dumps(rows, indent=1) if args.json else (render_windows if args.windows else render)(rows))
     return 0
 
 

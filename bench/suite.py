@@ -15,6 +15,9 @@ Rows (each at every size x batch that fits; OOM is recorded as a note):
   compile         torch.compile(reference net), bf16 weights (first call reported apart)
   cascade         the paper's table at 512² -> 2048²: VAE + Real-ESRGAN, VAE + SeedVR2-3B
                   (random-weight cost models, bench/baselines/) and PiD, batch 1
+  windows         8192² from a 2048² image's latent in 2048² windows (pidkern.window), and
+                  one 2048² decode: the windowed one's overhead is its ms / (windows x that)
+                  (smoke: 224² in 128² windows); bench/window_check.py reports it directly
 
 FLOPs: PiD rows use the analytic model (pidkern.flops, useful work with the adapter once),
 baselines a FlopCounterMode count on the meta device. Outputs: JSON with all raw timings,
@@ -38,7 +41,7 @@ from pidkern.config import get_preset, tiny
 from pidkern.flops import decode_flops, tflops
 from pidkern.timing import environment, slug
 
-ROWS = ("fast", "fp8", "ablations", "undistilled", "release", "bf16", "compile", "cascade")
+ROWS = ("fast", "fp8", "ablations", "undistilled", "release", "bf16", "compile", "cascade", "windows")
 # The undistilled row: the release's teacher sampler at its documented step count, a milder
 # guidance scale than its default 5 (the cost does not depend on the scale, only on cfg != 1).
 UNDISTILLED_STEPS, UNDISTILLED_CFG = 25, 3.0
@@ -140,7 +143,31 @@ class Plan:
                                               note="torch.compile(net), bf16" + (" (smoke: backend=eager)" if self.smoke else "")))
         if "cascade" in self.rows_on:
             rows += self._cascade_rows()
+        if "windows" in self.rows_on:
+            rows += self._window_rows()
         return rows
+
+    def _window_rows(self) -> list[Row]:
+        side, window, overlap = (224, 128, 32) if self.smoke else (8192, 2048, None)
+        from pidkern.window import make_grid
+        grid = make_grid(self.cfg, (side, side), window, overlap)
+        dt = self.fast_dtype()
+        backend = "fast" if self.device.type == "cuda" else "reference"
+
+        def build(size, win):
+            def make():
+                dec = self.decoder(dt)
+                latent, sigma, text = self._inputs(size, 1)
+                # both rows eager: windows are not captured by default (docs/windows.md)
+                plan = {"graphs": False} if backend == "fast" else None
+                return lambda: dec.decode(latent, sigma, text, steps=self.steps, seed=0, backend=backend,
+                                          window=win, overlap=overlap if win else None, plan=plan)
+            return make
+        one = decode_flops(self.cfg, 1, grid.size[0], grid.size[1], self.steps)["total"]
+        return [Row(f"windows: one {window}² window", "pid", window, 1, build(window, None), one,
+                    f"{backend} backend, eager: the unit of the windowed row"),
+                Row(f"windows {side}² ({len(grid)} x {window}²)", "pid", side, 1, build(side, window),
+                    len(grid) * one, f"{grid.describe()}; overhead = ms / ({len(grid)} x the one-window row)")]
 
     def _inputs(self, size, batch):
         return pb.decode_inputs(self.cfg, batch, size, size, self.device)

@@ -439,6 +439,8 @@ def _config_from_metadata(meta: Mapping[str, str], path) -> PiDConfig | None:
         try:
             fields = json.loads(meta["pidkern_config"])
             known = {f.name for f in dataclasses.fields(PiDConfig)}
+            if "trained_res" not in fields and fields.get("name") in PRESETS:   # written before the field existed
+                fields["trained_res"] = PRESETS[fields["name"]].trained_res
             cfg = PiDConfig(**{k: v for k, v in fields.items() if k in known})
             return PRESETS.get(cfg.name) if PRESETS.get(cfg.name) == cfg else cfg
         except (ValueError, TypeError) as e:

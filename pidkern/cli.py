@@ -101,6 +101,50 @@ def _progress(args, total: int, unit: str, desc: str):
                 leave=False, mininterval=0, miniters=1)
 
 
+def _advance(bar):
+    """A decode's progress(done, total) onto a tqdm bar: sampler steps, or the window
+    evaluations (windows x steps) of a windowed decode, whose total the first call brings."""
+    def report(done, total):
+        if bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.update(done - bar.n)
+    return report
+
+
+def _window_kwargs(args) -> dict:
+    """--window / --overlap as Decoder.decode's window= and overlap= (only when given)."""
+    out = {}
+    if args.window is not None:
+        out["window"] = args.window
+    if args.overlap is not None:
+        out["overlap"] = args.overlap
+    return out
+
+
+def _window(text: str):
+    if text in ("auto", "whole"):
+        return text
+    try:
+        if "x" in text.lower():
+            h, w = (int(v) for v in text.lower().split("x"))
+            return (h, w)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, whole, a size in output pixels (2048) or "
+                                         f"HxW (2048x1536)") from None
+
+
+def _add_window_arguments(p) -> None:
+    p.add_argument("--window", default=None, type=_window, metavar="SIZE",
+                   help="decode in overlapping windows blended at every step: auto (the preset's largest trained "
+                        "size), a size in output pixels (2048) or HxW; whole: in one piece even past the trained "
+                        "range (default: in one piece, refused past the trained range; docs/windows.md)")
+    p.add_argument("--overlap", default=None, type=int, metavar="PX",
+                   help="overlap of neighbouring windows in output pixels (default: a quarter of the preset's "
+                        "window, 512 for the 2k presets)")
+
+
 def _info(args, msg: str) -> None:
     if not args.quiet:
         _err(msg)
@@ -308,9 +352,8 @@ def _decode(args) -> int:
     seed = None if args.seed < 0 else args.seed
     try:
         with bar:
-            images = dec.decode(latent, sigma, seed=seed, backend=args.backend,
-                                progress=lambda step, steps: bar.update(1), noise=args.noise, **_sampler_kwargs(args),
-                                **text)
+            images = dec.decode(latent, sigma, seed=seed, backend=args.backend, progress=_advance(bar),
+                                noise=args.noise, **_sampler_kwargs(args), **text, **_window_kwargs(args))
     except (ValueError, TypeError) as e:
         # The API names its own arguments; say which file on the command line they came from.
         msg = str(e)
@@ -396,6 +439,8 @@ def cmd_upscale(args) -> int:
     _check_sampler_args(args)
     if not 0.0 <= args.degrade_sigma <= 1.0:
         raise ValueError(f"--degrade-sigma {args.degrade_sigma}: expected a noise level in [0, 1]")
+    if args.scale not in (4, 16, 64, 256):
+        raise ValueError(f"--scale {args.scale}: expected a power of 4 (4, 16, 64, 256): one PiD pass of 4x each")
     _quiet_libraries(args)
     vae = load_vae(args.vae)
     dec, t_load = _load_decoder(args)
@@ -416,15 +461,19 @@ def cmd_upscale(args) -> int:
             def stage(what, name=name):
                 bar.set_postfix_str(f"{name}: {what}")
 
-            def step(done, steps, name=name):
-                bar.set_postfix_str(f"{name}: decode")
-                bar.update(1)
+            def on_pass(_, k, n, hw, name=name):
+                # a bar per pass: its total is the pass's steps, or windows x steps when windowed
+                bar.reset()
+                bar.set_description("upscale" if n == 1 else f"upscale pass {k + 1}/{n}")
+                bar.set_postfix_str(f"{name} -> {hw[1]}x{hw[0]}")
             # One image per call: sizes differ, and image i keeps seed + i as in a batch call.
             try:
                 pic = pipelines.upscale(src, dec, vae, prompt=args.prompt or "", degrade_sigma=args.degrade_sigma,
                                         seed=seed + i, backbone=backbone, alpha=args.alpha, stage=stage,
+                                        scale=args.scale, on_pass=on_pass,
                                         decode_kwargs=dict(backend=args.backend, **_sampler_kwargs(args),
-                                                           progress=step))
+                                                           progress=_advance(bar)),
+                                        **_window_kwargs(args))
             except (ValueError, TypeError) as e:
                 _reraise_as_flag(e)
             save_images(pic, out, quality=args.quality)
@@ -693,6 +742,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--sp-attention", default=None, choices=("gather", "ulysses"),
                    help="with --sequence-parallel, how the bands meet in attention: gather (all-gather the "
                         "keys and values; default) or ulysses (all-to-all of heads: fewer bytes on slower links)")
+    _add_window_arguments(d)
     d.set_defaults(func=cmd_decode)
 
     u = sub.add_parser("upscale", help="upscale image(s) 4x: VAE encode, then PiD",
@@ -713,6 +763,10 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     u.add_argument("--alpha", default="keep", choices=("keep", "drop"),
                    help="an input's alpha channel: keep (default: upscaled with Lanczos and reattached; needs a .png, "
                         ".webp or .tif output) or drop")
+    u.add_argument("--scale", type=int, default=4,
+                   help="the factor, a power of 4: 4 (one PiD pass, default), 16 (4x, then 4x again in windows "
+                        "from the VAE's tiled encode of the first result), 64")
+    _add_window_arguments(u)
     u.set_defaults(func=cmd_upscale)
 
     c = sub.add_parser("convert", help="convert weights into one file: pidkern, release or ComfyUI layout",

@@ -36,8 +36,16 @@ class PiDConfig:
     adapter_hidden: int = 0       # Hd; 0 means the version's width (512 v1, 1024 v1.5)
     rms_eps: float = 1e-6
     gn_eps: float = 1e-5
+    # The output resolutions the checkpoint was trained at, as (lowest, highest) side of a
+    # square of the same area (the release trains buckets of equal area at several aspect
+    # ratios). (0, 0): no declared range (a custom config), nothing is refused or windowed
+    # by it. See docs/windows.md.
+    trained_res: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
+        object.__setattr__(self, "trained_res", tuple(self.trained_res))   # JSON metadata brings a list
+        if len(self.trained_res) != 2 or not 0 <= self.trained_res[0] <= self.trained_res[1]:
+            raise ValueError(f"PiDConfig.trained_res must be (lowest, highest) output side, got {self.trained_res!r}")
         if self.version not in ("v1", "v1.5"):
             raise ValueError(f"PiDConfig.version must be 'v1' or 'v1.5', got {self.version!r}")
         if self.hidden % self.heads or (self.hidden // self.heads) % 4:
@@ -105,9 +113,17 @@ class PiDConfig:
         return latent_h * self.upscale, latent_w * self.upscale
 
 
+# Trained output resolutions per release family (the release's training configs): the
+# "res2k" checkpoints at 2048 (multi-aspect buckets of 2048² area; 1024 is the smallest
+# side a window may take), the "res2kto4k" ones from 2048 to 3840, evaluated at 4096.
+RES_2K = (1024, 2048)
+RES_2KTO4K = (2048, 4096)
+
+
 def _released(name, channels, stride, unpack=1, sr=4, version="v1"):
+    res = RES_2KTO4K if "2kto4k" in name else RES_2K
     return PiDConfig(name=name, latent_channels=channels, latent_stride=stride,
-                     unpack=unpack, sr_scale=sr, version=version)
+                     unpack=unpack, sr_scale=sr, version=version, trained_res=res)
 
 
 PRESETS: dict[str, PiDConfig] = {c.name: c for c in (
@@ -224,14 +240,21 @@ def get_preset(name: str) -> PiDConfig:
         raise ValueError(f"preset={name!r} is not a known preset; expected one of {sorted(PRESETS)}") from None
 
 
+# 2k: 128..256 px, 2kto4k: 256..512 px; a flux tiny latent cell is 32 px.
+TINY_RES_DIV = 8
+
+
 def tiny(base: str = "flux-2k", **overrides) -> PiDConfig:
     """A small config of the same shape rules for tests: D=64, 2 patch blocks.
 
     Only widths shrink; every structural switch (version, unpack, strides) is the
-    base preset's, so a tiny model exercises the same code paths.
+    base preset's, so a tiny model exercises the same code paths. The trained range
+    shrinks by TINY_RES_DIV, so windows of a few latent cells are legal on a CPU.
     """
+    lo, hi = get_preset(base).trained_res
     small = dict(hidden=64, heads=4, patch_blocks=2, pixel_blocks=2, patch=8, pixel_dim=16,
                  pixel_attn_dim=64, pixel_heads=4, pixel_mlp_hidden=64, mlp_hidden=96,
-                 text_dim=40, max_text=24, time_freq_dim=32, adapter_hidden=32)
+                 text_dim=40, max_text=24, time_freq_dim=32, adapter_hidden=32,
+                 trained_res=(lo // TINY_RES_DIV, hi // TINY_RES_DIV))
     small.update(overrides)
     return replace(get_preset(base), name=f"tiny-{base}", **small)

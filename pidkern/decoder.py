@@ -227,9 +227,11 @@ class Decoder:
         return natural
 
     def prepare(self, latent, sigma=0.0, text=None, steps=None, seed=None, size=None, sampler=None, noise="release",
-                prompt=None, cfg=None, shift=None, negative_text=None, negative_prompt=None):
+                prompt=None, cfg=None, shift=None, negative_text=None, negative_prompt=None, window=None,
+                overlap=None):
         """Check and move every input: the validated inputs of a decode (inputs.DecodeInputs;
-        its `guidance`, a `pidkern.sampler.Guidance`, for sampler="dpm++")."""
+        its `guidance`, a `pidkern.sampler.Guidance`, for sampler="dpm++"; its `window`, a
+        `pidkern.window.WindowGrid`, for a windowed decode)."""
         if prompt is not None and text is not None:
             raise ValueError("prompt and text are both given; pass captions (prompt=) or their embeddings (text=)")
         latent = self._check_latent(latent)
@@ -242,12 +244,16 @@ class Decoder:
         check_noise(noise)
         if noise == "philox":
             seed_int64(seed)     # a bad seed fails here, before any work
+        grid = self.window_grid((h, w), window, overlap)
+        if grid is not None and sampler == DPM:
+            raise ValueError(f"window={window!r}: windowed decoding runs the distilled samplers ('sde', 'ode'); "
+                             f"sampler={DPM!r} decodes the image whole (window=None)")
         sigma = self._check_sigma(sigma, b)
         # Gemma runs last, once every cheap check has passed.
         text = self._check_text(text, b) if prompt is None else self.encode_prompt(prompt, b)
         guidance = self._guidance(cfg, shift, negative_text, negative_prompt, text, h, w) if sampler == DPM else None
         return DecodeInputs(latent=latent, sigma=sigma, text=text, steps=steps, seed=seed, size=(h, w),
-                            sampler=sampler, noise=noise, guidance=guidance)
+                            sampler=sampler, noise=noise, guidance=guidance, window=grid)
 
     # -- the sampler's inputs (sampler="dpm++": docs/samplers.md) ---------------------------
     def _sampler_steps(self, sampler, steps, cfg, shift, negative_text, negative_prompt) -> tuple[str, int]:
@@ -346,7 +352,7 @@ class Decoder:
     def decode(self, latent, sigma=0.0, text=None, steps: int | None = None, seed: int | None = None, size=None,
                sampler: str | None = None, backend: str = "auto", progress=None, noise: str = "release",
                prompt=None, plan=None, cfg: float | None = None, shift: float | None = None, negative_text=None,
-               negative_prompt=None) -> torch.Tensor:
+               negative_prompt=None, window=None, overlap=None) -> torch.Tensor:
         """Decode `latent` [B, C, h, w] into images [B, 3, H, W] in [-1, 1] (float32).
 
         sigma: the latent's noise level, a float or a [B] tensor in [0, 1] (0 = clean).
@@ -380,15 +386,23 @@ class Decoder:
         plan: the fast path's choices for this decode, overriding its rules and races: a
         dict such as {"attention": "prep+sdpa", "graphs": False}, a "key=value,..." string
         or a `pidkern.plan.Plan` (see `Decoder.plan`); fast backend only.
+        window, overlap: None (default): the image whole, refused past the preset's trained
+        range (`PiDConfig.trained_res`) with an error naming window="auto"; "auto" or a size
+        in output pixels (int or (h, w)): overlapping windows of that size blended at every
+        step (pidkern.window, docs/windows.md; a window covering the image is the plain
+        decode); "whole": the image whole even past the trained range. progress is then
+        called per batch of windows, as (windows evaluated, windows x steps).
         """
         inputs = self.prepare(latent, sigma, text, steps, seed, size, sampler, noise, prompt, cfg, shift,
-                              negative_text, negative_prompt)
+                              negative_text, negative_prompt, window, overlap)
+        if inputs.window is not None:
+            return self._decode_windows(inputs, backend, plan, progress)
         which = self.backend_for(backend)
         if which != "fast" and plan is not None:
             raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
                              f"backend={which!r}")
         long = which != "fast" or self._engine is None or self.device.type != "cuda"
-        report, bar = steps_callback(progress, steps, long)
+        report, bar = steps_callback(progress, inputs.steps, long)
         try:
             if which == "fast":
                 eng = self.engine()
@@ -400,14 +414,50 @@ class Decoder:
             if bar is not None:
                 bar.close()
 
-    def plan(self, latent_shape, text_len: int | None = None, plan=None, guided: bool = False):
+    def plan(self, latent_shape, text_len: int | None = None, plan=None, guided: bool = False, window=None,
+             overlap=None):
         """The fast path's plan for latents of `latent_shape` [B, C, h, w]: what it will run
         (on CUDA the raced entries are filled by the first decode of that shape). guided: a
-        sampler="dpm++" decode with cfg != 1, whose network runs a batch of 2B."""
+        sampler="dpm++" decode with cfg != 1, whose network runs a batch of 2B. With
+        window= (as in `decode`): a `pidkern.window.WindowPlan` (grid, windows per call,
+        where the canvas lives, memory) holding the plan of one batch of windows."""
         b, _, lh, lw = latent_shape
         b = 2 * b if guided else b
         h, w = self.config.output_size(lh, lw)
+        grid = None if window is None else self.window_grid((h, w), window, overlap)
+        if grid is not None:
+            from .memory import estimate_memory
+            from .window import window_plan
+            e = torch.finfo(self.dtype).bits // 8
+            one = estimate_memory(self.config, b, *grid.size, text_len, e)
+            return window_plan(self.config, b, grid, self.device.type, one,
+                               lambda shape: self.plan(shape, text_len, plan), dtype_bytes=e)
         return self.engine().plan(b, h, w, self.config.max_text if text_len is None else text_len, plan)
+
+    # -- windowed decoding (pidkern.window) ---------------------------------------------
+    def window_grid(self, size, window=None, overlap=None):
+        """The window grid of a decode of `size` (H, W), or None for the plain decode."""
+        from .window import resolve_grid
+        return resolve_grid(self.config, size, window, overlap, trained=self.source != "random")
+
+    def _decode_windows(self, inputs: DecodeInputs, backend, plan, progress, group=None):
+        from .window import fast_evaluator, sample_windows
+        which = self.backend_for(backend)
+        if which == "fast":
+            eng = self.engine()
+            self._park(eng.model.unread_parameters)
+            # one CUDA graph per batch of windows only when asked (plan={"graphs": True}): not yet
+            # checked on a GPU, so windows run eagerly by default (docs/windows.md)
+            from .plan import check_overrides
+            graphs = self.device.type == "cuda" and check_overrides(plan).get("graphs") is True
+            evaluate = fast_evaluator(eng, inputs.window, inputs.latent, inputs.text, inputs.sigma, plan, graphs)
+            return sample_windows(None, inputs, dtype=self.dtype, device=self.device, progress=progress,
+                                  group=group, evaluate=evaluate)
+        if plan is not None:
+            raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
+                             f"backend={which!r}")
+        with self.using_net() as net, self._autocast():
+            return sample_windows(net, inputs, dtype=self.dtype, device=self.device, progress=progress, group=group)
 
     def reference_weights_on_device(self) -> None:
         """Bring back the weights a fast decode parked in host memory (reading `net` does

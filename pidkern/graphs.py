@@ -74,13 +74,14 @@ class Runner:
         return self.out.clone()
 
 
-def capture(run, device: torch.device, warm_ups: int = 2) -> tuple[object, torch.Tensor]:
+def capture(run, device: torch.device, warm_ups: int = 2, pool=None) -> tuple[object, torch.Tensor]:
     """Capture `run()` in a CUDA graph after `warm_ups` eager runs on a side stream.
 
     `run(first)` gets first=True on the first warm-up, where the fast path races its
     plan's open choices (autotuning, the backend race, cuBLAS handles): all of it must
     happen before capture. The warm-up's freed blocks go back to the driver afterwards so
-    only the graph's own pool stays."""
+    only the graph's own pool stays. pool: a memory pool shared with other graphs
+    (torch.cuda.graph_pool_handle()) that are never replayed at the same time."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -89,7 +90,7 @@ def capture(run, device: torch.device, warm_ups: int = 2) -> tuple[object, torch
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = run(False)
     torch.cuda.empty_cache()
     return graph, out

@@ -26,6 +26,7 @@ class DecodeInputs:
     sampler: str = "sde"          # sampler.SAMPLERS
     noise: str = "release"        # sampler.NOISE_STREAMS
     guidance: Guidance | None = None  # sampler "dpm++": cfg, shift and the unconditional caption
+    window: object = None         # a windowed decode's pidkern.window.WindowGrid; None: the image whole
 
     @property
     def batch(self) -> int:

@@ -52,7 +52,8 @@ def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
                     dtype_bytes: int = 2, noise: str = "release", world_size: int = 1,
-                    precision: str = "native", sampler: str = "sde", cfg_scale: float = 1.0) -> int:
+                    precision: str = "native", sampler: str = "sde", cfg_scale: float = 1.0, window=None,
+                    overlap: int | None = None, canvas: str = "auto", batch_windows: int = 1) -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -75,8 +76,16 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     batch of 2B (the unconditional half beside the conditional one): every term of the
     network doubles, and the doubled input and second velocity add two images. A
     forecast: no GPU run has checked the DPM-Solver++ graph.
+    window, overlap, canvas, batch_windows: a windowed decode (pidkern.window,
+    docs/windows.md): one batch of windows at the window's size, plus the canvas and
+    every window's adapter tokens where the canvas lives on the card ("auto": the host
+    past pidkern.window.CANVAS_DEVICE_BYTES).
     """
     cfg = _config(preset)
+    if window is not None:
+        from .window import windowed_estimate
+        return windowed_estimate(estimate_memory, cfg, batch, height, width, window, overlap, canvas, batch_windows,
+                                 text_len=text_len, dtype_bytes=dtype_bytes, noise=noise, precision=precision)
     check_noise(noise)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r}: expected a positive int (the ranks of the decode)")
@@ -152,4 +161,5 @@ def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int,
             - weight_bytes(cfg)
         raise InsufficientMemoryError(
             f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
-            f"weights (estimate_memory), but only {(need - short) / 2**30:.2f} GiB is free on {device}")
+            f"weights (estimate_memory), but only {(need - short) / 2**30:.2f} GiB is free on {device}; decode it "
+            f"in windows with window='auto' (pidkern.window)")

@@ -327,9 +327,10 @@ class SequenceParallelDecoder(Decoder):
     def decode(self, latent, sigma=0.0, *, backend: str = "auto", progress=None, output: str | None = None,
                **inputs):
         """As Decoder.decode (the same keyword arguments: text, prompt, steps, seed, size,
-        sampler, noise), on every rank of the group at once. Returns the images on rank 0
-        (None on the other ranks), or on every rank with output="all" (default: the
-        decoder's `output`, "rank0")."""
+        sampler, noise, window, overlap), on every rank of the group at once. Returns the
+        images on rank 0 (None on the other ranks), or on every rank with output="all"
+        (default: the decoder's `output`, "rank0"). A windowed decode (window=) spreads the
+        windows over the ranks instead of splitting rows (pidkern.window)."""
         mine = drawn = error = None
         try:   # a rank's own input errors go to every rank through the entry check
             if output is not None and output not in OUTPUTS:
@@ -346,10 +347,14 @@ class SequenceParallelDecoder(Decoder):
             drawn = resolve_seed(args.seed)         # used only if every rank passed seed=None
             mine = self._describe(args, output)
             mine["backend"] = which
+            mine["window"] = None if args.window is None else (args.window.size, args.window.overlap)
         except (ValueError, TypeError) as e:
             error = e
         seed = self._agree(mine, drawn, error)    # raises every rank's error first
         args = args.with_seed(seed)
+        if args.window is not None:
+            x = self._decode_windows(args, backend, plan, progress, group=self.group)
+            return x if output == "all" or self.rank == 0 else None
         if which == "fast":
             return self._decode_sharded_fast(args, progress, output, plan)
         return self._decode_sharded(args, progress, output)

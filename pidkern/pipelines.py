@@ -419,21 +419,56 @@ def pad_image(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def encode_image(vae, x: torch.Tensor, backbone: str) -> torch.Tensor:
+def encode_image(vae, x: torch.Tensor, backbone: str, tiled: bool = False) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> the VAE's raw latent (the posterior's mean, as the release
-    encodes), float32, in the latent form pidkern.latents.from_vae takes."""
+    encodes), float32, in the latent form pidkern.latents.from_vae takes.
+    tiled: encode in tiles with the VAE's own `enable_tiling` (bounded memory for the large
+    intermediate of a 16x upscale); the VAE's tiling setting is restored afterwards."""
     p = next(vae.parameters())
     inp = x.to(p.device, p.dtype)
     five_d = type(vae).__name__ == "AutoencoderKLQwenImage"   # a video VAE: [B, 3, T=1, H, W]
-    dist = vae.encode(inp.unsqueeze(2) if five_d else inp).latent_dist
+    was = getattr(vae, "use_tiling", None)
+    if tiled:
+        if not hasattr(vae, "enable_tiling"):
+            raise ValueError(f"vae: a {type(vae).__name__} has no enable_tiling; the intermediate of scale > 4 is "
+                             f"encoded in tiles")
+        vae.enable_tiling()
+    try:
+        dist = vae.encode(inp.unsqueeze(2) if five_d else inp).latent_dist
+    finally:
+        if tiled and not was:
+            vae.disable_tiling()
     return dist.mode().float()
+
+
+def check_scale(scale, decoder) -> int:
+    """The passes of an upscale by `scale`: a power of the decoder's factor (4: 4, 16, 64)."""
+    f = decoder.config.sr_scale
+    powers = [f ** k for k in range(1, 4)]
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < f or f ** round(math.log(scale, f)) != scale:
+        raise ValueError(f"scale={scale!r}: expected a power of {f} ({', '.join(map(str, powers))}, ...), the "
+                         f"decoder's factor once per pass")
+    return round(math.log(scale, f))
+
+
+def _pass_window(decoder, hw, window, overlap):
+    """window= of one upscale pass: the caller's, else the plain decode where the trained
+    range allows it and windows ('auto') past it."""
+    if window is not None:
+        return dict(window=window, overlap=overlap)
+    from .window import in_trained_range
+    if in_trained_range(decoder.config, *hw):
+        return {}
+    return dict(window="auto", overlap=overlap)
 
 
 def upscale(image, decoder, vae, *, prompt="", degrade_sigma: float = 0.0, seed: int | None = None,
             backbone: str | None = None, output_type: str = "pil", decode_kwargs: dict | None = None,
-            progress=None, alpha: str = "keep", stage=None):
-    """Upscale image(s) by the decoder's sr_scale (4x): VAE encode, optional degradation,
-    PiD decode.
+            progress=None, alpha: str = "keep", stage=None, scale: int | None = None, window=None,
+            overlap: int | None = None, on_pass=None):
+    """Upscale image(s) by the decoder's sr_scale (4x), or a power of it: VAE encode,
+    optional degradation, PiD decode; for scale=16 the 4x result is encoded again (the
+    VAE's tiled encode) and decoded 4x once more.
 
     image: a PIL image, a path, a [3, H, W] / [B, 3, H, W] tensor (uint8, or float in
         [0, 1]), or a list of those. Any size: sides are padded to whole latent cells and
@@ -452,11 +487,18 @@ def upscale(image, decoder, vae, *, prompt="", degrade_sigma: float = 0.0, seed:
         is refused); "drop": the colour alone, on purpose.
     progress: optional callable(done_images, total_images). stage: optional callable(text)
         told what runs before each image's decode ("VAE encode", "caption").
+    scale: the factor (default the decoder's, 4); 16 runs two passes, 64 three. Each pass
+        after the first decodes the previous one's image, clean (sigma 0), same seed.
+    window, overlap: as in Decoder.decode, for every pass; default: each pass whole where
+        its output lies in the preset's trained range, in windows (window="auto") past it.
+    on_pass: optional callable(image_index, pass_index, passes, (H, W) of the pass's
+        output), called before each pass (a progress bar per pass).
     Returns a list of PIL images ("pil", with the input's RGB ICC profile in `info`) or of
     [3, H, W] tensors in [-1, 1] ("pt").
     """
     from .latents import from_vae
     from .sampler import make_generator, resolve_seed
+    passes = check_scale(decoder.config.sr_scale if scale is None else scale, decoder)
     _check_choice(output_type, "output_type", OUTPUT_TYPES)
     _check_choice(alpha, "alpha", ("keep", "drop"))
     degrade_sigma = _check_sigma(degrade_sigma, "degrade_sigma")
@@ -472,22 +514,30 @@ def upscale(image, decoder, vae, *, prompt="", degrade_sigma: float = 0.0, seed:
     results = []
     for i, (im, caption) in enumerate(zip(images, prompts)):
         x = im.rgb
-        h, w = x.shape[-2:]
-        padded = pad_image(x, multiple)
-        if stage:
-            stage("VAE encode")
-        latent = from_vae(backbone, encode_image(vae, padded, backbone), vae=vae)
-        got = (latent.shape[-2] * cfg.latent_stride, latent.shape[-1] * cfg.latent_stride)
-        if got != tuple(padded.shape[-2:]):
-            raise ValueError(f"vae: encodes a {padded.shape[-2]}x{padded.shape[-1]} image to a "
-                             f"{latent.shape[-2]}x{latent.shape[-1]} latent; the decoder {cfg.name} expects one "
-                             f"latent cell per {cfg.latent_stride} pixels")
-        latent = latent.to(decoder.device)
-        latent = degrade(latent, degrade_sigma, backbone, make_generator(seed + i, latent.device))
-        if stage:
-            stage("caption + decode")
-        out = _decode(decoder, latent, degrade_sigma, [caption], seed + i, decode_kwargs=decode_kwargs)
-        results.append(out[:, :, :h * cfg.sr_scale, :w * cfg.sr_scale])
+        for k in range(passes):
+            h, w = x.shape[-2:]
+            padded = pad_image(x, multiple)
+            if stage:
+                stage("VAE encode" if passes == 1 else f"pass {k + 1}/{passes}: VAE encode")
+            latent = from_vae(backbone, encode_image(vae, padded, backbone, tiled=k > 0), vae=vae)
+            got = (latent.shape[-2] * cfg.latent_stride, latent.shape[-1] * cfg.latent_stride)
+            if got != tuple(padded.shape[-2:]):
+                raise ValueError(f"vae: encodes a {padded.shape[-2]}x{padded.shape[-1]} image to a "
+                                 f"{latent.shape[-2]}x{latent.shape[-1]} latent; the decoder {cfg.name} expects one "
+                                 f"latent cell per {cfg.latent_stride} pixels")
+            latent = latent.to(decoder.device)
+            sigma = degrade_sigma if k == 0 else 0.0
+            if k == 0:
+                latent = degrade(latent, degrade_sigma, backbone, make_generator(seed + i, latent.device))
+            out_hw = decoder.output_size(latent.shape[-2:])
+            if on_pass:
+                on_pass(i, k, passes, (h * cfg.sr_scale, w * cfg.sr_scale))
+            if stage:
+                stage("caption + decode" if passes == 1 else f"pass {k + 1}/{passes}: caption + decode")
+            kwargs = {**_pass_window(decoder, out_hw, window, overlap), **(decode_kwargs or {})}
+            out = _decode(decoder, latent, sigma, [caption], seed + i, decode_kwargs=kwargs)
+            x = out[:, :, :h * cfg.sr_scale, :w * cfg.sr_scale]
+        results.append(x)
         if progress:
             progress(i + 1, len(images))
     if output_type == "pt":

@@ -114,11 +114,13 @@ def sde_update(x: torch.Tensor, v: torch.Tensor, t, t_next, eps: torch.Tensor | 
 
 def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, steps: int = 4,
            sampler: str = "sde", generator: torch.Generator | None = None, draw=None, device,
-           progress=None) -> torch.Tensor:
+           progress=None, band_rows: int | None = None) -> torch.Tensor:
     """Run the sampler; `velocity(x, t)` is the network at time t. Returns float32 in [-1, 1].
 
     Noise: `generator` (the release's stream) or `draw(k, shape)` (release_draws,
-    _ext.philox_draws): k = 0 is the initial noise, k = 1, 2, ... the re-noising eps in order."""
+    _ext.philox_draws): k = 0 is the initial noise, k = 1, 2, ... the re-noising eps in order.
+    band_rows: update x in place, this many image rows at a time (the same numbers: the
+    update is elementwise), so a large canvas's float64 temporaries stay one band's."""
     if sampler not in DISTILLED_SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {DISTILLED_SAMPLERS} (sample_dpm runs {DPM!r})")
     if (generator is None) == (draw is None):
@@ -130,10 +132,16 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
     x = draw(0, shape)
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         v = velocity(x, t)
-        if sampler == "ode":
-            x = ode_update(x, v, t, t_next)
+        eps = draw(i + 1, shape) if sampler == "sde" and t_next > 0 else None
+        if band_rows is None:
+            x = ode_update(x, v, t, t_next) if sampler == "ode" else sde_update(x, v, t, t_next, eps)
         else:
-            x = sde_update(x, v, t, t_next, draw(i + 1, shape) if t_next > 0 else None)
+            for r in range(0, x.shape[-2], band_rows):
+                rows = slice(r, r + band_rows)
+                x[..., rows, :] = (ode_update(x[..., rows, :], v[..., rows, :], t, t_next) if sampler == "ode" else
+                                   sde_update(x[..., rows, :], v[..., rows, :], t, t_next,
+                                              None if eps is None else eps[..., rows, :]))
+        del v, eps
         if progress:
             progress(i + 1, steps)
     return x.clamp(-1, 1)
