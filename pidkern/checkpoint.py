@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import comfy_quant
 from .config import PRESETS, RELEASE_DIRS, PiDConfig, get_preset
 
 log = logging.getLogger("pidkern")
@@ -404,7 +405,7 @@ def to_layout(state: Mapping[str, torch.Tensor], cfg: PiDConfig, layout: str) ->
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 
 
 @dataclasses.dataclass
@@ -586,10 +587,14 @@ def _resolve(path) -> Path:
 
 
 def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
-    """(plan, config, where the config came from): the strict key and shape check, before
-    any weight is read."""
-    plan = plan_keys(source.shapes, ema, source.path, source.metadata)
-    shapes = plan.shapes(source.shapes)
+    """(plan, config, where the config came from, quantized layers): the strict key and
+    shape check, before any weight is read (a ComfyUI-quantized file's markers are read:
+    a few bytes each). A quantized weight's shape is its logical [N, K], not its storage's."""
+    quant = _quant_layers(source)
+    keys = {k: s for k, s in source.shapes.items() if k not in quant.index.aux}
+    plan = plan_keys(keys, ema, source.path, source.metadata)
+    quant.logical = {k: layer.logical_shape(tuple(source.shapes[k])) for k, layer in quant.index.layers.items()}
+    shapes = plan.shapes({**keys, **quant.logical})
     if preset is not None:
         cfg, how = preset, "argument"
     else:
@@ -598,6 +603,21 @@ def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
         if cfg is None:
             cfg, how = detect_preset(shapes, source.path), "shapes"
     want = expected_shapes(cfg)
+    if quant.index:
+        for name, src in plan.sources.items():
+            for k in src:
+                layer = quant.index.layers.get(k)
+                if layer is None:
+                    continue
+                w = want.get(name)
+                if w is not None and len(src) == 2:   # one half of a split pixel adaLN
+                    w = (w[0] // 2, *w[1:])
+                quant.logical[k] = layer.logical_shape(tuple(source.shapes[k]), w)
+                try:
+                    layer.check(source.shapes, source.dtypes, quant.logical[k])
+                except comfy_quant.QuantFormatError as e:
+                    raise comfy_quant.QuantFormatError(f"{source.path}: {e}") from None
+        shapes = plan.shapes({**keys, **quant.logical})
     aux = [k for k in want if k.startswith(TRAINING_ONLY_HEAD)]
     if plan.layout == "comfyui" and aux and not any(k.startswith(TRAINING_ONLY_HEAD) for k in shapes):
         plan.filled = aux
@@ -605,7 +625,34 @@ def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
         log.info("%s: ComfyUI layout without the training-only %s*; filled with zeros (never run)",
                  source.path, TRAINING_ONLY_HEAD)
     check_state_dict(shapes, cfg, source.path)
-    return plan, cfg, how
+    return plan, cfg, how, quant
+
+
+@dataclasses.dataclass
+class _Quant:
+    index: comfy_quant.QuantIndex
+    logical: dict = dataclasses.field(default_factory=dict)   # weight file key -> logical [N, K]
+
+
+def _quant_layers(source: _Source) -> _Quant:
+    try:
+        return _Quant(comfy_quant.scan(source.shapes, source.dtypes, source.metadata, source.read, source.path))
+    except comfy_quant.QuantFormatError as e:
+        raise comfy_quant.QuantFormatError(f"{source.path}: {e}") from None
+
+
+def _read(source: _Source, plan: KeyPlan, quant: _Quant) -> dict[str, torch.Tensor]:
+    """The plan's tensors, quantized ones dequantized to float32 (exactly; comfy_quant)."""
+    keys = plan.file_keys()
+    tensors = source.read(keys + quant.index.read_keys(keys))
+    for k in keys:
+        layer = quant.index.layers.get(k)
+        if layer is not None:
+            try:
+                tensors[k] = layer.dequantize(tensors, quant.logical[k])
+            except comfy_quant.QuantFormatError as e:
+                raise comfy_quant.QuantFormatError(f"{source.path}: {e}") from None
+    return {k: tensors[k] for k in keys}
 
 
 def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None,
@@ -635,8 +682,8 @@ def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dt
     preset = _check_args(preset, dtype, ema)
     src = _resolve(path)
     with _open(src) as source:
-        plan, cfg, _ = _prepare(source, preset, ema)
-        tensors = source.read(plan.file_keys())
+        plan, cfg, _, quant = _prepare(source, preset, ema)
+        tensors = _read(source, plan, quant)
     state = plan.assemble(tensors, cfg)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
@@ -660,6 +707,27 @@ class CheckpointInfo:
     parameters: int
     skipped: dict[str, int]     # top-level groups not read -> entries
     filled: tuple[str, ...]     # training-only keys the file lacks (zeros on load)
+    # ComfyUI-quantized layers: layer group (layer_group) -> {format: Linears}; {} for none
+    quantized: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+
+_GROUPS = (   # network key pattern -> layer group (the fast path's names where it has one)
+    (r"patch_blocks\.\d+\.attn\.qkv_[xy]\.", "patch.qkv"), (r"patch_blocks\.\d+\.attn\.proj_[xy]\.", "patch.proj"),
+    (r"patch_blocks\.\d+\.mlp_[xy]\.w[13]\.", "patch.w13"), (r"patch_blocks\.\d+\.mlp_[xy]\.w2\.", "patch.w2"),
+    (r"patch_blocks\.\d+\.adaLN_modulation_", "patch.adaLN"), (r"pixel_blocks\.\d+\.adaLN_modulation", "pixel.mod"),
+    (r"pixel_blocks\.\d+\.compress_to_attn\.", "pixel.compress"), (r"pixel_blocks\.\d+\.attn\.qkv\.", "pixel.qkv"),
+    (r"pixel_blocks\.\d+\.attn\.proj\.", "pixel.proj"), (r"pixel_blocks\.\d+\.expand_from_attn\.", "pixel.expand"),
+    (r"pixel_blocks\.\d+\.mlp\.", "pixel.mlp"),
+)
+
+
+def layer_group(name: str) -> str:
+    """The layer group of a network key: "patch.qkv", "pixel.mod"... for the blocks' Linears,
+    else the key's first component (lq_proj, t_embedder, final_layer...)."""
+    for pattern, group in _GROUPS:
+        if re.match(pattern, name):
+            return group
+    return name.split(".", 1)[0]
 
 
 def parameter_count(cfg: PiDConfig) -> int:
@@ -680,16 +748,22 @@ def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AmbiguousPresetWarning)  # reported as same_network instead
         with _open(src) as source:
-            plan, cfg, how = _prepare(source, preset, ema)
+            plan, cfg, how, quant = _prepare(source, preset, ema)
             dtypes: dict[str, int] = {}
-            for src_keys in plan.sources.values():
+            quantized: dict[str, dict[str, int]] = {}
+            for name, src_keys in plan.sources.items():
                 dt = source.dtypes[src_keys[0]]
                 dtypes[dt] = dtypes.get(dt, 0) + 1
+                for k in src_keys:
+                    layer = quant.index.layers.get(k)
+                    if layer is not None:
+                        group = quantized.setdefault(layer_group(name), {})
+                        group[layer.describe()] = group.get(layer.describe(), 0) + 1
     return CheckpointInfo(path=src, layout=plan.layout, prefix=plan.prefix, split_adaln=plan.split_adaln,
                           config=cfg, preset_from=how, same_network=same_network(cfg), ema_read=plan.ema,
                           ema_available=plan.ema_available, keys=len(expected_shapes(cfg)), dtypes=dtypes,
                           parameters=parameter_count(cfg), skipped=plan.skipped,
-                          filled=tuple(plan.filled))
+                          filled=tuple(plan.filled), quantized=quantized)
 
 
 def config_metadata(cfg: PiDConfig) -> dict[str, str]:
