@@ -679,15 +679,30 @@ def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dt
     Raises FileNotFoundError for a missing path and ValueError (naming the file and keys)
     for an unreadable file or one that does not match the preset.
     """
+    state, cfg, _ = _load(path, preset, dtype, ema)
+    return state, cfg
+
+
+def _load(path, preset, dtype, ema, keep_quantized: bool = False):
+    """load_checkpoint's (state, config), and with keep_quantized the file's quantized
+    layers as stored: {ComfyUI layout's weight key: ({role: tensor}, marker)}."""
     preset = _check_args(preset, dtype, ema)
     src = _resolve(path)
+    raw = {}
     with _open(src) as source:
         plan, cfg, _, quant = _prepare(source, preset, ema)
         tensors = _read(source, plan, quant)
+        if keep_quantized and quant.index:
+            keys = [k for k in plan.file_keys() if k in quant.index.layers]
+            stored = source.read(keys + quant.index.read_keys(keys))
+            for k in keys:
+                layer = quant.index.layers[k]
+                out = COMFYUI_PREFIX + _classify(k)[1]
+                raw[out] = ({role: stored[fk] for role, fk in layer.keys.items()}, layer.conf)
     state = plan.assemble(tensors, cfg)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    return state, cfg
+    return state, cfg, raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -782,7 +797,8 @@ def _check_dst(dst, layout) -> Path:
     return dst
 
 
-def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layout: str = "pidkern") -> Path:
+def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layout: str = "pidkern",
+                    quantized: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping]] | None = None) -> Path:
     """Write the network's `state` at `dst` in `layout` (atomically).
 
     "pidkern": the network's own keys; "release": the release's `net.` keys (a .pth like its
@@ -790,12 +806,27 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layo
     pixel block's adaLN split into ComfyUI's `adaLN_modulation_msa` / `_mlp` halves (v1.5's
     training-only `lq_proj.lq_aux_rgb_head` is kept, so a round trip is exact; ComfyUI
     ignores it). Every .safetensors carries the config in its metadata, so it needs no preset.
+    quantized: ComfyUI-quantized Linears to write in place of the plain weight (layout
+    "comfyui" only): {file weight key: ({"weight": codes, "weight_scale": ..., ...}, marker)},
+    written as `<layer>.weight`, `<layer>.<scale>` and the `<layer>.comfy_quant` marker.
     """
     from safetensors.torch import save_file
     dst = _check_dst(dst, layout)
     check_state_dict(state, cfg, "state dict to save")
+    tensors = to_layout(state, cfg, layout)
+    if quantized:
+        if layout != "comfyui" or dst.suffix != ".safetensors":
+            raise ValueError(f"quantized layers are written in the comfyui layout's .safetensors, not {layout} "
+                             f"{dst.suffix}")
+        for wkey, (parts, conf) in quantized.items():
+            if wkey not in tensors or not wkey.endswith(".weight"):
+                raise ValueError(f"quantized: {wkey!r} is no Linear weight key of the comfyui layout")
+            layer = wkey[: -len(".weight")]
+            del tensors[wkey]
+            tensors.update({f"{layer}.{role}": t for role, t in parts.items()})
+            tensors[f"{layer}.{comfy_quant.MARKER}"] = comfy_quant.marker_tensor(conf)
     out = {}
-    for k, v in to_layout(state, cfg, layout).items():
+    for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
         if v.untyped_storage().nbytes() != v.numel() * v.element_size():
             v = v.clone()  # torch.save writes a view's whole storage
@@ -819,14 +850,53 @@ def save_safetensors(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst) -> 
 
 
 def convert(src, dst, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None,
-            layout: str = "pidkern", ema: bool = False) -> tuple[Path, PiDConfig]:
+            layout: str = "pidkern", ema: bool = False, quantize: str | None = None,
+            convrot: int | None = None) -> tuple[Path, PiDConfig]:
     """Convert any checkpoint `load_checkpoint` reads into `layout` at `dst`.
 
     layout "pidkern" (default): the network's keys only, contiguous, with {"pidkern_preset",
     "pidkern_config", "format": "pt"} metadata, so it loads fast and needs no preset;
     "release" and "comfyui": see `save_checkpoint`. ema picks the weights read (see
     `load_checkpoint`). Returns (dst, config).
+
+    A ComfyUI-quantized source is dequantized; with dtype None it is written in bfloat16
+    (the dtype of ComfyUI's unquantized PiD files). quantize (layout "comfyui" only):
+    "keep" writes the source's quantized layers back as stored (bit for bit; a layer the
+    comfyui layout splits, a whole pixel adaLN, is written dequantized); a format of
+    `comfy_quant.WRITABLE` quantizes the patch and pixel blocks' Linears in it, with
+    `convrot` (a power of 4) rotating the int8 layers whose width it divides.
     """
     _check_dst(dst, layout)
-    state, cfg = load_checkpoint(src, preset, dtype, ema=ema)
-    return save_checkpoint(state, cfg, dst, layout), cfg
+    if quantize is not None:
+        if layout != "comfyui":
+            raise ValueError(f"quantize={quantize!r}: quantized layers are written in the comfyui layout, "
+                             f"not {layout!r}")
+        if quantize != "keep" and quantize not in comfy_quant.WRITABLE:
+            raise ValueError(f"quantize={quantize!r}: expected 'keep' or one of {comfy_quant.WRITABLE}")
+    if convrot is not None and quantize != "int8_tensorwise":
+        raise ValueError(f"convrot={convrot!r}: the ConvRot rotation is an int8_tensorwise option "
+                         f"(quantize={quantize!r})")
+    state, cfg, raw = _load(src, preset, dtype, ema, keep_quantized=quantize == "keep")
+    if dtype is None and _is_quantized(src, preset, ema):
+        state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+    quantized = None
+    if quantize == "keep":
+        written = to_layout(state, cfg, "comfyui")
+        quantized = {k: v for k, v in raw.items() if k in written}
+        if len(quantized) < len(raw):
+            log.info("%s: %d quantized layer(s) the comfyui layout splits are written dequantized", src,
+                     len(raw) - len(quantized))
+    if quantize in comfy_quant.WRITABLE:
+        quantized = {}
+        for k, v in to_layout(state, cfg, "comfyui").items():
+            name = k[len(COMFYUI_PREFIX):]
+            if v.dim() == 2 and k.endswith(".weight") and name.split(".", 1)[0] in ("patch_blocks", "pixel_blocks"):
+                rot = convrot if convrot and v.shape[1] % convrot == 0 else None
+                quantized[k] = comfy_quant.quantize_weight(v, quantize, convrot=rot)
+    return save_checkpoint(state, cfg, dst, layout, quantized=quantized), cfg
+
+
+def _is_quantized(src, preset, ema) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AmbiguousPresetWarning)
+        return bool(inspect_checkpoint(src, preset, ema).quantized)

@@ -337,7 +337,8 @@ def cmd_convert(args) -> int:
     from .checkpoint import convert, parameter_count
     dtype = DTYPES[args.dtype] if args.dtype else None
     t0 = time.perf_counter()
-    dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype, layout=args.layout, ema=args.ema)
+    dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype, layout=args.layout, ema=args.ema,
+                       quantize=args.quantize, convrot=args.convrot)
     n = parameter_count(cfg)
     print(dst)
     _err(f"wrote {cfg.name} ({args.layout} layout{', EMA weights' if args.ema else ''}): {n / 1e6:.1f} M "
@@ -371,6 +372,11 @@ def checkpoint_lines(info) -> list[str]:
                 if info.skipped else ""),
              "dtype: " + ", ".join(f"{dt} ({n})" for dt, n in sorted(info.dtypes.items())),
              f"parameters: {info.parameters:,}"]
+    if info.quantized:
+        n = sum(c for group in info.quantized.values() for c in group.values())
+        lines.append(f"quantized (ComfyUI markers): {n} Linears, dequantized exactly on load")
+        lines += [f"  {group}: " + ", ".join(f"{fmt} ({c})" for fmt, c in sorted(fmts.items()))
+                  for group, fmts in sorted(info.quantized.items())]
     return lines
 
 
@@ -511,6 +517,7 @@ def _add_common_arguments(p) -> None:
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     from .api import DTYPES
     from .checkpoint import LAYOUTS
+    from .comfy_quant import WRITABLE
     from .config import PRESETS
     from .sampler import NOISE_STREAMS, SAMPLERS
     parser = argparse.ArgumentParser(prog="pidkern", description="Fast inference for PiD, the pixel-diffusion decoder.")
@@ -587,6 +594,12 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
                    help="one of " + ", ".join(PRESETS) + " (default: detected from the shapes)")
     c.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: keep as stored)")
+    c.add_argument("--quantize", default=None, choices=("keep", *WRITABLE),
+                   help="with --layout comfyui: keep a ComfyUI-quantized source's quantized layers as stored, or "
+                        "quantize the blocks' Linears in this format, with ComfyUI's markers")
+    c.add_argument("--convrot", type=int, default=None, metavar="G",
+                   help="with --quantize int8_tensorwise: rotate by Hadamard groups of G (a power of 4, e.g. 256) "
+                        "the layers whose width G divides")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="versions, device, kernels and presets; with CKPT: what a weight file holds",

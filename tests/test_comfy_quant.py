@@ -278,3 +278,81 @@ def test_writers_match_comfy_kitchen_bit_for_bit(fmt, opts):
             v, got = v.view(torch.uint8), got.view(torch.uint8)
         assert got.shape == v.shape and torch.equal(got.to(v.dtype), v), k
     assert conf["format"] == fmt and conf.get("convrot", False) == bool(opts)
+
+
+def test_info_names_the_format_per_layer_group(tmp_path, tiny_preset, capsys):
+    from pidkern.cli import main
+    file, meta, _, layers = comfy_quantized(tiny_preset, "int8_convrot")
+    # a second format on one group, as mixed files have
+    fp8_layer = PREFIX + "pixel_blocks.0.mlp.fc2"
+    for suffix in ("weight", "weight_scale", "comfy_quant"):
+        file.pop(f"{fp8_layer}.{suffix}", None)
+    w = random_net(tiny_preset, CPU, torch.float32, seed=3).state_dict()["pixel_blocks.0.mlp.fc2.weight"]
+    with ck.registry.use_backend("eager"):
+        file.update({f"{fp8_layer}.{k}": v for k, v in
+                     QuantizedTensor.from_float(w, "TensorCoreFP8Layout").state_dict("weight").items()})
+    file[f"{fp8_layer}.comfy_quant"] = comfy_quant.marker_tensor({"format": "float8_e4m3fn"})
+    path = tmp_path / "pid_int8_convrot.safetensors"
+    save_file(file, str(path), metadata=meta)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    blocks = tiny_preset.patch_blocks
+    assert f"quantized (ComfyUI markers): {len(layers)} Linears" in out
+    assert f"  patch.qkv: int8_tensorwise+convrot16 ({2 * blocks})" in out
+    assert "  pixel.mlp: float8_e4m3fn (1), int8_tensorwise+convrot16 (3)" in out
+    dst = tmp_path / "again.safetensors"
+    assert main(["convert", str(path), str(dst), "--layout", "comfyui", "--quantize", "int8_tensorwise",
+                 "--convrot", "16"]) == 0
+    capsys.readouterr()
+    assert inspect_checkpoint(dst).quantized["pixel.mlp"] == {"int8_tensorwise+convrot16": 4}
+
+
+def test_convert_dequantizes_keeps_and_quantizes(tmp_path, tiny_preset):
+    from pidkern.checkpoint import convert
+    cfg = tiny_preset
+    file, meta, ref, _ = comfy_quantized(cfg, "int8_convrot")
+    src = tmp_path / "pid_int8_convrot.safetensors"
+    save_file(file, str(src), metadata=meta)
+    # the bf16 pidkern layout
+    dst, _ = convert(src, tmp_path / "bf16.safetensors")
+    state, _ = load_checkpoint(dst)
+    assert all(v.dtype == torch.bfloat16 for v in state.values() if v.is_floating_point())
+    key = "patch_blocks.1.mlp_x.w2.weight"
+    assert torch.equal(state[key], ref[key].bfloat16())
+    # written back as stored: every byte of every quantized layer, with its marker
+    kept, _ = convert(src, tmp_path / "kept.safetensors", layout="comfyui", quantize="keep")
+    from safetensors import safe_open
+    with safe_open(str(kept), "pt") as f:
+        for k, v in file.items():
+            if k.endswith(("comfy_quant", "weight_scale")) or v.dtype == torch.int8:
+                got = f.get_tensor(k)
+                assert torch.equal(got, v) if not k.endswith("comfy_quant") else \
+                    json.loads(bytes(got.tolist())) == json.loads(bytes(v.tolist())), k
+    again, _ = load_checkpoint(kept)
+    assert torch.equal(again[key], load_checkpoint(src)[0][key])
+    # a plain checkpoint quantized by pidkern's writer, read back by comfy-kitchen's dequantize
+    plain = random_net(cfg, CPU, torch.float32, seed=2).state_dict()
+    from pidkern.checkpoint import save_checkpoint
+    base = save_checkpoint(plain, cfg, tmp_path / "plain.safetensors")
+    for fmt, convrot in (("int8_tensorwise", 64), ("mxfp8", None), ("float8_e4m3fn", None)):
+        q, _ = convert(base, tmp_path / f"{fmt}.safetensors", layout="comfyui", quantize=fmt, convrot=convrot)
+        info = inspect_checkpoint(q)
+        assert info.quantized and all(g.startswith(("patch.", "pixel.")) for g in info.quantized)
+        loaded, _ = load_checkpoint(q)
+        with safe_open(str(q), "pt") as f:
+            layer = PREFIX + "patch_blocks.0.mlp_x.w1"
+            marker = json.loads(bytes(f.get_tensor(f"{layer}.comfy_quant").tolist()))
+            layout = {"int8_tensorwise": "TensorWiseINT8Layout", "mxfp8": "TensorCoreMXFP8Layout",
+                      "float8_e4m3fn": "TensorCoreFP8Layout"}[fmt]
+            cls = get_layout_class(layout)
+            extra = {"convrot": True, "convrot_groupsize": 64} if marker.get("convrot") else {}
+            scale = f.get_tensor(f"{layer}.weight_scale")
+            params = cls.Params(scale=scale, orig_dtype=torch.float32, orig_shape=(96, 64), **extra)
+            want = QuantizedTensor(f.get_tensor(f"{layer}.weight"), layout, params).dequantize()
+        assert (fmt == "int8_tensorwise") == bool(marker.get("convrot"))
+        assert rel_l2(loaded["patch_blocks.0.mlp_x.w1.weight"], want) <= 1e-6
+        assert rel_l2(loaded["patch_blocks.0.mlp_x.w1.weight"], plain["patch_blocks.0.mlp_x.w1.weight"]) < 0.05
+    with pytest.raises(ValueError, match="quantize='int8_tensorwise': quantized layers are written in the comfyui"):
+        convert(base, tmp_path / "x.safetensors", quantize="int8_tensorwise")
+    with pytest.raises(ValueError, match="convrot=64: the ConvRot rotation is an int8_tensorwise option"):
+        convert(base, tmp_path / "x.safetensors", layout="comfyui", quantize="mxfp8", convrot=64)
