@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .int8 import Int8Weight
+
 MARKER = "comfy_quant"                     # <layer>.comfy_quant
 METADATA_KEY = "_quantization_metadata"    # the safetensors header's form
 LEGACY_FLAG = "scaled_fp8"                 # the older scaled-fp8 files' marker entry
@@ -198,12 +200,11 @@ class QuantLayer:
         t = {role: tensors[key] for role, key in self.keys.items() if key in tensors}
         w = t["weight"]
         name = self.format.name
-        if name in ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise"):
+        if name == "int8_tensorwise":
+            out = Int8Weight.from_stored(w, t["weight_scale"], torch.float32, self.convrot).dequantize()
+        elif name in ("float8_e4m3fn", "float8_e5m2"):
             s = t["weight_scale"].float()
-            s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(())
-            out = w.float() * s
-            if self.convrot:
-                out = rotate_groups(out, self.convrot)   # H is symmetric and H @ H = I
+            out = w.float() * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
         elif name == "mxfp8":
             scales = e8m0_to_float(unswizzle(t["weight_scale"].view(torch.uint8), w.shape[0], w.shape[1] // 32))
             out = (w.float().view(w.shape[0], -1, 32) * scales.unsqueeze(-1)).view(w.shape)
@@ -255,31 +256,7 @@ def _name(dt) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# The math shared by the loaders and the int8 path.
-
-def hadamard(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The normalised regular Hadamard matrix of a ConvRot group (size a power of 4): the
-    Kronecker powers of the 4x4 regular Hadamard matrix, over sqrt(size). Symmetric and
-    orthogonal, so it is its own inverse."""
-    if size < 4 or 4 ** round(math.log(size, 4)) != size:
-        raise ValueError(f"size={size}: a regular Hadamard matrix exists here for powers of 4 (4, 16, 64, 256...)")
-    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float64)
-    h = h4
-    while h.shape[0] < size:
-        h = torch.kron(h, h4)
-    return (h / math.sqrt(size)).to(device=device, dtype=dtype)
-
-
-def rotate_groups(t: torch.Tensor, group: int) -> torch.Tensor:
-    """t [..., K] with each run of `group` columns multiplied by the Hadamard matrix: how a
-    ConvRot layer's activations are rotated, and (H being its own inverse) how its rotated
-    weight goes back to the original basis."""
-    k = t.shape[-1]
-    if k % group:
-        raise ValueError(f"width {k} is not a multiple of the ConvRot group {group}")
-    h = hadamard(group, t.device, t.dtype)
-    return (t.reshape(*t.shape[:-1], k // group, group) @ h).reshape(t.shape)
-
+# Block scales.
 
 def unswizzle(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Block scales [rows, cols] from cuBLAS's swizzled layout: [ceil(rows/128)*128,
@@ -452,12 +429,9 @@ def quantize_weight(w: torch.Tensor, fmt: str, convrot: int | None = None) -> tu
         return {"weight": (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), "weight_scale": scale}, \
             {"format": fmt}
     if fmt == "int8_tensorwise":
-        conf = {"format": fmt}
-        if convrot:
-            w = rotate_groups(w, convrot)
-            conf.update(convrot=True, convrot_groupsize=int(convrot))
-        scale = (w.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-30)
-        return {"weight": (w / scale).round().clamp(-128, 127).to(torch.int8), "weight_scale": scale}, conf
+        q = Int8Weight.quantize(w, convrot)
+        conf = {"format": fmt, **({"convrot": True, "convrot_groupsize": int(convrot)} if convrot else {})}
+        return {"weight": q.data, "weight_scale": q.scale}, conf
     padded = w.new_zeros(_roundup(n, 32), _roundup(k, 32))
     padded[:n, :k] = w
     blocks = padded.view(padded.shape[0], -1, 32)

@@ -14,6 +14,7 @@ import pidkern
 from pidkern import comfy_quant
 from pidkern.api import random_net
 from pidkern.checkpoint import inspect_checkpoint, load_checkpoint, to_layout
+from pidkern.int8 import hadamard
 from pidkern.config import PRESETS, tiny
 
 ck = pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (the comfy extra) is the reference")
@@ -251,7 +252,7 @@ def test_hadamard_and_swizzle_match_comfy_kitchen():
     from comfy_kitchen.float_utils import to_blocked
     from comfy_kitchen.tensor.int8_utils import _build_hadamard
     for size in (4, 16, 64, 256):
-        assert torch.equal(comfy_quant.hadamard(size), _build_hadamard(size))
+        assert torch.equal(hadamard(size), _build_hadamard(size))
     g = torch.Generator().manual_seed(0)
     s = torch.randint(0, 255, (37, 9), generator=g, dtype=torch.uint8)
     blocked = to_blocked(s, flatten=False)
