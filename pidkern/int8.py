@@ -55,6 +55,15 @@ def rotate_groups(t: torch.Tensor, group: int) -> torch.Tensor:
     return (t.reshape(*t.shape[:-1], k // group, group) @ h).reshape(t.shape)
 
 
+def convrot_group(k: int, limit: int = 256) -> int | None:
+    """The ConvRot group for an input width k: the largest power of 4 up to `limit` that
+    divides it (ComfyUI's writers' rule, 256 at most), None when not even 4 does."""
+    g = 4
+    while g * 4 <= limit and k % (g * 4) == 0:
+        g *= 4
+    return g if k % g == 0 else None
+
+
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scale): t [..., K] as int8 codes [..., K] and float32 per-row scales
     [..., 1], t ~ codes * scale with each row's largest magnitude at 127."""
