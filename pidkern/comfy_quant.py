@@ -443,3 +443,23 @@ def quantize_weight(w: torch.Tensor, fmt: str, convrot: int | None = None) -> tu
     data = (blocks / scale.unsqueeze(-1)).clamp(-448, 448).view(padded.shape).to(torch.float8_e4m3fn)
     sw = swizzle(codes)
     return {"weight": data, "weight_scale": sw.view(E8M0) if E8M0 is not None else sw}, {"format": fmt}
+
+
+def stored_bytes(shape: tuple[int, int], fmt: str | None) -> int:
+    """Bytes one Linear weight [N, K] takes stored in `fmt` (None: bfloat16), scales and
+    padding included: the resident weight memory of a layer kept in its file's format."""
+    n, k = shape
+    if fmt is None:
+        return 2 * n * k
+    if fmt in ("float8_e4m3fn", "float8_e5m2"):
+        return n * k + 4
+    if fmt == "int8_tensorwise":
+        return n * k + 4 * n
+    if fmt == "mxfp8":
+        np_, kp = _roundup(n, 32), _roundup(k, 32)
+        return np_ * kp + _roundup(np_, 128) * _roundup(kp // 32, 4)
+    if fmt == "nvfp4":
+        np_, kp = _roundup(n, 16), _roundup(k, 16)
+        return np_ * kp // 2 + _roundup(np_, 128) * _roundup(kp // 16, 4) + 4
+    raise ValueError(f"fmt={fmt!r}: expected None (bfloat16) or one of float8_e4m3fn, float8_e5m2, "
+                     f"int8_tensorwise, mxfp8, nvfp4")

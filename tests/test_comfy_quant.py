@@ -357,3 +357,25 @@ def test_convert_dequantizes_keeps_and_quantizes(tmp_path, tiny_preset):
         convert(base, tmp_path / "x.safetensors", quantize="int8_tensorwise")
     with pytest.raises(ValueError, match="convrot=64: the ConvRot rotation is an int8_tensorwise option"):
         convert(base, tmp_path / "x.safetensors", layout="comfyui", quantize="mxfp8", convrot=64)
+
+
+@pytest.mark.parametrize("fmt,layout,kw", [("float8_e4m3fn", "TensorCoreFP8Layout", {}),
+                                           ("int8_tensorwise", "TensorWiseINT8Layout", {"per_channel": True}),
+                                           ("mxfp8", "TensorCoreMXFP8Layout", {}),
+                                           ("nvfp4", "TensorCoreNVFP4Layout", {})])
+@pytest.mark.parametrize("shape", [(48, 64), (40, 96), (136, 320)])
+def test_stored_bytes_is_what_comfy_kitchen_stores(fmt, layout, kw, shape):
+    """The memory model's bytes per layer equal the bytes of comfy-kitchen's own tensors."""
+    w = torch.randn(*shape)
+    with ck.registry.use_backend("eager"):
+        stored = QuantizedTensor.from_float(w, layout, **kw).state_dict("weight")
+    assert comfy_quant.stored_bytes(shape, fmt) == sum(t.numel() * t.element_size() for t in stored.values())
+    assert comfy_quant.stored_bytes(shape, None) == 2 * w.numel()
+
+
+def test_comfy_files_table():
+    from bench import comfy_files
+    table = {(r[0].split(" (")[0], r[2].split(" ")[0]): r[4] for r in comfy_files.rows()}
+    assert table[("PiD v1", "mxfp8")] < 0.6 * table[("PiD v1", "bfloat16")]
+    assert table[("PiD v1.5", "int8_tensorwise")] < 0.6 * table[("PiD v1.5", "bfloat16")]
+    assert 2.5 < table[("caption encoder", "float8_e4m3fn")] < table[("caption encoder", "bfloat16")] < 5.3
