@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--blocks-only", action="store_true", help="only the per-block measurement (no image decodes)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="pidkern.load: no checkpoint")
     from tqdm.auto import tqdm
@@ -224,10 +225,12 @@ def main(argv=None) -> int:
     t = schedule(args.steps)[0]
     with torch.no_grad():
         blocks = block_errors(net, ((x, torch.full((1,), t), text, latent, sigma), {}))
-        images = image_errors(net, cfg, latent, sigma, text, args.steps,
-                              lambda it: tqdm(it, desc="fp8 image decodes", leave=False))
-        reference = reference_image_errors(net, latent, sigma, text, args.steps,
-                                           lambda it: tqdm(it, desc="8-bit reference decodes", leave=False))
+        images = reference = []
+        if not args.blocks_only:
+            images = image_errors(net, cfg, latent, sigma, text, args.steps,
+                                  lambda it: tqdm(it, desc="fp8 image decodes", leave=False))
+            reference = reference_image_errors(net, latent, sigma, text, args.steps,
+                                               lambda it: tqdm(it, desc="8-bit reference decodes", leave=False))
     share = _flops_share(cfg, h, w, args.text_len)
     share_2k = _flops_share(get_preset(cfg.name.removeprefix("tiny-")), 2048, 2048, 300)
     out = {"preset": cfg.name, "size": [h, w], "steps": args.steps, "text_len": args.text_len,
@@ -253,16 +256,17 @@ def main(argv=None) -> int:
         f"{max(r[gname]['int8']['update'] for r in blocks if gname in r):.2e}/"
         f"{max(r[gname]['int8_convrot']['update'] for r in blocks if gname in r):.2e}" for gname in groups
         if any(gname in r for r in blocks)))
-    print("\nimage, float32 reference path with these groups in 8-bit: rel L2 vs the float32 reference")
-    print(f"  {'groups':<30} {'fp8':>10} {'int8':>10} {'int8+ConvRot':>13}")
-    for r in reference:
-        print(f"  {r['layers']:<30} {r['fp8']:>10.3e} {r['int8']:>10.3e} {r['int8_convrot']:>13.3e}")
-    print("\nimage (bf16 fast path with these groups in fp8):")
-    print(f"  {'groups in fp8':<30} {'rel L2 vs fp32 ref':>19} {'PSNR vs bf16 fast':>18} {'FLOP share @2048²':>18}")
-    for r in images:
-        s = share_2k.get(r["layers"])
-        print(f"  {r['layers']:<30} {r['rel_l2_vs_fp32_ref']:>19.3e} {r['psnr_vs_bf16_fast']:>15.1f} dB"
-              f" {'' if s is None else f'{100 * s:>17.1f}%'}")
+    if images:
+        print("\nimage, float32 reference path with these groups in 8-bit: rel L2 vs the float32 reference")
+        print(f"  {'groups':<30} {'fp8':>10} {'int8':>10} {'int8+ConvRot':>13}")
+        for r in reference:
+            print(f"  {r['layers']:<30} {r['fp8']:>10.3e} {r['int8']:>10.3e} {r['int8_convrot']:>13.3e}")
+        print("\nimage (bf16 fast path with these groups in fp8):")
+        print(f"  {'groups in fp8':<30} {'rel L2 vs fp32 ref':>19} {'PSNR vs bf16 fast':>18} {'FLOP share @2048²':>18}")
+        for r in images:
+            s = share_2k.get(r["layers"])
+            print(f"  {r['layers']:<30} {r['rel_l2_vs_fp32_ref']:>19.3e} {r['psnr_vs_bf16_fast']:>15.1f} dB"
+                  f" {'' if s is None else f'{100 * s:>17.1f}%'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
