@@ -685,7 +685,8 @@ def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dt
 
 def _load(path, preset, dtype, ema, keep_quantized: bool = False):
     """load_checkpoint's (state, config), and with keep_quantized the file's quantized
-    layers as stored: {ComfyUI layout's weight key: ({role: tensor}, marker)}."""
+    layers as stored: {file-level network name (a split pixel adaLN's halves keep their
+    names): comfy_quant.StoredWeight}."""
     preset = _check_args(preset, dtype, ema)
     src = _resolve(path)
     raw = {}
@@ -697,12 +698,20 @@ def _load(path, preset, dtype, ema, keep_quantized: bool = False):
             stored = source.read(keys + quant.index.read_keys(keys))
             for k in keys:
                 layer = quant.index.layers[k]
-                out = COMFYUI_PREFIX + _classify(k)[1]
-                raw[out] = ({role: stored[fk] for role, fk in layer.keys.items()}, layer.conf)
+                raw[_classify(k)[1]] = comfy_quant.StoredWeight(
+                    layer, {role: stored[fk] for role, fk in layer.keys.items()}, quant.logical[k])
     state = plan.assemble(tensors, cfg)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
     return state, cfg, raw
+
+
+def load_quantized(path, preset: PiDConfig | str | None = None, ema: bool = False):
+    """(state, config, stored): load_checkpoint's dequantized state and config, and the
+    file's ComfyUI-quantized Linears as stored, {network key: comfy_quant.StoredWeight},
+    for a fast model that runs them in their own format ({} for an unquantized file)."""
+    state, cfg, raw = _load(path, preset, None, ema, keep_quantized=True)
+    return state, cfg, {k: v for k, v in raw.items() if k in state}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -882,7 +891,8 @@ def convert(src, dst, preset: PiDConfig | str | None = None, dtype: torch.dtype 
     quantized = None
     if quantize == "keep":
         written = to_layout(state, cfg, "comfyui")
-        quantized = {k: v for k, v in raw.items() if k in written}
+        quantized = {COMFYUI_PREFIX + k: (v.tensors, v.layer.conf) for k, v in raw.items()
+                     if COMFYUI_PREFIX + k in written}
         if len(quantized) < len(raw):
             log.info("%s: %d quantized layer(s) the comfyui layout splits are written dequantized", src,
                      len(raw) - len(quantized))

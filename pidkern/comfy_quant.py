@@ -255,6 +255,37 @@ def _name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
+@dataclasses.dataclass
+class StoredWeight:
+    """A quantized Linear as its file stores it: the layer, its tensors by role
+    ("weight", "weight_scale", ...) and its logical [N, K]."""
+    layer: QuantLayer
+    tensors: dict[str, torch.Tensor]
+    shape: tuple[int, ...]
+
+    @property
+    def format(self) -> str:
+        return self.layer.format.name
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.layer.dequantize({self.layer.keys[r]: t for r, t in self.tensors.items()}, self.shape, dtype)
+
+    def int8(self, dtype: torch.dtype) -> Int8Weight:
+        """An int8_tensorwise layer's codes and scales as they are (no requantisation)."""
+        if self.format != "int8_tensorwise":
+            raise ValueError(f"layer {self.layer.name!r}: format {self.format!r} is not int8_tensorwise")
+        return Int8Weight.from_stored(self.tensors["weight"], self.tensors["weight_scale"], dtype, self.layer.convrot)
+
+    def fp8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float8_e4m3fn layer's codes [N, K] and its scale as one float32 per row [N, 1]
+        (a per-tensor scale repeated): the operands of a rowwise-scaled fp8 GEMM."""
+        if self.format != "float8_e4m3fn":
+            raise ValueError(f"layer {self.layer.name!r}: format {self.format!r} is not float8_e4m3fn")
+        w = self.tensors["weight"]
+        s = self.tensors["weight_scale"].float().reshape(-1, 1)
+        return w.contiguous(), s.expand(w.shape[0], 1).contiguous()
+
+
 # ---------------------------------------------------------------------------------------
 # Block scales.
 

@@ -379,3 +379,27 @@ def test_comfy_files_table():
     assert table[("PiD v1", "mxfp8")] < 0.6 * table[("PiD v1", "bfloat16")]
     assert table[("PiD v1.5", "int8_tensorwise")] < 0.6 * table[("PiD v1.5", "bfloat16")]
     assert 2.5 < table[("caption encoder", "float8_e4m3fn")] < table[("caption encoder", "bfloat16")] < 5.3
+
+
+def test_load_quantized_gives_the_stored_codes(tmp_path, tiny_preset):
+    from pidkern.checkpoint import load_quantized
+    cfg = tiny_preset
+    file, meta, _, layers = comfy_quantized(cfg, "int8_convrot")
+    path = tmp_path / "pid.safetensors"
+    save_file(file, str(path), metadata=meta)
+    state, got_cfg, stored = load_quantized(path)
+    assert got_cfg == cfg
+    # the split pixel adaLN halves are no network keys: only whole Linears come back as stored
+    assert set(stored) == {layer[len(PREFIX):] + ".weight" for layer in layers if "adaLN_modulation_m" not in layer}
+    key = "patch_blocks.0.attn.qkv_x.weight"
+    w = stored[key].int8(torch.float32)
+    assert torch.equal(w.data, file[PREFIX + key]) and w.convrot == 16
+    assert torch.equal(w.dequantize(), state[key])
+    with pytest.raises(ValueError, match="is not float8_e4m3fn"):
+        stored[key].fp8_rows()
+    file, meta, _, _ = comfy_quantized(cfg, "float8_e4m3fn")
+    save_file(file, str(path), metadata=meta)
+    _, _, stored = load_quantized(path)
+    codes, rows = stored[key].fp8_rows()
+    assert codes.dtype == torch.float8_e4m3fn and rows.shape == (codes.shape[0], 1)
+    assert torch.equal(codes.float() * rows, stored[key].dequantize())
