@@ -711,7 +711,25 @@ def load_quantized(path, preset: PiDConfig | str | None = None, ema: bool = Fals
     file's ComfyUI-quantized Linears as stored, {network key: comfy_quant.StoredWeight},
     for a fast model that runs them in their own format ({} for an unquantized file)."""
     state, cfg, raw = _load(path, preset, None, ema, keep_quantized=True)
-    return state, cfg, {k: v for k, v in raw.items() if k in state}
+    out = {k: v for k, v in raw.items() if k in state}
+    for name, msa in raw.items():
+        m = _SPLIT_ADALN.match(name)
+        mlp = raw.get(f"{m[1]}.adaLN_modulation_mlp.{m[3]}") if m and m[2] == "msa" else None
+        if mlp is None or msa.format != mlp.format or msa.layer.convrot != mlp.layer.convrot \
+                or msa.format not in ("int8_tensorwise", "float8_e4m3fn"):
+            continue
+        # per-row scales travel with their rows, so the halves merge exactly (as merge_pixel_adaln's rows)
+        full = f"{m[1]}.adaLN_modulation.0.{m[3]}"
+        rows = [_row_scales(h) for h in (msa, mlp)]
+        out[full] = comfy_quant.StoredWeight(msa.layer, {
+            "weight": merge_pixel_adaln(msa.tensors["weight"], mlp.tensors["weight"], cfg, full),
+            "weight_scale": merge_pixel_adaln(rows[0], rows[1], cfg, full)}, tuple(state[full].shape))
+    return state, cfg, out
+
+
+def _row_scales(w: "comfy_quant.StoredWeight") -> torch.Tensor:
+    s = w.tensors["weight_scale"].float().reshape(-1, 1)
+    return s.expand(w.tensors["weight"].shape[0], 1).contiguous()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,6 +108,21 @@ class Int8Weight:
     def shape(self) -> torch.Size:
         return self.data.shape
 
+    def rows(self, index) -> "Int8Weight":
+        """The weight of these output rows (a slice, index tensor or list): exact, each row
+        keeps its scale."""
+        return Int8Weight(self.data[index].contiguous(), self.scale[index].contiguous(), self.dtype, self.convrot)
+
+    @staticmethod
+    def cat(weights) -> "Int8Weight":
+        """Weights with the same K and rotation stacked along N (w1 | w3 of a SwiGLU)."""
+        weights = list(weights)
+        if len({(w.shape[1], w.convrot) for w in weights}) != 1:
+            raise ValueError(f"weights: (K, convrot) differ: {[(w.shape[1], w.convrot) for w in weights]}; "
+                             f"stacked int8 weights share both")
+        return Int8Weight(torch.cat([w.data for w in weights]), torch.cat([w.scale for w in weights]),
+                          weights[0].dtype, weights[0].convrot)
+
     @property
     def device(self) -> torch.device:
         return self.data.device

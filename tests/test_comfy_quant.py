@@ -389,8 +389,9 @@ def test_load_quantized_gives_the_stored_codes(tmp_path, tiny_preset):
     save_file(file, str(path), metadata=meta)
     state, got_cfg, stored = load_quantized(path)
     assert got_cfg == cfg
-    # the split pixel adaLN halves are no network keys: only whole Linears come back as stored
-    assert set(stored) == {layer[len(PREFIX):] + ".weight" for layer in layers if "adaLN_modulation_m" not in layer}
+    # the split pixel adaLN's halves come back merged under the network's key
+    assert set(stored) == {layer[len(PREFIX):] + ".weight" for layer in layers if "adaLN_modulation_m" not in layer} \
+        | {f"pixel_blocks.{i}.adaLN_modulation.0.weight" for i in range(cfg.pixel_blocks)}
     key = "patch_blocks.0.attn.qkv_x.weight"
     w = stored[key].int8(torch.float32)
     assert torch.equal(w.data, file[PREFIX + key]) and w.convrot == 16
@@ -403,3 +404,18 @@ def test_load_quantized_gives_the_stored_codes(tmp_path, tiny_preset):
     codes, rows = stored[key].fp8_rows()
     assert codes.dtype == torch.float8_e4m3fn and rows.shape == (codes.shape[0], 1)
     assert torch.equal(codes.float() * rows, stored[key].dequantize())
+
+
+def test_split_pixel_adaln_halves_merge_exactly(tmp_path, tiny_preset):
+    from pidkern.checkpoint import load_quantized
+    file, meta, _, _ = comfy_quantized(tiny_preset, "int8_convrot")
+    path = tmp_path / "pid.safetensors"
+    save_file(file, str(path), metadata=meta)
+    state, _, stored = load_quantized(path)
+    key = "pixel_blocks.1.adaLN_modulation.0.weight"
+    w = stored[key].int8(torch.float32)
+    assert w.shape == state[key].shape and torch.equal(w.dequantize(), state[key])
+    half = w.rows(slice(0, 10))
+    assert torch.equal(half.dequantize(), state[key][:10])
+    both = type(w).cat([half, w.rows([3, 1])])
+    assert torch.equal(both.dequantize(), torch.cat([state[key][:10], state[key][[3, 1]]]))
