@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .int8 import Int8Weight
+from .mxfp8 import e8m0_to_float, quantize_blocks, swizzle, unswizzle
 
 MARKER = "comfy_quant"                     # <layer>.comfy_quant
 METADATA_KEY = "_quantization_metadata"    # the safetensors header's form
@@ -287,34 +288,6 @@ class StoredWeight:
 
 
 # ---------------------------------------------------------------------------------------
-# Block scales.
-
-def unswizzle(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Block scales [rows, cols] from cuBLAS's swizzled layout: [ceil(rows/128)*128,
-    ceil(cols/4)*4] stored as 128x4 tiles, each tile's rows interleaved in four runs of 32
-    (tile entry (b, a, c) holds row a*32 + b, column c)."""
-    rb, cb = -(-rows // 128), -(-cols // 4)
-    tiles = scales.reshape(rb, cb, 32, 4, 4).permute(0, 3, 2, 1, 4)
-    return tiles.reshape(rb * 128, cb * 4)[:rows, :cols]
-
-
-def swizzle(scales: torch.Tensor) -> torch.Tensor:
-    """The inverse of `unswizzle` (zero padding), as the fp8 block-scaled GEMMs read scales."""
-    rows, cols = scales.shape
-    rb, cb = -(-rows // 128), -(-cols // 4)
-    padded = scales.new_zeros(rb * 128, cb * 4)
-    padded[:rows, :cols] = scales
-    return padded.reshape(rb, 4, 32, cb, 4).permute(0, 3, 2, 1, 4).reshape(rb * 128, cb * 4)
-
-
-def e8m0_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """e8m0 block scales (uint8 exponent codes, bias 127) as float32; code 0 reads as 0, as
-    comfy-kitchen's writer uses it for all-zero blocks."""
-    bits = codes.to(torch.int32) << 23
-    return torch.where(codes == 0, torch.zeros_like(bits), bits).view(torch.float32)
-
-
-# ---------------------------------------------------------------------------------------
 # Finding the quantized layers of a file.
 
 def parse_marker(raw, layer: str) -> dict:
@@ -463,15 +436,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, convrot: int | None = None) -> tu
         q = Int8Weight.quantize(w, convrot)
         conf = {"format": fmt, **({"convrot": True, "convrot_groupsize": int(convrot)} if convrot else {})}
         return {"weight": q.data, "weight_scale": q.scale}, conf
-    padded = w.new_zeros(_roundup(n, 32), _roundup(k, 32))
-    padded[:n, :k] = w
-    blocks = padded.view(padded.shape[0], -1, 32)
-    amax = blocks.abs().amax(-1)
-    exp = torch.ceil(torch.log2((amax / 448.0).clamp_min(2.0 ** -127))).to(torch.int32) + 127
-    codes = exp.clamp(0, 254).to(torch.uint8)
-    codes = torch.where(amax == 0, torch.zeros_like(codes), codes)
-    scale = torch.where(amax == 0, torch.ones_like(amax), e8m0_to_float(codes))
-    data = (blocks / scale.unsqueeze(-1)).clamp(-448, 448).view(padded.shape).to(torch.float8_e4m3fn)
+    data, codes = quantize_blocks(w)
     sw = swizzle(codes)
     return {"weight": data, "weight_scale": sw.view(E8M0) if E8M0 is not None else sw}, {"format": fmt}
 

@@ -15,6 +15,7 @@ from pidkern import comfy_quant
 from pidkern.api import random_net
 from pidkern.checkpoint import inspect_checkpoint, load_checkpoint, to_layout
 from pidkern.int8 import hadamard
+from pidkern.mxfp8 import swizzle, unswizzle
 from pidkern.config import PRESETS, tiny
 
 ck = pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (the comfy extra) is the reference")
@@ -256,8 +257,8 @@ def test_hadamard_and_swizzle_match_comfy_kitchen():
     g = torch.Generator().manual_seed(0)
     s = torch.randint(0, 255, (37, 9), generator=g, dtype=torch.uint8)
     blocked = to_blocked(s, flatten=False)
-    assert torch.equal(comfy_quant.swizzle(s), blocked)
-    assert torch.equal(comfy_quant.unswizzle(blocked, 37, 9), s)
+    assert torch.equal(swizzle(s), blocked)
+    assert torch.equal(unswizzle(blocked, 37, 9), s)
 
 
 @pytest.mark.parametrize("fmt,opts", [("float8_e4m3fn", {}), ("int8_tensorwise", {}),
@@ -419,3 +420,23 @@ def test_split_pixel_adaln_halves_merge_exactly(tmp_path, tiny_preset):
     assert torch.equal(half.dequantize(), state[key][:10])
     both = type(w).cat([half, w.rows([3, 1])])
     assert torch.equal(both.dequantize(), torch.cat([state[key][:10], state[key][[3, 1]]]))
+
+
+def test_mxfp8_activation_blocks_and_weight_are_comfy_kitchens():
+    """The operands of the native mxfp8 GEMM: an activation quantized per block of 32 (rows
+    and K padded to 32) gives comfy-kitchen's codes and swizzled scales bit for bit, and
+    a stored weight dequantizes as comfy-kitchen's. (The block-scaled GEMM itself needs
+    compute capability 10.0 / 12.0: on the CPU it is refused, never faked.)"""
+    from pidkern import mxfp8
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(45, 70, generator=g) * torch.logspace(-3, 2, 70)
+    x[3] = 0
+    codes, exps = mxfp8.quantize_blocks(x)
+    want_codes, want_scales = ck.quantize_mxfp8(x, pad_32x=True)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    assert torch.equal(swizzle(exps), want_scales.view(torch.uint8))
+    w = mxfp8.Mxfp8Weight(want_codes, want_scales, (45, 70), torch.float32)
+    assert torch.equal(w.dequantize(), ck.dequantize_mxfp8(want_codes, want_scales, torch.float32)[:45, :70])
+    assert "no block-scaled fp8" in mxfp8.mx_supported("cpu")
+    with pytest.raises(RuntimeError, match="mxfp8 GEMM: cpu has no block-scaled fp8 GEMM"):
+        mxfp8.linear(torch.randn(2, 70), w)
