@@ -27,7 +27,7 @@ log = logging.getLogger("pidkern")
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native") -> Decoder:
+         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str | None = None) -> Decoder:
     """Load a decoder.
 
     checkpoint: a DCP directory, .pt/.pth or .safetensors file of released weights, or
@@ -53,8 +53,15 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         8-bit e4m3 with per-row scales (docs/fp8.md), quantized once when the fast model is
         built; the 8-bit copies replace the originals in device memory during fast decodes.
         Needs an Ada/Hopper or later GPU on CUDA; on the CPU the same math runs emulated.
+        "int8": int8 GEMMs with per-token activations and ConvRot rotation for every group
+        of GEMMs (docs/int8.md), Turing or later on CUDA, exact int32 arithmetic on the CPU.
+        None (default): the checkpoint's own precision: "int8" for a ComfyUI int8 file,
+        "fp8" for an e4m3 one (their quantized layers run from the file's codes and scales,
+        not requantized), else "native". An mxfp8 or 4-bit file runs dequantized
+        (docs/comfy_quant.md).
     """
-    precision = resolve_precision(precision)
+    if precision is not None:
+        precision = resolve_precision(precision)
     if parallel is not None or group is not None or sp_attention is not None:
         from .parallel import sequence_parallel, setup
         group, device = setup(parallel, group, device, sp_attention)
@@ -71,14 +78,16 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
                f"its images are not real decodes")
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast, enc, precision)
-    from .checkpoint import load_checkpoint
-    state, cfg = load_checkpoint(checkpoint, preset=None if preset is None else resolve_config(preset), ema=ema)
+        return Decoder(random_net(cfg, dev, dt), dev, dt, "random", autocast, enc, precision or "native")
+    from .checkpoint import file_precision, load_quantized
+    state, cfg, stored = load_quantized(checkpoint, preset=None if preset is None else resolve_config(preset), ema=ema)
+    if precision is None:
+        precision = file_precision(stored)
     with torch.device("meta"):
         net = PiDNet(cfg)
     net.load_state_dict(state, assign=True, strict=True)
     net = net.to(dev, dt)
-    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision)
+    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision, stored=stored)
 
 
 _cache: dict = {}

@@ -727,6 +727,18 @@ def load_quantized(path, preset: PiDConfig | str | None = None, ema: bool = Fals
     return state, cfg, out
 
 
+def file_precision(stored: Mapping) -> str:
+    """The precision a file's quantized Linears run in as stored: "int8" when they are
+    int8_tensorwise, "fp8" when float8_e4m3fn (the format most of them have), else "native"
+    (unquantized, or a format the fast path dequantizes: mxfp8, nvfp4, e5m2, 4-bit)."""
+    counts: dict[str, int] = {}
+    for w in stored.values():
+        p = w.layer.format.runs_as
+        if p in ("int8", "fp8"):
+            counts[p] = counts.get(p, 0) + 1
+    return max(counts, key=counts.get) if counts else "native"
+
+
 def _row_scales(w: "comfy_quant.StoredWeight") -> torch.Tensor:
     s = w.tensors["weight_scale"].float().reshape(-1, 1)
     return s.expand(w.tensors["weight"].shape[0], 1).contiguous()

@@ -150,7 +150,7 @@ def _load_decoder(args):
         extra["sp_attention"] = args.sp_attention
     elif getattr(args, "sp_attention", None) is not None:
         raise ValueError(f"--sp-attention {args.sp_attention}: needs --sequence-parallel")
-    if getattr(args, "precision", "native") != "native":
+    if getattr(args, "precision", None) is not None:
         extra["precision"] = args.precision
     dec = pidkern.load(args.checkpoint, preset=args.preset, device=args.device, dtype=args.dtype, **extra)
     t_load = time.perf_counter() - t0
@@ -509,8 +509,10 @@ def _add_common_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
-    p.add_argument("--precision", default="native", choices=("native", "fp8"),
-                   help="fp8: the fast path's large GEMMs in 8-bit e4m3 (docs/fp8.md; default native)")
+    p.add_argument("--precision", default=None, choices=("native", "fp8", "int8"),
+                   help="fp8: the fast path's large GEMMs in 8-bit e4m3 (docs/fp8.md); int8: every GEMM group "
+                        "in int8 with ConvRot (docs/int8.md); default: the checkpoint's own (int8 / fp8 for a "
+                        "ComfyUI int8 / fp8 file), else native")
     p.add_argument("--steps", type=int, default=4, help="sampler steps, 1 to 4 (default 4)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1 to 95 (default 95)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or timings on stderr")
@@ -615,7 +617,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--plan", nargs=2, metavar=("PRESET", "HxW"), default=None,
                    help="print the fast path's plan (routes, bands, graphs) for PRESET at output size HxW")
     i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")
-    i.add_argument("--precision", default="native", choices=("native", "fp8"), help="the model's precision for --plan")
+    i.add_argument("--precision", default="native", choices=("native", "fp8", "int8"),
+                   help="the model's precision for --plan")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")

@@ -143,8 +143,8 @@ def test_plan_records_precision_and_gemm(capsys):
         native.decode(latent, backend="fast", plan={"gemm": "scaled_mm"})
     with pytest.raises(ValueError, match="plan gemm='native'"):
         eight.decode(latent, plan="gemm=native")
-    with pytest.raises(ValueError, match="precision='int8'"):
-        pidkern.load(preset=cfg, device="cpu", precision="int8")
+    with pytest.raises(ValueError, match="precision='int4'"):       # int8 is a precision now (docs/int8.md)
+        pidkern.load(preset=cfg, device="cpu", precision="int4")
     with pytest.raises(ValueError, match="precision='fp16'"):
         pidkern.decode(latent, model=eight, precision="fp16")
     with pytest.raises(ValueError, match="precision='native': model is a Decoder loaded with precision='fp8'"):
