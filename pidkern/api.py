@@ -118,7 +118,8 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
         dev = resolve_device(device)
         # Decoders with different encoders are different decoders: the encoder is in the key.
         enc_key = str(Path(text_encoder).expanduser().resolve()) if isinstance(text_encoder, (str, Path)) else text_encoder
-        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key, precision or "native")
+        # None (the checkpoint's own precision) and an explicit one are different decoders
+        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key, precision)
         with _cache_lock:
             dec = _cache.get(key)
             if dec is None:
@@ -127,7 +128,7 @@ def decode(latent, sigma=0.0, *, model=None, device=None, dtype=None, text_encod
                     raise ValueError(f"model={model!r}: neither a preset name ({', '.join(sorted(PRESETS))}) "
                                      f"nor an existing checkpoint path")
                 where = dict(checkpoint=model) if is_path else dict(preset=model)
-                if precision not in (None, "native"):
+                if precision is not None:
                     where["precision"] = precision
                 dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder)
                 _cache[key] = dec

@@ -137,6 +137,13 @@ def test_a_quantized_file_runs_in_its_own_precision(tmp_path, monkeypatch, fmt, 
     assert rel_l2(img, ref) <= (INT8_BOUND if precision == "int8" else 3e-2)
     forced = pidkern.load(path, device="cpu", dtype=torch.float32, precision="native")
     assert forced.precision == "native"
+    if precision == "int8":         # pidkern.decode's cached decoders: the file's own, and a forced native one
+        from pidkern import api
+        monkeypatch.setattr(api, "_cache", {})
+        for p in (None, "native"):
+            pidkern.decode(latent, 0.3, model=str(path), device="cpu", dtype=torch.float32, precision=p, text=text,
+                           steps=1, backend="reference")
+        assert sorted(d.precision for d in api._cache.values()) == ["int8", "native"]
     how = dec.plan((1, 16, 1, 2)).choices["precision"][1]
     if fmt == "mxfp8":              # the plan says how an mxfp8 file runs here
         assert "the file's mxfp8 Linears dequantized to float32 (cpu has no block-scaled fp8 GEMM)" in how
