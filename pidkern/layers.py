@@ -73,13 +73,25 @@ class NativeLinear(Linear):
         return [self.weight] + ([self.bias] if self.bias is not None else []) if self.owned else []
 
 
-class Fp8Linear(Linear):
+class _RowScaledLinear(Linear):
+    """An 8-bit weight object with `data` codes [N, K] and float32 per-row `scale`, and the
+    bias in the model's dtype (owned when FastPiD made it: the regrouped modulation's)."""
+
+    def __init__(self, weight, bias: torch.Tensor | None = None, replaces: tuple = (), owned_bias: bool = False):
+        self.weight, self.bias, self.replaces, self.owned_bias = weight, bias, tuple(replaces), owned_bias
+
+    @property
+    def shape(self):
+        return self.weight.shape
+
+    def owned_tensors(self):
+        return [self.weight.data, self.weight.scale] + ([self.bias] if self.owned_bias and self.bias is not None
+                                                        else [])
+
+
+class Fp8Linear(_RowScaledLinear):
     """e4m3 codes [N, K] with float32 per-row scales (fp8.Fp8Weight) and the bias in the
     model's dtype; called with gemm "scaled_mm" or "torchao" (fp8.GEMM_ROUTES)."""
-
-    def __init__(self, weight: fp8.Fp8Weight, bias: torch.Tensor | None = None, replaces: tuple = (),
-                 owned_bias: bool = False):
-        self.weight, self.bias, self.replaces, self.owned_bias = weight, bias, tuple(replaces), owned_bias
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias=None, replaces=(), owned_bias=False) -> "Fp8Linear":
@@ -92,23 +104,11 @@ class Fp8Linear(Linear):
             return fp8.torchao_linear(x, self.weight, self.bias)
         raise ValueError(f"gemm={gemm!r}: an fp8 layer runs one of {fp8.GEMM_ROUTES}")
 
-    @property
-    def shape(self):
-        return self.weight.shape
 
-    def owned_tensors(self):
-        return [self.weight.data, self.weight.scale] + ([self.bias] if self.owned_bias and self.bias is not None
-                                                        else [])
-
-
-class Int8Linear(Linear):
+class Int8Linear(_RowScaledLinear):
     """int8 codes [N, K] with float32 per-row scales and an optional ConvRot group
     (int8.Int8Weight), the bias in the model's dtype; called with gemm "int_mm" or
     "int8-triton" (docs/int8.md)."""
-
-    def __init__(self, weight: int8.Int8Weight, bias: torch.Tensor | None = None, replaces: tuple = (),
-                 owned_bias: bool = False):
-        self.weight, self.bias, self.replaces, self.owned_bias = weight, bias, tuple(replaces), owned_bias
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias=None, replaces=(), owned_bias=False) -> "Int8Linear":
@@ -119,14 +119,6 @@ class Int8Linear(Linear):
         if gemm not in ("int_mm", "int8-triton"):
             raise ValueError(f"gemm={gemm!r}: an int8 layer runs one of ('int_mm', 'int8-triton')")
         return int8.linear(x, self.weight, self.bias, route="triton" if gemm == "int8-triton" else "int_mm")
-
-    @property
-    def shape(self):
-        return self.weight.shape
-
-    def owned_tensors(self):
-        return [self.weight.data, self.weight.scale] + ([self.bias] if self.owned_bias and self.bias is not None
-                                                        else [])
 
 
 class Mxfp8Linear(Linear):
