@@ -142,13 +142,15 @@ class Int8Weight:
 
 def int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a [M, K] int8 @ w[N, K]^T int8 -> int32 [M, N], exactly, through `torch._int_mm`. On
-    CUDA cuBLASLt wants M > 16 and K, N multiples of 8: the operands are zero-padded to fit
-    (zeros add nothing to the sums) and the result cut back."""
+    CUDA cuBLASLt wants M > 16 and K, N multiples of 8 (N of 32 on Turing, whose int8
+    kernels reject some narrower ones, as comfy-kitchen found): the operands are
+    zero-padded to fit (zeros add nothing to the sums) and the result cut back."""
     m, k = a.shape
     n = w.shape[0]
     if not a.is_cuda:
         return torch._int_mm(a, w.t())
-    pm, pk, pn = max(32, -(-m // 8) * 8), -(-k // 8) * 8, -(-n // 8) * 8
+    n_unit = 32 if torch.cuda.get_device_capability(a.device) == (7, 5) else 8
+    pm, pk, pn = max(32, -(-m // 8) * 8), -(-k // 8) * 8, -(-n // n_unit) * n_unit
     if (pm, pk) != (m, k):
         a = torch.nn.functional.pad(a, (0, pk - k, 0, pm - m))
     if (pn, pk) != (n, k):
