@@ -1,4 +1,4 @@
-"""Which layers may run in 8-bit: the error of each fp8 layer group, block by block and in the image.
+"""Which layers may run in 8-bit: the error of each fp8 / int8 layer group, block by block and in the image.
 
     python -m bench.fp8_accuracy                        # flux-2k-sized random weights, 128², 4 steps
     python -m bench.fp8_accuracy --preset tiny:flux-2k --size 96x160 --json out.json
@@ -12,11 +12,18 @@ is the same `torch._scaled_mm` call the GPU runs, pidkern.fp8):
    (weights per row, activations per token, as pidkern.fp8 quantizes them) and the
    relative error of its output, ||o8 - o|| / ||o||, and of its update,
    ||o8 - o|| / ||o - x||, is reported; "all" quantizes every group of the block at once.
-   The error is the block's own, not what earlier blocks passed on.
+   The error is the block's own, not what earlier blocks passed on. The same is measured
+   with the group in int8 (pidkern.int8: weights per row, activations per token), without
+   and with the ConvRot rotation (Hadamard groups of the largest power of 4 up to 256
+   dividing each layer's width): the "int8" and "int8_convrot" entries.
 2. The image: the fast path decodes in bfloat16 with each group alone in fp8, with the
    groups of `pidkern.fast.FP8_LAYERS` (what precision="fp8" runs) and with every group,
    and each image is compared with the float32 reference decode (relative L2) and with
    the bfloat16 fast image (PSNR, images in [-1, 1], peak-to-peak 2).
+
+3. The image on the reference path, float32: each group alone, FP8_LAYERS and every group
+   in fp8, int8 and int8 with ConvRot, each image against the float32 reference decode
+   (relative L2): the three 8-bit schemes compared on the same network.
 
 Random weights are not trained weights: outliers of trained activations and weights
 are missing. The numbers rank the groups; docs/fp8.md keeps them.
@@ -34,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from pidkern import fp8
+from pidkern import fp8, int8
 from pidkern.config import get_preset, tiny
 from pidkern.fast import FP8_GROUPS, FP8_LAYERS, FastPiD, fp8_linears
 from pidkern.flops import decode_flops
@@ -65,12 +72,21 @@ def group_modules(net, group: str) -> list:
     return list(fp8_linears(net, (group,)).values())
 
 
+SCHEMES = ("fp8", "int8", "int8_convrot")
+
+
 @contextmanager
-def in_fp8(modules):
-    """Run these Linears through pidkern.fp8's GEMM (their weights quantized once)."""
+def in_8bit(modules, scheme: str = "fp8"):
+    """Run these Linears through pidkern.fp8's GEMM or pidkern.int8's (their weights
+    quantized once; "int8_convrot" rotates each by its width's ConvRot group)."""
     for m in modules:
-        w = fp8.Fp8Weight.quantize(m.weight)
-        m.forward = lambda x, m=m, w=w: fp8.scaled_mm(x, w, m.bias)
+        if scheme == "fp8":
+            w = fp8.Fp8Weight.quantize(m.weight)
+            m.forward = lambda x, m=m, w=w: fp8.scaled_mm(x, w, m.bias)
+        else:
+            rot = int8.convrot_group(m.weight.shape[1]) if scheme == "int8_convrot" else None
+            w = int8.Int8Weight.quantize(m.weight, rot)
+            m.forward = lambda x, m=m, w=w: int8.linear(x, w, m.bias)
     try:
         yield
     finally:
@@ -113,9 +129,12 @@ def block_errors(net, inputs) -> list[dict]:
             mods = [m for gg in (groups if g == "all" else [g]) for m in group_modules(net, gg) if id(m) in inside]
             if not mods:
                 continue
-            with in_fp8(mods):
-                o8 = _stream(pick(blk(*a, **kw)))
-            row[g] = {"out": ((o8 - o).norm() / o.norm()).item(), "update": ((o8 - o).norm() / (o - x).norm()).item()}
+            row[g] = {}
+            for scheme in SCHEMES:
+                with in_8bit(mods, scheme):
+                    o8 = _stream(pick(blk(*a, **kw)))
+                err = {"out": ((o8 - o).norm() / o.norm()).item(), "update": ((o8 - o).norm() / (o - x).norm()).item()}
+                row[g].update(err) if scheme == "fp8" else row[g].__setitem__(scheme, err)
         rows.append(row)
     return rows
 
@@ -158,6 +177,24 @@ def image_errors(net32, cfg, latent, sigma, text, steps, progress) -> list[dict]
     return rows
 
 
+def reference_image_errors(net32, latent, sigma, text, steps, progress) -> list[dict]:
+    """The float32 reference decode with groups' Linears in each 8-bit scheme, against the
+    plain float32 reference decode: the schemes compared where nothing else rounds."""
+    from pidkern.api import Decoder
+    dec = Decoder(net32, torch.device("cpu"), torch.float32, "random")
+    ref = dec.decode(latent, sigma, text, steps=steps, seed=0, backend="reference")
+    rows = []
+    configs = [(g, (g,)) for g in FP8_GROUPS] + [("FP8_LAYERS", FP8_LAYERS), ("all", FP8_GROUPS)]
+    for name, layers in progress(configs):
+        mods = [m for g in layers for m in group_modules(net32, g)]
+        row = {"layers": name}
+        for scheme in SCHEMES:
+            with in_8bit(mods, scheme):
+                row[scheme] = rel(dec.decode(latent, sigma, text, steps=steps, seed=0, backend="reference"), ref)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fp8_accuracy", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flux-2k", help="a preset, or tiny:PRESET (default flux-2k)")
@@ -166,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--blocks-only", action="store_true", help="only the per-block measurement (no image decodes)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message="pidkern.load: no checkpoint")
     from tqdm.auto import tqdm
@@ -187,14 +225,18 @@ def main(argv=None) -> int:
     t = schedule(args.steps)[0]
     with torch.no_grad():
         blocks = block_errors(net, ((x, torch.full((1,), t), text, latent, sigma), {}))
-        images = image_errors(net, cfg, latent, sigma, text, args.steps,
-                              lambda it: tqdm(it, desc="fp8 image decodes", leave=False))
+        images = reference = []
+        if not args.blocks_only:
+            images = image_errors(net, cfg, latent, sigma, text, args.steps,
+                                  lambda it: tqdm(it, desc="fp8 image decodes", leave=False))
+            reference = reference_image_errors(net, latent, sigma, text, args.steps,
+                                               lambda it: tqdm(it, desc="8-bit reference decodes", leave=False))
     share = _flops_share(cfg, h, w, args.text_len)
     share_2k = _flops_share(get_preset(cfg.name.removeprefix("tiny-")), 2048, 2048, 300)
     out = {"preset": cfg.name, "size": [h, w], "steps": args.steps, "text_len": args.text_len,
            "seed": args.seed, "fp8_layers": list(FP8_LAYERS), "flops_share_here": share,
-           "flops_share_2048": share_2k, "blocks": blocks, "images": images, "seconds": time.time() - t0,
-           "torch": torch.__version__, "note": "CPU-emulated e4m3, random weights"}
+           "flops_share_2048": share_2k, "blocks": blocks, "images": images, "reference_images": reference, "seconds": time.time() - t0,
+           "torch": torch.__version__, "note": "CPU-emulated e4m3, exact int8 (torch._int_mm on the CPU), random weights"}
     print(f"{cfg.name} {h}x{w}, {args.steps} steps, random weights, CPU-emulated fp8")
     print("\nper block, local (that block's GEMMs of one group in fp8): rel. error of output / of update")
     groups = [g for g in (*FP8_GROUPS, "all")]
@@ -204,12 +246,27 @@ def main(argv=None) -> int:
     print("\nlargest per block (update): " + ", ".join(
         f"{gname} {max(r[gname]['update'] for r in blocks if gname in r):.2e}" for gname in groups
         if any(gname in r for r in blocks)))
-    print("\nimage (bf16 fast path with these groups in fp8):")
-    print(f"  {'groups in fp8':<30} {'rel L2 vs fp32 ref':>19} {'PSNR vs bf16 fast':>18} {'FLOP share @2048²':>18}")
-    for r in images:
-        s = share_2k.get(r["layers"])
-        print(f"  {r['layers']:<30} {r['rel_l2_vs_fp32_ref']:>19.3e} {r['psnr_vs_bf16_fast']:>15.1f} dB"
-              f" {'' if s is None else f'{100 * s:>17.1f}%'}")
+    print("\nint8 per block, local (update): without / with ConvRot")
+    for r in blocks:
+        cells = [f"{gname}={r[gname]['int8']['update']:.2e}/{r[gname]['int8_convrot']['update']:.2e}"
+                 for gname in groups if gname in r]
+        print(f"  {r['block']:<9} " + "  ".join(cells))
+    print("\nlargest per block (update), fp8 / int8 / int8+ConvRot: " + ", ".join(
+        f"{gname} {max(r[gname]['update'] for r in blocks if gname in r):.2e}/"
+        f"{max(r[gname]['int8']['update'] for r in blocks if gname in r):.2e}/"
+        f"{max(r[gname]['int8_convrot']['update'] for r in blocks if gname in r):.2e}" for gname in groups
+        if any(gname in r for r in blocks)))
+    if images:
+        print("\nimage, float32 reference path with these groups in 8-bit: rel L2 vs the float32 reference")
+        print(f"  {'groups':<30} {'fp8':>10} {'int8':>10} {'int8+ConvRot':>13}")
+        for r in reference:
+            print(f"  {r['layers']:<30} {r['fp8']:>10.3e} {r['int8']:>10.3e} {r['int8_convrot']:>13.3e}")
+        print("\nimage (bf16 fast path with these groups in fp8):")
+        print(f"  {'groups in fp8':<30} {'rel L2 vs fp32 ref':>19} {'PSNR vs bf16 fast':>18} {'FLOP share @2048²':>18}")
+        for r in images:
+            s = share_2k.get(r["layers"])
+            print(f"  {r['layers']:<30} {r['rel_l2_vs_fp32_ref']:>19.3e} {r['psnr_vs_bf16_fast']:>15.1f} dB"
+                  f" {'' if s is None else f'{100 * s:>17.1f}%'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))

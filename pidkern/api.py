@@ -32,7 +32,7 @@ log = logging.getLogger("pidkern")
 
 
 def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, ema: bool = False,
-         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str = "native",
+         text_encoder=None, parallel=None, group=None, sp_attention=None, precision: str | None = None,
          distilled: bool | None = None, *, random: bool = False, revision: str | None = None,
          progress: bool = True) -> Decoder:
     """Load a decoder.
@@ -67,6 +67,12 @@ def load(checkpoint=None, preset=None, device=None, dtype=None, autocast=None, e
         8-bit e4m3 with per-row scales (docs/fp8.md), quantized once when the fast model is
         built; the 8-bit copies replace the originals in device memory during fast decodes.
         Needs an Ada/Hopper or later GPU on CUDA; on the CPU the same math runs emulated.
+        "int8": int8 GEMMs with per-token activations and ConvRot rotation for every group
+        of GEMMs (docs/int8.md), Turing or later on CUDA, exact int32 arithmetic on the CPU.
+        None (default): the checkpoint's own precision: "int8" for a ComfyUI int8 file,
+        "fp8" for an e4m3 one (their quantized layers run from the file's codes and scales,
+        not requantized), else "native". An mxfp8 or 4-bit file runs dequantized
+        (docs/comfy_quant.md).
     distilled: True (the 4-step checkpoints), False (the undistilled v1.5 teachers, decoded
         with DPM-Solver++ and guidance by default), or None: from a released name in the
         checkpoint's path (the two kinds have the same tensors), else True.
@@ -101,7 +107,8 @@ def _random_config(preset, random: bool) -> PiDConfig:
 
 def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parallel, group, sp_attention, precision,
           distilled=None, random=False, revision=None, progress=True) -> Decoder:
-    precision = resolve_precision(precision)
+    if precision is not None:
+        precision = resolve_precision(precision)
     if not isinstance(random, bool):
         raise TypeError(f"random={random!r}: expected True (random weights) or False")
     if random and checkpoint is not None:
@@ -130,7 +137,8 @@ def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parall
         n = sum(p.numel() for p in _meta_net(cfg).parameters())
         with busy(f"building random {cfg.name} weights ({_count(n)} parameters)", progress):
             net = random_net(cfg, dev, dt)
-        return Decoder(net, dev, dt, "random", autocast, enc, precision, sampling_for(cfg, distilled is not False))
+        return Decoder(net, dev, dt, "random", autocast, enc, precision or "native",
+                       sampling_for(cfg, distilled is not False))
     path = checkpoint
     from .hub import fetch_checkpoint, release_name
     if isinstance(checkpoint, str) and not Path(checkpoint).expanduser().exists() and release_name(checkpoint):
@@ -139,15 +147,18 @@ def _load(checkpoint, preset, device, dtype, autocast, ema, text_encoder, parall
         raise ValueError(f"revision={revision!r}: applies to a released checkpoint fetched by name, not to the local "
                          f"path {str(checkpoint)!r}")
     enc = resolve_text_encoder(text_encoder, dev)
-    from .checkpoint import load_checkpoint, trained_for
+    from .checkpoint import file_precision, load_quantized, trained_for
     with busy(f"reading {Path(path).name}", progress):
-        state, cfg = load_checkpoint(path, preset=cfg, ema=ema)
+        state, cfg, stored = load_quantized(path, preset=cfg, ema=ema)
         with torch.device("meta"):
             net = PiDNet(cfg)
         net.load_state_dict(state, assign=True, strict=True)
         net = net.to(dev, dt)
+    if precision is None:
+        precision = file_precision(stored)
     trained, _ = trained_for(checkpoint, cfg, distilled)
-    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision, sampling_for(cfg, trained))
+    return Decoder(net, dev, dt, str(checkpoint), autocast, enc, precision, sampling_for(cfg, trained),
+                   stored=stored)
 
 
 def _meta_net(cfg: PiDConfig) -> PiDNet:
@@ -229,7 +240,8 @@ def decode(latent, sigma=0.0, *, model=None, backbone=None, device=None, dtype=N
         dev = resolve_device(device)
         # Decoders with different encoders are different decoders: the encoder is in the key.
         enc_key = str(Path(text_encoder).expanduser().resolve()) if isinstance(text_encoder, (str, Path)) else text_encoder
-        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key, precision or "native")
+        # None (the checkpoint's own precision) and an explicit one are different decoders
+        key = (str(model), str(dev), str(resolve_dtype(dtype, dev)), enc_key, precision)
         with _cache_lock:
             dec = _cache.get(key)
             if dec is None:
@@ -242,7 +254,7 @@ def decode(latent, sigma=0.0, *, model=None, backbone=None, device=None, dtype=N
                     from .hub import preset_of
                     check_latent_for(latent, get_preset(preset_of(release)))
                 where = dict(checkpoint=model)
-                if precision not in (None, "native"):
+                if precision is not None:
                     where["precision"] = precision
                 dec = load(**where, device=dev, dtype=dtype, text_encoder=text_encoder)
                 _cache[key] = dec

@@ -157,8 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print what would be measured and exit")
     g.add_argument("--attention-backend", default=None, choices=ATTENTION_ROUTES,
                    help="patch attention route of the fast path (same as --plan attention=...)")
-    g.add_argument("--precision", default="native", choices=("native", "fp8"),
-                   help="fp8: the large GEMMs in 8-bit e4m3 (docs/fp8.md; default native)")
+    g.add_argument("--precision", default="native", choices=("native", "fp8", "int8"),
+                   help="fp8: the large GEMMs in 8-bit e4m3 (docs/fp8.md); int8: every GEMM group in int8 with "
+                        "ConvRot (docs/int8.md); default native")
     g.add_argument("--plan", default=None, metavar="KEY=VALUE,...",
                    help="fast-path plan overrides, e.g. attention=prep+sdpa,swiglu=split,graphs=off "
                         "(see `pidkern info --plan`)")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import comfy_quant
 from .config import PRESETS, UNDISTILLED_DIRS, PiDConfig, get_preset, release_names
 
 log = logging.getLogger("pidkern")
@@ -418,7 +419,7 @@ def to_layout(state: Mapping[str, torch.Tensor], cfg: PiDConfig, layout: str) ->
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu"}
 
 
 @dataclasses.dataclass
@@ -615,10 +616,14 @@ def _resolve(path) -> Path:
 
 
 def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
-    """(plan, config, where the config came from): the strict key and shape check, before
-    any weight is read."""
-    plan = plan_keys(source.shapes, ema, source.path, source.metadata)
-    shapes = plan.shapes(source.shapes)
+    """(plan, config, where the config came from, quantized layers): the strict key and
+    shape check, before any weight is read (a ComfyUI-quantized file's markers are read:
+    a few bytes each). A quantized weight's shape is its logical [N, K], not its storage's."""
+    quant = _quant_layers(source)
+    keys = {k: s for k, s in source.shapes.items() if k not in quant.index.aux}
+    plan = plan_keys(keys, ema, source.path, source.metadata)
+    quant.logical = {k: layer.logical_shape(tuple(source.shapes[k])) for k, layer in quant.index.layers.items()}
+    shapes = plan.shapes({**keys, **quant.logical})
     if preset is not None:
         cfg, how = preset, "argument"
     else:
@@ -627,6 +632,21 @@ def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
         if cfg is None:
             cfg, how = detect_preset(shapes, source.path), "shapes"
     want = expected_shapes(cfg)
+    if quant.index:
+        for name, src in plan.sources.items():
+            for k in src:
+                layer = quant.index.layers.get(k)
+                if layer is None:
+                    continue
+                w = want.get(name)
+                if w is not None and len(src) == 2:   # one half of a split pixel adaLN
+                    w = (w[0] // 2, *w[1:])
+                quant.logical[k] = layer.logical_shape(tuple(source.shapes[k]), w)
+                try:
+                    layer.check(source.shapes, source.dtypes, quant.logical[k])
+                except comfy_quant.QuantFormatError as e:
+                    raise comfy_quant.QuantFormatError(f"{source.path}: {e}") from None
+        shapes = plan.shapes({**keys, **quant.logical})
     aux = [k for k in want if k.startswith(TRAINING_ONLY_HEAD)]
     # ComfyUI's network has no such head; the undistilled teachers' consolidated files are
     # reported without it too (a user's note, not checked against the files here).
@@ -638,7 +658,34 @@ def _prepare(source: _Source, preset: PiDConfig | None, ema: bool):
         log.info("%s: %s without the training-only %s*; filled with zeros (never run)", source.path,
                  "ComfyUI layout" if plan.layout == "comfyui" else "an undistilled release file", TRAINING_ONLY_HEAD)
     check_state_dict(shapes, cfg, source.path)
-    return plan, cfg, how
+    return plan, cfg, how, quant
+
+
+@dataclasses.dataclass
+class _Quant:
+    index: comfy_quant.QuantIndex
+    logical: dict = dataclasses.field(default_factory=dict)   # weight file key -> logical [N, K]
+
+
+def _quant_layers(source: _Source) -> _Quant:
+    try:
+        return _Quant(comfy_quant.scan(source.shapes, source.dtypes, source.metadata, source.read, source.path))
+    except comfy_quant.QuantFormatError as e:
+        raise comfy_quant.QuantFormatError(f"{source.path}: {e}") from None
+
+
+def _read(source: _Source, plan: KeyPlan, quant: _Quant) -> dict[str, torch.Tensor]:
+    """The plan's tensors, quantized ones dequantized to float32 (exactly; comfy_quant)."""
+    keys = plan.file_keys()
+    tensors = source.read(keys + quant.index.read_keys(keys))
+    for k in keys:
+        layer = quant.index.layers.get(k)
+        if layer is not None:
+            try:
+                tensors[k] = layer.dequantize(tensors, quant.logical[k])
+            except comfy_quant.QuantFormatError as e:
+                raise comfy_quant.QuantFormatError(f"{source.path}: {e}") from None
+    return {k: tensors[k] for k in keys}
 
 
 def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None,
@@ -665,15 +712,69 @@ def load_checkpoint(path, preset: PiDConfig | str | None = None, dtype: torch.dt
     Raises FileNotFoundError for a missing path and ValueError (naming the file and keys)
     for an unreadable file or one that does not match the preset.
     """
+    state, cfg, _ = _load(path, preset, dtype, ema)
+    return state, cfg
+
+
+def _load(path, preset, dtype, ema, keep_quantized: bool = False):
+    """load_checkpoint's (state, config), and with keep_quantized the file's quantized
+    layers as stored: {file-level network name (a split pixel adaLN's halves keep their
+    names): comfy_quant.StoredWeight}."""
     preset = _check_args(preset, dtype, ema)
     src = _resolve(path)
+    raw = {}
     with _open(src) as source:
-        plan, cfg, _ = _prepare(source, preset, ema)
-        tensors = source.read(plan.file_keys())
+        plan, cfg, _, quant = _prepare(source, preset, ema)
+        tensors = _read(source, plan, quant)
+        if keep_quantized and quant.index:
+            keys = [k for k in plan.file_keys() if k in quant.index.layers]
+            stored = source.read(keys + quant.index.read_keys(keys))
+            for k in keys:
+                layer = quant.index.layers[k]
+                raw[_classify(k)[1]] = comfy_quant.StoredWeight(
+                    layer, {role: stored[fk] for role, fk in layer.keys.items()}, quant.logical[k])
     state = plan.assemble(tensors, cfg)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    return state, cfg
+    return state, cfg, raw
+
+
+def load_quantized(path, preset: PiDConfig | str | None = None, ema: bool = False):
+    """(state, config, stored): load_checkpoint's dequantized state and config, and the
+    file's ComfyUI-quantized Linears as stored, {network key: comfy_quant.StoredWeight},
+    for a fast model that runs them in their own format ({} for an unquantized file)."""
+    state, cfg, raw = _load(path, preset, None, ema, keep_quantized=True)
+    out = {k: v for k, v in raw.items() if k in state}
+    for name, msa in raw.items():
+        m = _SPLIT_ADALN.match(name)
+        mlp = raw.get(f"{m[1]}.adaLN_modulation_mlp.{m[3]}") if m and m[2] == "msa" else None
+        if mlp is None or msa.format != mlp.format or msa.layer.convrot != mlp.layer.convrot \
+                or msa.format not in ("int8_tensorwise", "float8_e4m3fn"):
+            continue
+        # per-row scales travel with their rows, so the halves merge exactly (as merge_pixel_adaln's rows)
+        full = f"{m[1]}.adaLN_modulation.0.{m[3]}"
+        rows = [_row_scales(h) for h in (msa, mlp)]
+        out[full] = comfy_quant.StoredWeight(msa.layer, {
+            "weight": merge_pixel_adaln(msa.tensors["weight"], mlp.tensors["weight"], cfg, full),
+            "weight_scale": merge_pixel_adaln(rows[0], rows[1], cfg, full)}, tuple(state[full].shape))
+    return state, cfg, out
+
+
+def file_precision(stored: Mapping) -> str:
+    """The precision a file's quantized Linears run in as stored: "int8" when they are
+    int8_tensorwise, "fp8" when float8_e4m3fn (the format most of them have), else "native"
+    (unquantized, or a format the fast path dequantizes: mxfp8, nvfp4, e5m2, 4-bit)."""
+    counts: dict[str, int] = {}
+    for w in stored.values():
+        p = w.layer.format.runs_as
+        if p in ("int8", "fp8"):
+            counts[p] = counts.get(p, 0) + 1
+    return max(counts, key=counts.get) if counts else "native"
+
+
+def _row_scales(w: "comfy_quant.StoredWeight") -> torch.Tensor:
+    s = w.tensors["weight_scale"].float().reshape(-1, 1)
+    return s.expand(w.tensors["weight"].shape[0], 1).contiguous()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,6 +796,27 @@ class CheckpointInfo:
     filled: tuple[str, ...]     # training-only keys the file lacks (zeros on load)
     distilled: bool = True      # trained for the 4-step sampler (False: an undistilled teacher)
     distilled_from: str = "assumed"  # "argument", "name" (a released name in the path) or "assumed"
+    # ComfyUI-quantized layers: layer group (layer_group) -> {format: Linears}; {} for none
+    quantized: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+
+_GROUPS = (   # network key pattern -> layer group (the fast path's names where it has one)
+    (r"patch_blocks\.\d+\.attn\.qkv_[xy]\.", "patch.qkv"), (r"patch_blocks\.\d+\.attn\.proj_[xy]\.", "patch.proj"),
+    (r"patch_blocks\.\d+\.mlp_[xy]\.w[13]\.", "patch.w13"), (r"patch_blocks\.\d+\.mlp_[xy]\.w2\.", "patch.w2"),
+    (r"patch_blocks\.\d+\.adaLN_modulation_", "patch.adaLN"), (r"pixel_blocks\.\d+\.adaLN_modulation", "pixel.mod"),
+    (r"pixel_blocks\.\d+\.compress_to_attn\.", "pixel.compress"), (r"pixel_blocks\.\d+\.attn\.qkv\.", "pixel.qkv"),
+    (r"pixel_blocks\.\d+\.attn\.proj\.", "pixel.proj"), (r"pixel_blocks\.\d+\.expand_from_attn\.", "pixel.expand"),
+    (r"pixel_blocks\.\d+\.mlp\.", "pixel.mlp"),
+)
+
+
+def layer_group(name: str) -> str:
+    """The layer group of a network key: "patch.qkv", "pixel.mod"... for the blocks' Linears,
+    else the key's first component (lq_proj, t_embedder, final_layer...)."""
+    for pattern, group in _GROUPS:
+        if re.match(pattern, name):
+            return group
+    return name.split(".", 1)[0]
 
 
 def parameter_count(cfg: PiDConfig) -> int:
@@ -742,17 +864,24 @@ def inspect_checkpoint(path, preset: PiDConfig | str | None = None, ema: bool = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AmbiguousPresetWarning)  # reported as same_network instead
         with _open(src) as source:
-            plan, cfg, how = _prepare(source, preset, ema)
+            plan, cfg, how, quant = _prepare(source, preset, ema)
             dtypes: dict[str, int] = {}
-            for src_keys in plan.sources.values():
+            quantized: dict[str, dict[str, int]] = {}
+            for name, src_keys in plan.sources.items():
                 dt = source.dtypes[src_keys[0]]
                 dtypes[dt] = dtypes.get(dt, 0) + 1
+                for k in src_keys:
+                    layer = quant.index.layers.get(k)
+                    if layer is not None:
+                        group = quantized.setdefault(layer_group(name), {})
+                        group[layer.describe()] = group.get(layer.describe(), 0) + 1
         distilled, distilled_from = trained_for(src, cfg, distilled)
     return CheckpointInfo(path=src, layout=plan.layout, prefix=plan.prefix, split_adaln=plan.split_adaln,
                           config=cfg, preset_from=how, same_network=same_network(cfg), ema_read=plan.ema,
                           ema_available=plan.ema_available, keys=len(expected_shapes(cfg)), dtypes=dtypes,
                           parameters=parameter_count(cfg), skipped=plan.skipped,
-                          filled=tuple(plan.filled), distilled=distilled, distilled_from=distilled_from)
+                          filled=tuple(plan.filled), distilled=distilled, distilled_from=distilled_from,
+                          quantized=quantized)
 
 
 def config_metadata(cfg: PiDConfig) -> dict[str, str]:
@@ -771,7 +900,8 @@ def _check_dst(dst, layout) -> Path:
     return dst
 
 
-def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layout: str = "pidkern") -> Path:
+def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layout: str = "pidkern",
+                    quantized: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping]] | None = None) -> Path:
     """Write the network's `state` at `dst` in `layout` (atomically).
 
     "pidkern": the network's own keys; "release": the release's `net.` keys (a .pth like its
@@ -779,12 +909,27 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst, layo
     pixel block's adaLN split into ComfyUI's `adaLN_modulation_msa` / `_mlp` halves (v1.5's
     training-only `lq_proj.lq_aux_rgb_head` is kept, so a round trip is exact; ComfyUI
     ignores it). Every .safetensors carries the config in its metadata, so it needs no preset.
+    quantized: ComfyUI-quantized Linears to write in place of the plain weight (layout
+    "comfyui" only): {file weight key: ({"weight": codes, "weight_scale": ..., ...}, marker)},
+    written as `<layer>.weight`, `<layer>.<scale>` and the `<layer>.comfy_quant` marker.
     """
     from safetensors.torch import save_file
     dst = _check_dst(dst, layout)
     check_state_dict(state, cfg, "state dict to save")
+    tensors = to_layout(state, cfg, layout)
+    if quantized:
+        if layout != "comfyui" or dst.suffix != ".safetensors":
+            raise ValueError(f"quantized layers are written in the comfyui layout's .safetensors, not {layout} "
+                             f"{dst.suffix}")
+        for wkey, (parts, conf) in quantized.items():
+            if wkey not in tensors or not wkey.endswith(".weight"):
+                raise ValueError(f"quantized: {wkey!r} is no Linear weight key of the comfyui layout")
+            layer = wkey[: -len(".weight")]
+            del tensors[wkey]
+            tensors.update({f"{layer}.{role}": t for role, t in parts.items()})
+            tensors[f"{layer}.{comfy_quant.MARKER}"] = comfy_quant.marker_tensor(conf)
     out = {}
-    for k, v in to_layout(state, cfg, layout).items():
+    for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
         if v.untyped_storage().nbytes() != v.numel() * v.element_size():
             v = v.clone()  # torch.save writes a view's whole storage
@@ -808,14 +953,54 @@ def save_safetensors(state: Mapping[str, torch.Tensor], cfg: PiDConfig, dst) -> 
 
 
 def convert(src, dst, preset: PiDConfig | str | None = None, dtype: torch.dtype | None = None,
-            layout: str = "pidkern", ema: bool = False) -> tuple[Path, PiDConfig]:
+            layout: str = "pidkern", ema: bool = False, quantize: str | None = None,
+            convrot: int | None = None) -> tuple[Path, PiDConfig]:
     """Convert any checkpoint `load_checkpoint` reads into `layout` at `dst`.
 
     layout "pidkern" (default): the network's keys only, contiguous, with {"pidkern_preset",
     "pidkern_config", "format": "pt"} metadata, so it loads fast and needs no preset;
     "release" and "comfyui": see `save_checkpoint`. ema picks the weights read (see
     `load_checkpoint`). Returns (dst, config).
+
+    A ComfyUI-quantized source is dequantized; with dtype None it is written in bfloat16
+    (the dtype of ComfyUI's unquantized PiD files). quantize (layout "comfyui" only):
+    "keep" writes the source's quantized layers back as stored (bit for bit; a layer the
+    comfyui layout splits, a whole pixel adaLN, is written dequantized); a format of
+    `comfy_quant.WRITABLE` quantizes the patch and pixel blocks' Linears in it, with
+    `convrot` (a power of 4) rotating the int8 layers whose width it divides.
     """
     _check_dst(dst, layout)
-    state, cfg = load_checkpoint(src, preset, dtype, ema=ema)
-    return save_checkpoint(state, cfg, dst, layout), cfg
+    if quantize is not None:
+        if layout != "comfyui":
+            raise ValueError(f"quantize={quantize!r}: quantized layers are written in the comfyui layout, "
+                             f"not {layout!r}")
+        if quantize != "keep" and quantize not in comfy_quant.WRITABLE:
+            raise ValueError(f"quantize={quantize!r}: expected 'keep' or one of {comfy_quant.WRITABLE}")
+    if convrot is not None and quantize != "int8_tensorwise":
+        raise ValueError(f"convrot={convrot!r}: the ConvRot rotation is an int8_tensorwise option "
+                         f"(quantize={quantize!r})")
+    state, cfg, raw = _load(src, preset, dtype, ema, keep_quantized=quantize == "keep")
+    if dtype is None and _is_quantized(src, preset, ema):
+        state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+    quantized = None
+    if quantize == "keep":
+        written = to_layout(state, cfg, "comfyui")
+        quantized = {COMFYUI_PREFIX + k: (v.tensors, v.layer.conf) for k, v in raw.items()
+                     if COMFYUI_PREFIX + k in written}
+        if len(quantized) < len(raw):
+            log.info("%s: %d quantized layer(s) the comfyui layout splits are written dequantized", src,
+                     len(raw) - len(quantized))
+    if quantize in comfy_quant.WRITABLE:
+        quantized = {}
+        for k, v in to_layout(state, cfg, "comfyui").items():
+            name = k[len(COMFYUI_PREFIX):]
+            if v.dim() == 2 and k.endswith(".weight") and name.split(".", 1)[0] in ("patch_blocks", "pixel_blocks"):
+                rot = convrot if convrot and v.shape[1] % convrot == 0 else None
+                quantized[k] = comfy_quant.quantize_weight(v, quantize, convrot=rot)
+    return save_checkpoint(state, cfg, dst, layout, quantized=quantized), cfg
+
+
+def _is_quantized(src, preset, ema) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AmbiguousPresetWarning)
+        return bool(inspect_checkpoint(src, preset, ema).quantized)

@@ -215,7 +215,7 @@ def _load_decoder(args):
         extra["sp_attention"] = args.sp_attention
     elif getattr(args, "sp_attention", None) is not None:
         raise ValueError(f"--sp-attention {args.sp_attention}: needs --sequence-parallel")
-    if getattr(args, "precision", "native") != "native":
+    if getattr(args, "precision", None) is not None:
         extra["precision"] = args.precision
     if getattr(args, "undistilled", False):
         extra["distilled"] = False
@@ -488,7 +488,8 @@ def cmd_convert(args) -> int:
     from .checkpoint import convert, parameter_count
     dtype = DTYPES[args.dtype] if args.dtype else None
     t0 = time.perf_counter()
-    dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype, layout=args.layout, ema=args.ema)
+    dst, cfg = convert(args.src, args.dst, preset=args.preset, dtype=dtype, layout=args.layout, ema=args.ema,
+                       quantize=args.quantize, convrot=args.convrot)
     n = parameter_count(cfg)
     print(dst)
     _err(f"wrote {cfg.name} ({args.layout} layout{', EMA weights' if args.ema else ''}): {n / 1e6:.1f} M "
@@ -523,6 +524,11 @@ def checkpoint_lines(info) -> list[str]:
              "dtype: " + ", ".join(f"{dt} ({n})" for dt, n in sorted(info.dtypes.items())),
              f"parameters: {info.parameters:,}",
              f"trained: {_trained_line(info)}"]
+    if info.quantized:
+        n = sum(c for group in info.quantized.values() for c in group.values())
+        lines.append(f"quantized (ComfyUI markers): {n} Linears, dequantized exactly on load")
+        lines += [f"  {group}: " + ", ".join(f"{fmt} ({c})" for fmt, c in sorted(fmts.items()))
+                  for group, fmts in sorted(info.quantized.items())]
     return lines
 
 
@@ -674,8 +680,10 @@ def _add_common_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="auto, reference or fast (default auto)")
-    p.add_argument("--precision", default="native", choices=("native", "fp8"),
-                   help="fp8: the fast path's large GEMMs in 8-bit e4m3 (docs/fp8.md; default native)")
+    p.add_argument("--precision", default=None, choices=("native", "fp8", "int8"),
+                   help="fp8: the fast path's large GEMMs in 8-bit e4m3 (docs/fp8.md); int8: every GEMM group "
+                        "in int8 with ConvRot (docs/int8.md); default: the checkpoint's own (int8 / fp8 for a "
+                        "ComfyUI int8 / fp8 file), else native")
     p.add_argument("--undistilled", action="store_true",
                    help="the checkpoint is an undistilled teacher (needed only when its path does not carry the "
                         "release's name, e.g. PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled)")
@@ -699,6 +707,7 @@ def _add_common_arguments(p) -> None:
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     from .resolve import DTYPES
     from .checkpoint import LAYOUTS
+    from .comfy_quant import WRITABLE
     from .config import PRESETS
     from .sampler import NOISE_STREAMS
     parser = argparse.ArgumentParser(prog="pidkern", description="Fast inference for PiD, the pixel-diffusion decoder.")
@@ -782,6 +791,12 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--preset", default=None, choices=list(PRESETS), metavar="NAME",
                    help="one of " + ", ".join(PRESETS) + " (default: detected from the shapes)")
     c.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the weights (default: keep as stored)")
+    c.add_argument("--quantize", default=None, choices=("keep", *WRITABLE),
+                   help="with --layout comfyui: keep a ComfyUI-quantized source's quantized layers as stored, or "
+                        "quantize the blocks' Linears in this format, with ComfyUI's markers")
+    c.add_argument("--convrot", type=int, default=None, metavar="G",
+                   help="with --quantize int8_tensorwise: rotate by Hadamard groups of G (a power of 4, e.g. 256) "
+                        "the layers whose width G divides")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="versions, device, kernels and presets; with CKPT: what a weight file holds",
@@ -797,7 +812,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--plan", nargs=2, metavar=("PRESET", "HxW"), default=None,
                    help="print the fast path's plan (routes, bands, graphs) for PRESET at output size HxW")
     i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")
-    i.add_argument("--precision", default="native", choices=("native", "fp8"), help="the model's precision for --plan")
+    i.add_argument("--precision", default="native", choices=("native", "fp8", "int8"),
+                   help="the model's precision for --plan")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")

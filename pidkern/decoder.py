@@ -33,10 +33,13 @@ class Decoder:
     net; none of them parks while they do."""
 
     def __init__(self, net: PiDNet, device: torch.device, dtype: torch.dtype, source: str, autocast=None,
-                 text_encoder=None, precision: str = "native", sampling: Sampling | None = None):
+                 text_encoder=None, precision: str = "native", sampling: Sampling | None = None, stored=None):
         self.precision = resolve_precision(precision)
         # What a decode runs when it names no sampler, steps, cfg or shift (the checkpoint's).
         self.sampling = sampling if sampling is not None else sampling_for(net.cfg)
+        # a ComfyUI file's quantized Linears as stored (checkpoint.load_quantized): the fast
+        # model runs those of its precision's format from their own codes and scales
+        self.stored_weights = dict(stored or {})
         self._net = net.eval().requires_grad_(False)
         self.device = device
         self.dtype = dtype
@@ -122,8 +125,8 @@ class Decoder:
         return self._net.cfg
 
     def __repr__(self):
-        fp8 = ", precision=fp8" if self.precision == "fp8" else ""
-        return f"Decoder({self.config.name}, device={self.device}, dtype={self.dtype}{fp8}, source={self.source})"
+        prec = f", precision={self.precision}" if self.precision != "native" else ""
+        return f"Decoder({self.config.name}, device={self.device}, dtype={self.dtype}{prec}, source={self.source})"
 
     # -- input checks -------------------------------------------------------------------
     def _check_latent(self, latent) -> torch.Tensor:
@@ -344,7 +347,7 @@ class Decoder:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         if backend == "auto":
             # the 8-bit GEMMs exist on the fast path only
-            fast = self.precision == "fp8" or (self.device.type == "cuda" and self.dtype != torch.float32)
+            fast = self.precision != "native" or (self.device.type == "cuda" and self.dtype != torch.float32)
             return "fast" if fast else "reference"
         return backend
 

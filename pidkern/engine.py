@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from . import fp8
+from . import fp8, int8
 from .fast import FastPiD
 from .graphs import GraphCache, Runner, capture
 from .inputs import DecodeInputs
@@ -50,12 +50,11 @@ class Engine:
         if self.overrides.get("graphs") and self.device.type != "cuda":
             raise ValueError(f"graphs=True: CUDA graphs need a CUDA device, got {self.device}")
         self.precision = getattr(decoder, "precision", "native")
-        if self.precision == "fp8":
-            why = fp8.fp8_supported(self.device)
-            if why:
-                raise ValueError(f"precision='fp8': {why}")
+        why = {"fp8": fp8.fp8_supported, "int8": int8.int8_supported}.get(self.precision, lambda d: None)(self.device)
+        if why:
+            raise ValueError(f"precision={self.precision!r}: {why}")
         with decoder.using_net() as net:      # whole on the device while FastPiD reads it
-            self.model = FastPiD(net, self.dtype, self.precision)
+            self.model = FastPiD(net, self.dtype, self.precision, stored=getattr(decoder, "stored_weights", None))
         self.spec = DeviceSpec.of(self.device)    # what the route table's capability rules read
         self.plans: dict = {}
         self._scalars: dict = {}
@@ -75,6 +74,9 @@ class Engine:
                 self.plans[key] = resolve(self.cfg, batch, h, w, text_len, self.device,
                                           torch.finfo(self.dtype).bits // 8, overrides=over, collectives=collectives,
                                           precision=self.precision, spec=self.spec)
+                note = getattr(self.model, "mxfp8_note", None)
+                if note and "precision" not in over:
+                    self.plans[key].set("precision", self.precision, f"load; {note}")
             return self.plans[key]
 
     def tables(self, h: int, w: int, text_len: int) -> dict:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fp8, ops
-from .layers import Fp8Linear, Linear, prepare
+from . import fp8, int8, mxfp8, ops
+from .layers import Fp8Linear, Int8Linear, Linear, Mxfp8Linear, from_stored, prepare
 from .plan import PRECISIONS, Plan, race
 from .reference import pixel_sincos, timestep_embedding
 from .sampler import schedule
@@ -64,6 +64,10 @@ FP8_GROUPS = ("patch.qkv", "patch.proj", "patch.w13", "patch.w2",
 # error reaches the image least damped (the modulation GEMM alone costs more image error
 # than all patch GEMMs together), for 8% of a 2048² decode's FLOPs.
 FP8_LAYERS = ("patch.qkv", "patch.proj", "patch.w13", "patch.w2")
+# The groups precision="int8" quantizes (docs/int8.md): all nine. Per-row int8 with ConvRot
+# rounds 3-5x finer than e4m3; with every group in int8 the image error measured below fp8's
+# with its patch groups alone, for 37.7% of a 2048² decode's FLOPs against 29.9%.
+INT8_LAYERS = FP8_GROUPS
 
 
 def check_fp8_layers(layers) -> tuple[str, ...]:
@@ -111,6 +115,11 @@ def unread_after_build(net) -> tuple[str, ...]:
     return tuple(n for n, p in net.named_parameters() if id(p) in unread)
 
 
+def _operand(w, dtype):
+    """A stored weight as its layer takes it: an int8.Int8Weight, or (e4m3 codes, row scales)."""
+    return w.int8(dtype) if w.format == "int8_tensorwise" else w.fp8_rows()
+
+
 @dataclass
 class PatchLayers:
     """The prepared Linears of one patch block (pidkern.layers); the last block has no
@@ -141,19 +150,34 @@ class FastPiD:
     """The fast path's model. `net` is never modified; keep it alive alongside. Of the
     net's parameters, it reads those named in `unread_parameters` only in __init__.
 
-    precision: "native" (the net's dtype) or "fp8": the Linears of the groups `fp8_layers`
-    (default FP8_LAYERS) become e4m3 layers with per-row scales (layers.Fp8Linear), fixed
-    here. Every Linear the fast path runs is a prepared layer in `patch` / `pixel`."""
+    precision: "native" (the net's dtype), "fp8" or "int8": the Linears of the groups
+    `fp8_layers` (default FP8_LAYERS for fp8, INT8_LAYERS for int8) become 8-bit layers
+    with per-row scales (layers.Fp8Linear, layers.Int8Linear), fixed here. stored: a
+    ComfyUI file's quantized Linears ({network key: comfy_quant.StoredWeight}); those in
+    the precision's own format run from their codes and scales, not requantized. Every
+    Linear the fast path runs is a prepared layer in `patch` / `pixel`."""
 
-    def __init__(self, net, dtype: torch.dtype, precision: str = "native", fp8_layers=None):
+    def __init__(self, net, dtype: torch.dtype, precision: str = "native", fp8_layers=None, stored=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
         self.net = net
         self.cfg = net.cfg
         self.dtype = dtype
         self.precision = precision
+        default = {"native": (), "fp8": FP8_LAYERS, "int8": INT8_LAYERS}[precision]
         self.fp8_layers = () if precision == "native" else check_fp8_layers(
-            FP8_LAYERS if fp8_layers is None else fp8_layers)
+            default if fp8_layers is None else fp8_layers)
+        # a ComfyUI file's quantized Linears as stored ({network key: comfy_quant.StoredWeight}):
+        # those of this precision's format run from their own codes and scales
+        self.stored = {k: w for k, w in (stored or {}).items() if w.layer.format.runs_as == precision}
+        # an mxfp8 file's Linears run as stored where the card has block-scaled fp8, else
+        # from the net's dequantized weights; `mxfp8_note` says which (the plan shows it)
+        mx = {k: w for k, w in (stored or {}).items() if w.format == "mxfp8"}
+        why = mxfp8.mx_supported(next(net.parameters()).device) if mx else None
+        self.stored_mx = mx if why is None else {}
+        self.mxfp8_note = None if not mx else (
+            f"the file's mxfp8 Linears on block-scaled fp8 GEMMs" if why is None else
+            f"the file's mxfp8 Linears dequantized to {str(dtype).replace('torch.', '')} ({why})")
         with torch.no_grad():
             self.qk_norms = [(torch.stack([b.attn.q_norm_x.weight, b.attn.k_norm_x.weight]),
                               torch.stack([b.attn.q_norm_y.weight, b.attn.k_norm_y.weight]))
@@ -166,19 +190,44 @@ class FastPiD:
                                        if n in replaced or n in set(unread_after_build(net)))
 
     def _format(self, group: str) -> str:
-        return "fp8" if group in self.fp8_layers else "native"
+        return self.precision if group in self.fp8_layers else "native"
 
     def _linear(self, group: str, module, name: str) -> Linear:
         """A layer for one of the net's Linears (`name` as in net.named_modules)."""
-        return prepare(self._format(group), module.weight, module.bias, replaces=(f"{name}.weight",))
+        fmt = self._format(group)
+        if fmt != "native" and f"{name}.weight" in self.stored:
+            return from_stored(fmt, _operand(self.stored[f"{name}.weight"], self.dtype), self.dtype,
+                               module.weight.device, module.bias, replaces=(f"{name}.weight",))
+        if fmt == "native" and f"{name}.weight" in self.stored_mx:
+            w = self.stored_mx[f"{name}.weight"]
+            dev = module.weight.device
+            return Mxfp8Linear(mxfp8.Mxfp8Weight(w.tensors["weight"].to(dev), w.tensors["weight_scale"].to(dev),
+                                                 w.shape, self.dtype), module.bias, replaces=(f"{name}.weight",))
+        return prepare(fmt, module.weight, module.bias, replaces=(f"{name}.weight",))
+
+    def _stored_rows(self, fmt, keys, rows=None):
+        """The layer of stored weights `keys` stacked along N (w1 | w3), or of the `rows` of
+        one (the regrouped modulation), when every one is stored; else None."""
+        if fmt == "native" or not all(k in self.stored for k in keys):
+            return None
+        ops_ = [_operand(self.stored[k], self.dtype) for k in keys]
+        if fmt == "int8":
+            w = int8.Int8Weight.cat(ops_)
+            return w if rows is None else w.rows(rows)
+        codes, scale = torch.cat([c for c, _ in ops_]), torch.cat([s for _, s in ops_])
+        return (codes, scale) if rows is None else (codes[rows].contiguous(), scale[rows].contiguous())
 
     def _patch_layers(self, i, b) -> PatchLayers:
         last = i == len(self.net.patch_blocks) - 1
         n = f"patch_blocks.{i}"
 
         def w13(mlp, stream):   # w1 | w3 stacked: FastPiD's own, one gate-up GEMM
-            return prepare(self._format("patch.w13"), torch.cat([mlp.w1.weight, mlp.w3.weight]), owned=True,
-                           replaces=(f"{n}.{stream}.w1.weight", f"{n}.{stream}.w3.weight"))
+            fmt = self._format("patch.w13")
+            keys = (f"{n}.{stream}.w1.weight", f"{n}.{stream}.w3.weight")
+            stored = self._stored_rows(fmt, keys)
+            if stored is not None:
+                return from_stored(fmt, stored, self.dtype, mlp.w1.weight.device, replaces=keys)
+            return prepare(fmt, torch.cat([mlp.w1.weight, mlp.w3.weight]), owned=True, replaces=keys)
         return PatchLayers(
             self._linear("patch.qkv", b.attn.qkv_x, f"{n}.attn.qkv_x"),
             self._linear("patch.qkv", b.attn.qkv_y, f"{n}.attn.qkv_y"),
@@ -192,7 +241,14 @@ class FastPiD:
         n = f"pixel_blocks.{i}"
         w_pre, b_pre, w_post, b_post = self._split_modulation(b.adaLN_modulation[0])
         fmt = self._format("pixel.mod")
-        return PixelLayers(prepare(fmt, w_pre, b_pre, owned=True), prepare(fmt, w_post, b_post, owned=True),
+        pre, post = self._modulation_rows()
+        key = (f"{n}.adaLN_modulation.0.weight",)
+        s_pre, s_post = self._stored_rows(fmt, key, pre), self._stored_rows(fmt, key, post)
+        dev = w_pre.device
+        mod = ((from_stored(fmt, s_pre, self.dtype, dev, b_pre, owned=True),
+                from_stored(fmt, s_post, self.dtype, dev, b_post, owned=True)) if s_pre is not None else
+               (prepare(fmt, w_pre, b_pre, owned=True), prepare(fmt, w_post, b_post, owned=True)))
+        return PixelLayers(*mod,
                            self._linear("pixel.compress", b.compress_to_attn, f"{n}.compress_to_attn"),
                            self._linear("pixel.qkv", b.attn.qkv, f"{n}.attn.qkv"),
                            self._linear("pixel.proj", b.attn.proj, f"{n}.attn.proj"),
@@ -239,6 +295,13 @@ class FastPiD:
             for t in times:
                 if t not in self.cond:
                     self.cond[t] = self._conditioning(t)
+
+    def _modulation_rows(self):
+        """The row indices of `_split_modulation`'s two halves in the modulation weight: a
+        stored weight's rows (codes with their per-row scales) regroup the same way, exactly."""
+        dp, p2 = self.cfg.pixel_dim, self.cfg.pixels_per_patch
+        idx = torch.arange(6 * dp * p2).view(p2, 6, dp)
+        return idx[:, :2].reshape(-1), idx[:, 2:].reshape(-1)
 
     def _conditioning(self, t: float) -> Conditioning:
         """PiDNet.forward's `temb = t_embedder(t*1000)`, `c = SiLU(temb)` and every block's
@@ -299,15 +362,16 @@ class FastPiD:
         return self._forward(x, t, heads, y, sigma, tab, plan, racing, shard)
 
     def _race_gemm(self, plan, racing, x):
-        """Time the fp8 GEMM routes on the decode's largest fp8 GEMM shape that every model
-        has: the image stream's gate-up GEMM (w13) over all patch tokens."""
+        """Time the 8-bit GEMM routes on the decode's largest 8-bit GEMM shape that every
+        model has: the image stream's gate-up GEMM (w13) over all patch tokens."""
         if not racing:
             raise RuntimeError("plan entry 'gemm' is still open: run a warm-up with racing=True first")
+        kind = Int8Linear if self.precision == "int8" else Fp8Linear
         first = self.patch[0].w13_x
-        w = first if isinstance(first, Fp8Linear) else next((l for l in self.layers() if isinstance(l, Fp8Linear)),
-                                                              None)
+        w = first if isinstance(first, kind) else next((l for l in self.layers() if isinstance(l, kind)), None)
         if w is None:
-            plan.set("gemm", "scaled_mm", "rule: no fp8 GEMM in this model")
+            rule = "int_mm" if self.precision == "int8" else "scaled_mm"
+            plan.set("gemm", rule, f"rule: no {self.precision} GEMM in this model")
             return
         rows = x.shape[0] * (x.shape[2] // self.cfg.patch) * (x.shape[3] // self.cfg.patch)
         u = torch.randn(rows, w.shape[1], device=x.device, dtype=self.dtype)

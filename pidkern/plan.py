@@ -202,21 +202,32 @@ class Plan:
         return "\n".join(lines)
 
 
-def _gemm_rule(precision: str, cuda: bool, torchao_ok: bool, over: dict):
+_GEMMS = {"native": "native", "fp8": "scaled_mm or torchao", "int8": "int_mm or int8-triton"}
+
+
+def _gemm_rule(precision: str, spec: DeviceSpec, over: dict):
     """(value, how) of the "gemm" entry for a model of `precision`."""
+    cuda = spec.type == "cuda"
     value = over.get("gemm")
     if value is not None:
-        if (value == "native") != (precision == "native"):
+        route = R.route("gemm", value)
+        if precision not in route.precisions:
             raise ValueError(f"plan gemm={value!r}: the model was loaded with precision={precision!r}, whose "
-                             f"GEMMs are {'native' if precision == 'native' else 'scaled_mm or torchao'} "
-                             f"(pidkern.load(..., precision=...) fixes it)")
-        if value == "torchao" and not torchao_ok:
+                             f"GEMMs are {_GEMMS[precision]} (pidkern.load(..., precision=...) fixes it)")
+        why = route.why_not(spec, precision)
+        if value == "torchao" and why:
             raise ValueError("plan gemm='torchao': torchao cannot run here (not installed, or a CUDA card "
                              "without fp8 tensor cores); use gemm='scaled_mm' or pip install 'pidkern[fp8]'")
+        if value == "int8-triton" and why:
+            raise ValueError(f"plan gemm='int8-triton': {why}; use gemm='int_mm'")
         return value, "override"
     if precision == "native":
         return "native", "rule: native precision"
-    if cuda and torchao_ok:
+    if precision == "int8":
+        if cuda and spec.triton:
+            return None, "race"
+        return "int_mm", "rule" if not cuda else "rule: no Triton here"
+    if cuda and R.TABLE["gemm"]["torchao"].why_not(spec, "fp8") is None:
         return None, "race"
     return "scaled_mm", "rule" if not cuda else "rule: no torchao here"
 
@@ -233,7 +244,7 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
     run (default: the spec's rules).
     collectives: the process group backend of a sequence-parallel band decode
     (pidkern.parallel), None for one process: a CUDA graph captures NCCL's only.
-    precision: the model's ("native" or "fp8"; an override naming another is an error)."""
+    precision: the model's ("native", "fp8" or "int8"; an override naming another is an error)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if spec is None:
@@ -251,8 +262,9 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
     plan = Plan((batch, height, width, text_len), str(device), overrides=over)
     for name in CHOICES:
         if name == "gemm":
-            plan.set(name, *_gemm_rule(precision, cuda, R.TABLE["gemm"]["torchao"].why_not(spec, "fp8") is None,
-                                       over))
+            plan.set(name, *_gemm_rule(precision, spec, over))
+            if precision != "fp8" and plan[name] is None:
+                plan.candidates[name] = R.race_candidates(name, precision, spec)
         elif name in over:
             plan.set(name, over[name], "override")
         elif not spec.triton:
@@ -273,7 +285,7 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
                 "precision": (precision, "load")}
     for name, (value, how) in settings.items():
         plan.set(name, *((over[name], "override") if name in over else (value, how)))
-    if precision == "fp8" and cuda:
+    if precision in ("fp8", "int8") and cuda:
         extra = fp8_attention_candidates(spec)
         for name in ("attention.patch", "attention.pixel"):
             if plan[name] is None and extra:

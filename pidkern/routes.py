@@ -41,9 +41,15 @@ LIBRARIES = {
     "sageattention": "sageattention",
     "cudnn": "nvidia-cudnn-frontend",
 }
-PRECISIONS = ("native", "fp8")
+PRECISIONS = ("native", "fp8", "int8")
 # e4m3 arithmetic (fp8 tensor cores) starts with Ada (8.9) and Hopper
 E4M3_CAPABILITY = (8, 9)
+# int8 tensor cores (IMMA) start with Turing (7.5)
+INT8_CAPABILITY = (7, 5)
+# An int8 model races the attention, SwiGLU and kernel routes an fp8 one does (its GEMMs
+# are its own): the 8-bit attention set was measured within the bar next to fp8 GEMMs,
+# whose error is the larger (docs/int8.md).
+RACE_AS = {"int8": "fp8"}
 
 
 def importable(module: str) -> bool:
@@ -200,6 +206,13 @@ _ROUTES = [
     Route("torchao", ("gemm",), "torchao", "fp8.torchao_linear (torchao Float8Tensor)",
           "8-bit: e4m3 weights and activations", precisions=("fp8",), min_capability=E4M3_CAPABILITY,
           library="torchao", race={"fp8": 2}),
+    # the GEMMs of a precision="int8" model's 8-bit layers (pidkern.int8, docs/int8.md)
+    Route("int_mm", ("gemm",), "int_mm", "int8.linear (torch._int_mm)",
+          "8-bit: int8 weights and per-token activations", precisions=("int8",), min_capability=INT8_CAPABILITY,
+          race={"int8": 1}),
+    Route("int8-triton", ("gemm",), "int8_triton", "kernels.int8_gemm.int8_gemm",
+          "8-bit: int8 weights and per-token activations", precisions=("int8",), min_capability=INT8_CAPABILITY,
+          triton=True, race={"int8": 2}),
 ]
 
 # plan entry -> {value: Route}, in the order above (the CLI's and the docs' order)
@@ -240,14 +253,15 @@ def available(entry: str, spec: DeviceSpec, precision: str = "native") -> tuple:
 def race_candidates(entry: str, precision: str = "native", spec: DeviceSpec | None = None) -> tuple:
     """The values a race of `entry` times for a model of `precision`, in race order; with a
     `spec`, only those that can run there."""
-    rs = [r for r in TABLE[entry].values() if precision in r.race
+    key = precision if entry == "gemm" else RACE_AS.get(precision, precision)
+    rs = [r for r in TABLE[entry].values() if key in r.race
           and (spec is None or r.why_not(spec, precision) is None)]
-    return tuple(r.name for r in sorted(rs, key=lambda r: r.race[precision]))
+    return tuple(r.name for r in sorted(rs, key=lambda r: r.race[key]))
 
 
 def listing() -> str:
     """The table as Markdown (docs/design.md carries a copy; a test keeps them equal)."""
-    rows = ["| entry | value | runs | accuracy | needs | raced (native / fp8) |", "|---|---|---|---|---|---|"]
+    rows = [f"| entry | value | runs | accuracy | needs | raced ({' / '.join(PRECISIONS)}) |", "|---|---|---|---|---|---|"]
     for entry, rs in TABLE.items():
         for r in rs.values():
             needs = [("/".join(r.devices))]
@@ -259,6 +273,6 @@ def listing() -> str:
                 needs.append(r.library)
             if r.precisions != PRECISIONS:
                 needs.append(f"precision {'/'.join(r.precisions)}")
-            race = " / ".join(str(r.race.get(p, "-")) for p in PRECISIONS)
+            race = " / ".join(str(r.race.get(p if entry == "gemm" else RACE_AS.get(p, p), "-")) for p in PRECISIONS)
             rows.append(f"| {entry} | `{r.name}` | {r.impl} | {r.accuracy} | {', '.join(needs)} | {race} |")
     return "\n".join(rows)

@@ -167,7 +167,9 @@ class CaptionEncoder:
             uses Efficient-Large-Model/gemma-2-2b-it), that id itself, or one .safetensors file in ComfyUI's
             text_encoders/ layout (e.g. gemma_2_2b_fp16.safetensors: `model.`-prefixed
             Gemma2Model keys), whose config is Gemma-2-2B's with layer, vocabulary and MLP
-            sizes read from the tensor shapes.
+            sizes read from the tensor shapes. ComfyUI's fp8-scaled file
+            (gemma_2_2b_it_elm_fp8_scaled.safetensors: e4m3 weights with per-layer scales)
+            is dequantized exactly on load (pidkern.comfy_quant), then cast to `dtype`.
         tokenizer: a transformers tokenizer, a tokenizer.json file or a tokenizer directory.
             Default: the model directory's own, or a tokenizer.json next to the .safetensors.
         device: default CUDA when available, else CPU. Other arguments: see the class.
@@ -300,11 +302,36 @@ def _gemma2_config(sd: dict, where: str):
     return tf.Gemma2Config(**values)
 
 
-def _load_comfy_file(p: Path, dtype):
+def _dequantized(p: Path, where: str) -> dict:
+    """The file's tensors with ComfyUI-quantized Linears (fp8-scaled files: per-layer
+    scales, as `comfy_quant` markers, the header's `_quantization_metadata` or the older
+    `scaled_fp8` form) dequantized to float32, exactly; their scales and markers dropped."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from . import comfy_quant
+    sd = load_file(str(p))
+    with safe_open(str(p), framework="pt") as f:
+        metadata = f.metadata() or {}
+    dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in sd.items()}
+    try:
+        index = comfy_quant.scan(sd, dtypes, metadata, lambda keys: {k: sd[k] for k in keys}, where)
+        if not index:
+            return sd
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        out = {k: v for k, v in sd.items() if k not in index.aux}
+        for key, layer in index.layers.items():
+            layer.check(shapes, dtypes)
+            out[key] = layer.dequantize(sd)
+    except comfy_quant.QuantFormatError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return out
+
+
+def _load_comfy_file(p: Path, dtype):
     tf = _transformers()
     where = f"path={str(p)!r}"
-    sd = _comfy_state(load_file(str(p)), where)
+    sd = _comfy_state(_dequantized(p, where), where)
     config = _gemma2_config(sd, where)
     with torch.device("meta"):
         expected = set(tf.Gemma2Model(config).state_dict())

@@ -143,8 +143,8 @@ def test_plan_records_precision_and_gemm(capsys):
         native.decode(latent, backend="fast", plan={"gemm": "scaled_mm"})
     with pytest.raises(ValueError, match="plan gemm='native'"):
         eight.decode(latent, plan="gemm=native")
-    with pytest.raises(ValueError, match="precision='int8'"):
-        pidkern.load(preset=cfg, device="cpu", precision="int8")
+    with pytest.raises(ValueError, match="precision='int4'"):       # int8 is a precision now (docs/int8.md)
+        pidkern.load(preset=cfg, device="cpu", precision="int4")
     with pytest.raises(ValueError, match="precision='fp16'"):
         pidkern.decode(latent, model=eight, precision="fp16")
     with pytest.raises(ValueError, match="precision='native': model is a Decoder loaded with precision='fp8'"):
@@ -221,11 +221,17 @@ def test_accuracy_tool_reports_every_block_and_group(tmp_path, capsys, monkeypat
         kind = r["block"].split(".")[0]
         assert set(r) == {"block", "all", *(g for g in FP8_GROUPS if g.startswith(kind))}
         assert all(0 < r[g]["out"] <= r[g]["update"] < 0.2 for g in r if g != "block")
+        # the int8 columns: per-row int8 rounds finer than e4m3 (7 bits against 4)
+        assert all(0 < r[g][s]["update"] < r[g]["update"] for g in r if g != "block" for s in ("int8", "int8_convrot"))
     rows = {r["layers"]: r for r in res["images"]}
     assert set(rows) == {"none (bf16 fast)", *FP8_GROUPS, "FP8_LAYERS (precision='fp8')", "all"}
     assert rows["FP8_LAYERS (precision='fp8')"]["rel_l2_vs_fp32_ref"] <= 3e-2
     assert all(r["psnr_vs_bf16_fast"] > 20 for r in res["images"])
-    assert "largest per block" in capsys.readouterr().out
+    ref = {r["layers"]: r for r in res["reference_images"]}
+    assert set(ref) == {*FP8_GROUPS, "FP8_LAYERS", "all"}
+    assert all(0 < r["int8"] < r["fp8"] and 0 < r["int8_convrot"] < r["fp8"] for r in ref.values())
+    text = capsys.readouterr().out
+    assert "largest per block" in text and "int8+ConvRot" in text
 
 
 def test_fp8_plan_races_the_accurate_8bit_attention_routes():

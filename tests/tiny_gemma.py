@@ -25,11 +25,12 @@ def tiny_tokenizer():
                                    unk_token="<unk>")
 
 
-def tiny_gemma(seed=0):
+def tiny_gemma(seed=0, head_dim=16):
+    """head_dim=256 (Gemma-2-2B's) for a model that ComfyUI's single-file layout can hold."""
     from transformers import Gemma2Config, Gemma2Model
     torch.manual_seed(seed)
     cfg = Gemma2Config(vocab_size=256, hidden_size=TEXT_DIM, intermediate_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, query_pre_attn_scalar=head_dim,
                        pad_token_id=0, eos_token_id=1, bos_token_id=2)
     model = Gemma2Model(cfg).eval()
     with torch.no_grad():      # RMSNorm weights start at 0 (1-centred): make them count
