@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET, aligned_rows, dot_precision, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET, INTERPRET_FAMILY, SM90, ArchAutotune, aligned_rows,
+                                     dot_precision, on_device)
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = tl.constexpr(448.0)   # largest finite float8_e4m3fn
@@ -387,22 +388,34 @@ def _prep_one(src, dst, w_ptr, cos_ptr, sin_ptr, rows, s_t, n, eps, NORM: tl.con
 
 # ------------------------------------------------------------------------- launchers
 
-def _configs():
-    if INTERPRET:
+def _configs(family: str):
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Hopper flash-attention forward shapes, checked by compiling offline for sm_90: the
-    # 8-warp ones do not spill (hd 72 fused at BLOCK_N 128: a few bytes); the 4-warp one
-    # spills in the fused variant but suits the plain core; BLOCK_M 256 spilled badly.
+    if family == SM90:
+        # Hopper flash-attention forward shapes, checked by compiling offline for sm_90: the
+        # 8-warp ones do not spill (hd 72 fused at BLOCK_N 128: a few bytes); the 4-warp one
+        # spills in the fused variant but suits the plain core; BLOCK_M 256 spilled badly.
+        return [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        ]
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120: of the
+    # Hopper set only 128 x 64 at 3 stages fits (88 KB with hd 64, 98 KB with hd 72 fused: 1 KB
+    # to spare); 4 stages (120-138 KB) and 128 x 128 (160-180 KB) cannot launch. mma.sync keeps
+    # the accumulators in fewer registers per warp, so the fused hd-72 kernel (norm and RoPE
+    # of every k tile) spills at 128 x 64 with 4 or 8 warps; 128 x 32 with 8 warps and 64 x 32
+    # with 4 do not spill in any bf16 variant. The 2-stage 128 x 64 is the FA2-style tile.
     return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(),
-                                  key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])(_attn_fwd)
+_attn_fwd_tuned = ArchAutotune(_attn_fwd, _configs, key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])
 
 
 def _chunks(hd: int, eight_bit: bool = False) -> tuple[int, int]:
@@ -607,12 +620,13 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]) + triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
+    kernel = _attn_fwd_tuned.at(qi.device)
     with on_device(qi):
-        _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
-                              *(s // align for s in strides), L, T, H, qk_scale, eps,
-                              dummy if ks is None else ks, dummy if vs is None else vs,
-                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
-                              ALIGN=align, QK8=qk8, PV8=pv8)
+        kernel[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
+                     *(s // align for s in strides), L, T, H, qk_scale, eps,
+                     dummy if ks is None else ks, dummy if vs is None else vs,
+                     HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
+                     ALIGN=align, QK8=qk8, PV8=pv8)
 
 
 def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
