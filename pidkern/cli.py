@@ -444,6 +444,10 @@ def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, p
 
 
 def cmd_info(args) -> int:
+    if getattr(args, "predict", None):
+        from .cards import predict_lines
+        print("\n".join(predict_lines(args.predict, preset=args.preset or "flux-2k")))
+        return 0
     if getattr(args, "plan", None):
         print("\n".join(plan_lines(*args.plan, device=args.device, precision=args.precision)))
         return 0
@@ -601,6 +605,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                    help="print the fast path's plan (routes, bands, graphs) for PRESET at output size HxW")
     i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")
     i.add_argument("--precision", default="native", choices=("native", "fp8"), help="the model's precision for --plan")
+    i.add_argument("--predict", default=None, metavar="CARD",
+                   help="print the PREDICTED decode time and resident memory per precision on CARD (rtx5090, "
+                        "rtx4090, rtx3090, rtx4060ti-8gb, a100, h100, h200, b200): docs/cards.md")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")

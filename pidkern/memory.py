@@ -83,7 +83,8 @@ def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
                     dtype_bytes: int = 2, noise: str = "release", world_size: int = 1,
-                    precision: str = "native") -> int:
+                    precision: str = "native", graphs: bool = True, band_rows: int | None = None,
+                    keep_heads: bool | None = None) -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -101,6 +102,10 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     precision: the model's ("native" or "fp8", see weight_bytes); the fp8 activations'
     codes (one byte per element of one GEMM input at a time) are left out, a forecast
     no GPU run has checked.
+    graphs, band_rows, keep_heads: the plan's settings of those names (None: the plan's
+    rules). Without a CUDA graph the allocator holds the transient peak once instead of
+    the graph pool's GRAPH_POOL_FACTOR times it (a forecast: only graphed decodes were
+    measured).
     """
     cfg = _config(preset)
     check_noise(noise)
@@ -119,7 +124,8 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     d = cfg.hidden
     image = batch * 3 * rows * cfg.patch * width * 4          # one float32 image (this rank's rows)
     n_heads = cfg.num_lq_heads + cfg.is_v15
-    heads = n_heads * n * d * e if heads_fit(cfg, n, e) else n * d * e
+    keep = heads_fit(cfg, n, e) if keep_heads is None else keep_heads
+    heads = n_heads * n * d * e if keep else n * d * e
     per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
     persistent = (
         n * cfg.adapter_width * e                             # adapter tokens
@@ -134,7 +140,7 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     m = batch * (L + t)
     patch_peak = n * d * 4 + m * 3 * d * e * 2 + m * d * e    # residual, qkv + its roped copy, output
     pa = n * cfg.pixel_attn_dim * e
-    band = modulation_band_rows(cfg, n, e)
+    band = modulation_band_rows(cfg, n, e) if band_rows is None else min(band_rows, n)
     pixel_peak = n * d * e + max(pa * 8,                      # s; compressed tokens, qkv x2, output
                                  pa + band * per_pixel * e * (4 + 1 + 1))  # or a band's m, e, tokens
     if world_size > 1:
@@ -144,7 +150,37 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         patch_peak += gathered(d) + 2 * batch * t * d * e     # + the text keys joined to them
         pixel_peak += gathered(cfg.pixel_attn_dim)
     transient = max(patch_peak, pixel_peak)
-    return weight_bytes(cfg, e, precision) + persistent + int(GRAPH_POOL_FACTOR * transient) + FIXED_OVERHEAD
+    pool = GRAPH_POOL_FACTOR if graphs else 1.0
+    return weight_bytes(cfg, e, precision) + persistent + int(pool * transient) + FIXED_OVERHEAD
+
+
+def small_card_ladder(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> list[tuple[str, dict]]:
+    """The plan settings a card short of memory steps through, cheapest first: each
+    (what it gives up, plan overrides) keeps the previous ones. The adapter heads'
+    outputs recomputed instead of kept; modulation bands of 16 MiB instead of 128; no
+    CUDA graph (its pool holds ~1.9x the transient peak). Past the last rung only a
+    smaller working set helps: windowed decoding, or a smaller batch."""
+    cfg = _config(cfg)
+    small_band = max(1, min(rows, (16 * 2**20) // (6 * cfg.pixels_per_patch * cfg.pixel_dim * dtype_bytes)))
+    return [("as planned", {}),
+            ("adapter heads recomputed each step", {"keep_heads": False}),
+            ("16 MiB modulation bands", {"keep_heads": False, "band_rows": small_band}),
+            ("no CUDA graph", {"keep_heads": False, "band_rows": small_band, "graphs": False})]
+
+
+def fitting_settings(preset, batch: int, height: int, width: int, budget_bytes: int, text_len: int | None = None,
+                     dtype_bytes: int = 2, noise: str = "release", precision: str = "native",
+                     margin: float = 1.0) -> tuple[str, dict] | None:
+    """The first rung of small_card_ladder whose estimate_memory, times `margin`, fits
+    in budget_bytes: (what it gives up, plan overrides for Decoder.decode(plan=...)).
+    None: not even the last rung fits (decode in windows or a smaller batch)."""
+    cfg = _config(preset)
+    rows = batch * (height // cfg.patch) * (width // cfg.patch)
+    for what, over in small_card_ladder(cfg, rows, dtype_bytes):
+        need = estimate_memory(cfg, batch, height, width, text_len, dtype_bytes, noise, precision=precision, **over)
+        if need * margin <= budget_bytes:
+            return what, over
+    return None
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -160,6 +196,9 @@ def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int,
     need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
     free = free_device_bytes(device)
     if need > free:
+        fit = fitting_settings(cfg, batch, h, w, free + weight_bytes(cfg), text_len, noise=noise)
+        hint = (f"; it fits with plan={fit[1]} ({fit[0]})" if fit else
+                "; no plan setting makes it fit: decode a smaller batch or in windows")
         raise InsufficientMemoryError(
             f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
-            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}")
+            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}{hint}")
