@@ -1,7 +1,8 @@
 """Every Triton kernel of pidkern/kernels/, compiled offline for each GPU target: does it launch there?
 
     python -m bench.compile_matrix [--arch sm_80,sm_86,sm_89,sm_90a,sm_100a,sm_120] [--quick]
-                                   [--other-family] [-j N] [--json PATH] [--ptxas bundled|system]
+                                   [--other-family] [--kernels NAME,...] [-j N] [--json PATH]
+                                   [--ptxas bundled|system]
 
 No GPU needed: Triton compiles for a named target (`triton.compile` with a GPUTarget) and
 runs ptxas itself. For every kernel, every variant the Plan can pick (attention modes, head
@@ -260,7 +261,7 @@ def _init_worker(cache_dir: str, ptxas: str | None):
         knobs.nvidia.ptxas_blackwell.path = ptxas
 
 
-def run(arches, quick=False, other_family=False, jobs=1, ptxas=None, progress=None) -> list[dict]:
+def run(arches, quick=False, other_family=False, jobs=1, ptxas=None, progress=None, kernels=None) -> list[dict]:
     from pidkern.kernels._common import FAMILIES, arch_family
     todo = []
     for arch in arches:
@@ -268,6 +269,8 @@ def run(arches, quick=False, other_family=False, jobs=1, ptxas=None, progress=No
         fam = arch_family(cap)
         other = next(f for f in FAMILIES if f != fam) if other_family else None
         for case in cases(fam, cap, quick, other):
+            if kernels and not any(k in case.kernel for k in kernels):
+                continue
             todo += [(arch, case, i) for i in range(len(case.configs))]
     with tempfile.TemporaryDirectory() as cache:
         if jobs <= 1:
@@ -322,6 +325,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="bf16 attention variants only (the 8-bit modes are skipped)")
     ap.add_argument("--other-family", action="store_true",
                     help="also compile the other architecture family's configs (reported, never failing)")
+    ap.add_argument("--kernels", default="", help="comma-separated substrings of kernel names to compile (default: all)")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="compile processes (default 1)")
     ap.add_argument("--json", default=None, help="write every row as JSON to this path")
     ap.add_argument("--ptxas", default="bundled", choices=("bundled", "system"),
@@ -342,7 +346,8 @@ def main(argv=None):
           + ", ".join(f"{a} ({arch_family(TARGETS[a][0])} configs)" for a in arches), flush=True)
     t0 = time.perf_counter()
     rows = run(arches, args.quick, args.other_family, max(1, args.jobs), ptxas,
-               progress=lambda r, n, total: print(format_row(r), flush=True))
+               progress=lambda r, n, total: print(format_row(r), flush=True),
+               kernels=[k for k in args.kernels.split(",") if k])
     problems = verdict(rows)
     spills = sum(1 for r in rows if r["offered"] and r.get("status") == "SPILL")
     cpu = sum(r.get("cpu_s", 0) for r in rows)
