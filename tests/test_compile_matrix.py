@@ -79,3 +79,25 @@ def test_one_offline_compile(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 3 and all(r["status"] == "OK" and r["shared"] <= 99 * 1024 for r in rows)
     assert all(r["mma"] == ["mma.sync bf16"] and r["regs"] > 0 for r in rows)
+
+
+def test_config_launch_reads_failed_configs_from_the_autotuners():
+    """bench.config_launch's report on autotuners as Triton leaves them after tuning: a
+    config timed infinite did not launch."""
+    import triton
+
+    from bench import config_launch as C
+    from pidkern.kernels._common import ArchAutotune
+
+    class Tuner:   # what triton.autotune keeps after a tuning run
+        def __init__(self, timings):
+            self.configs = list(timings)
+            self.configs_timings = timings
+
+    ok, bad = triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 128}, num_warps=8)
+    arch = ArchAutotune(None, lambda fam: [ok, bad], key=[])
+    arch._tuned[("sm80",)] = Tuner({ok: [0.1, 0.1, 0.1], bad: [float("inf")] * 3})
+    rows, problems = C.report({"k.t": arch})
+    assert rows[0]["timed"] == 2 and rows[0]["chosen"] == str(ok) and rows[0]["failed"] == [str(bad)]
+    assert len(problems) == 1 and "did not launch" in problems[0]
+    assert "attention._attn_fwd_tuned" in C.tuners() and "rms_modulate._tuned" in C.tuners()
