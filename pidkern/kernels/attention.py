@@ -401,15 +401,16 @@ def _configs(family: str):
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         ]
-    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120: of the
-    # Hopper set only 128 x 64 at 3 stages fits (88 KB with hd 64, 98 KB with hd 72 fused: 1 KB
-    # to spare); 4 stages (120-138 KB) and 128 x 128 (160-180 KB) cannot launch. mma.sync keeps
-    # the accumulators in fewer registers per warp, so the fused hd-72 kernel (norm and RoPE
-    # of every k tile) spills at 128 x 64 with 4 or 8 warps; 128 x 32 with 8 warps and 64 x 32
-    # with 4 do not spill in any bf16 variant. The 2-stage 128 x 64 is the FA2-style tile.
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120. Of the
+    # Hopper set only 128 x 64 at 3 stages fits in bf16 (98 KB with hd 72 fused, 1 KB to
+    # spare), and the int8 mode's hd-72 fused variant needs 114 KB there: it cannot launch.
+    # 4 stages (120-138 KB) and 128 x 128 (160-180 KB) never can. mma.sync holds the
+    # accumulators in more registers per thread than wgmma, so the fused hd-72 kernel (norm
+    # and RoPE of every k tile) spills at 128 x 64 and at 64 x 64 with 4 warps; 128 x 32 with
+    # 8 warps and 64 x 32 with 4 do not spill in bf16 (a few bytes in some 8-bit modes).
+    # The 2-stage 128 x 64 is the FlashAttention-2 tile on these cards.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]
