@@ -407,7 +407,8 @@ def _configs(family: str):
     # 4 stages (120-138 KB) and 128 x 128 (160-180 KB) never can. mma.sync holds the
     # accumulators in more registers per thread than wgmma, so the fused hd-72 kernel (norm
     # and RoPE of every k tile) spills at 128 x 64 and at 64 x 64 with 4 warps; 128 x 32 with
-    # 8 warps and 64 x 32 with 4 do not spill in bf16 (a few bytes in some 8-bit modes).
+    # 8 warps and 64 x 32 with 4 do not spill in bf16 (32 bytes on sm_120 for the latter; a
+    # few bytes in some 8-bit modes).
     # The 2-stage 128 x 64 is the FlashAttention-2 tile on these cards.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
