@@ -117,3 +117,10 @@ def test_memory_ladder_settings_shrink_the_estimate_and_fitting_settings_takes_t
         assert estimate_memory(cfg, 1, 2048, 2048, **over) <= need
         assert (what, over) == next((w, o) for (w, o), n in zip(ladder, needs) if n <= need)
     assert fitting_settings(cfg, 1, 2048, 2048, needs[-1] - 1) is None
+
+
+def test_cli_info_predict(capsys):
+    from pidkern.cli import main
+    assert main(["info", "--predict", "rtx4090"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PREDICTION") and "GeForce RTX 4090" in out and "sm_89" in out

@@ -101,3 +101,26 @@ def test_config_launch_reads_failed_configs_from_the_autotuners():
     assert rows[0]["timed"] == 2 and rows[0]["chosen"] == str(ok) and rows[0]["failed"] == [str(bad)]
     assert len(problems) == 1 and "did not launch" in problems[0]
     assert "attention._attn_fwd_tuned" in C.tuners() and "rms_modulate._tuned" in C.tuners()
+
+
+def test_arch_autotune_builds_one_autotuner_per_family_and_extra():
+    import torch
+    import triton
+
+    from pidkern.kernels._common import INTERPRET_FAMILY, ArchAutotune, device_family
+    seen = []
+
+    def configs(family, width=None):
+        seen.append((family, width))
+        return [triton.Config({"BLOCK": 16 if family == SM80 else 32})]
+
+    @triton.jit
+    def k(x):
+        pass
+
+    arch = ArchAutotune(k, configs, key=["x"])
+    a, b = arch.tuned(SM80, 8), arch.tuned(SM90, 8)
+    assert arch.tuned(SM80, 8) is a and a is not b and arch.tuned(SM80, 16) is not a
+    assert seen == [(SM80, 8), (SM90, 8), (SM80, 16)]
+    assert [c.kwargs["BLOCK"] for c in a.configs] == [16] and [c.kwargs["BLOCK"] for c in b.configs] == [32]
+    assert device_family(torch.device("cpu")) == INTERPRET_FAMILY
