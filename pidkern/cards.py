@@ -272,7 +272,3 @@ def predict_lines(card, preset: str = "flux-2k") -> list[str]:
               "int8: the precision of issue 21, priced at the card's int8 rate with fp8's measured efficiency; "
               "attention is priced in bf16 for every precision."]
     return lines
-
-
-def relative_error(pred_ms: float, measured_ms: float) -> float:
-    return pred_ms / measured_ms - 1.0 if measured_ms else math.nan
