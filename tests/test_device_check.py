@@ -1,13 +1,16 @@
 """bench/device_check.py's plumbing on the CPU: stage order, the time budget, the JSON."""
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import device_check as D  # noqa: E402  (a script, run as bench/device_check.py)
+# a script (run as bench/device_check.py): loaded from its path, without putting bench/ on
+# sys.path (its kernels.py would shadow the `kernels` package diffusers imports)
+_spec = importlib.util.spec_from_file_location("device_check", ROOT / "bench" / "device_check.py")
+D = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(D)
 
 
 class Clock:
