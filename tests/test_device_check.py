@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # a script (run as bench/device_check.py): loaded from its path, without putting bench/ on
 # sys.path (its kernels.py would shadow the `kernels` package diffusers imports)
 _spec = importlib.util.spec_from_file_location("device_check", ROOT / "bench" / "device_check.py")
-D = importlib.util.module_from_spec(_spec)
+D = sys.modules.setdefault("device_check", importlib.util.module_from_spec(_spec))   # dataclasses look it up
 _spec.loader.exec_module(D)
 
 
