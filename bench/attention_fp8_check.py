@@ -65,7 +65,7 @@ def run(routes, out_dir, budget_s: float, device: str = "cuda", cases=None) -> d
         row = {"shape": tag, "heads": heads, "hd": hd, "L": L, "T": T, "flops": flops, "routes": {}}
 
         # the core alone on SDPA (cuDNN where it runs), for the PERF.md anchors
-        q, k, v = (x.transpose(1, 2) for x in ops._prep_torch(*args(qkv)[:6], *tabs, heads, 1e-6))
+        q, k, v = (x.transpose(1, 2) for x in ops.prep_qkv(*args(qkv)[:6], *tabs, heads, 1e-6))
         core = _cudnn_sdpa(q, k, v) if cuda else None
         if core is not None:
             ms = time_ms(core, warmup=3, reps=10, device=dev)["median_ms"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import fold_patch_pixels, rms_norm
-from .sampler import sde_update
+from .sampler import philox_key, sde_update
 
 try:
     from pidkern import _C  # noqa: F401  (registers torch.ops.pidkern.*)
@@ -190,3 +190,10 @@ def pixel_output_final(tokens, norm_w, lin_w, lin_b, x_t, t, *, patch: int = 16,
     if use_ext if use_ext is not None else HAS_EXT:
         return torch.ops.pidkern.pixel_output_final(tokens, norm_w, lin_w, lin_b, x_t, t, patch, eps)
     return reference_output_final(tokens, norm_w, lin_w, lin_b, x_t, t, patch, eps)
+
+
+def philox_draws(seed: int | None, device):
+    """draw(k, shape): the k-th standard normal tensor of the Philox stream of `seed` (the
+    stream the output stage draws inside a graph, here one tensor at a time)."""
+    key = philox_key(seed, device)
+    return lambda k, shape: philox_normal(key, torch.tensor(k, dtype=torch.int64, device=device), shape)

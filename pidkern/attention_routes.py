@@ -23,21 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+from . import fp8, routes as R
 
-# route -> (module to import, pip package)
-LIBRARIES = {
-    "prep+flash": ("flash_attn", "flash-attn"),
-    "prep+flash3-fp8": ("flash_attn_interface", "flash-attn 3 (the hopper/ build of flash-attention)"),
-    "prep+sage": ("sageattention", "sageattention"),
-    "prep+cudnn-fp8": ("cudnn", "nvidia-cudnn-frontend"),
-}
-# the routes without e4m3 arithmetic (which needs sm_89 or later)
-INT8_ONLY_ROUTES = ("int8qk-triton", "prep+int8qk-triton", "prep+sage")
-# the 8-bit race's candidates, in order (ties go to the first)
-FP8_ROUTES = ("fp8-triton", "prep+fp8-triton", "int8-triton", "prep+int8-triton", "fp8qk-triton", "prep+fp8qk-triton",
-              "int8qk-triton", "prep+int8qk-triton", "prep+sage", "prep+cudnn-fp8", "prep+flash3-fp8")
+# route -> (module to import, pip package), from the route table
+LIBRARIES = {n: (r.library, R.LIBRARIES[r.library]) for n, r in R.TABLE["attention.patch"].items() if r.library}
 
 
 def _import(route: str):
@@ -59,19 +48,20 @@ def importable(route: str) -> bool:
 
 
 def available_attention_routes(device, precision: str = "fp8") -> tuple[str, ...]:
-    """The attention routes worth racing on `device`: precision "fp8" gives the 8-bit routes
-    (the Triton ones, then each library route whose library imports), "native" gives the
-    library routes of the bf16 race (FA2 where flash_attn imports). Off CUDA: ()."""
+    """The attention routes worth racing on `device` (a device or a routes.DeviceSpec):
+    precision "fp8" gives every 8-bit route whose capability rule it meets (the Triton
+    modes, then each library route whose library imports), "native" the library routes
+    of the bf16 race (FA2 where flash_attn imports). Off CUDA: ()."""
     if precision not in ("fp8", "native"):
         raise ValueError(f"precision={precision!r}: expected 'fp8' or 'native'")
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+    spec = device if isinstance(device, R.DeviceSpec) else R.DeviceSpec.of(device)
+    if spec.type != "cuda":
         return ()
     if precision == "native":
-        return tuple(r for r in ("prep+flash",) if importable(r))
-    routes = FP8_ROUTES
-    if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 9):
-        routes = INT8_ONLY_ROUTES   # no e4m3 before Ada/Hopper
-    return tuple(r for r in routes if r not in LIBRARIES or importable(r))
+        return tuple(n for n in R.race_candidates("attention.patch", "native", spec)
+                     if R.TABLE["attention.patch"][n].library)
+    return tuple(n for n, r in R.TABLE["attention.patch"].items()
+                 if (r.accuracy != "exact" or r.library) and n != "prep+flash" and r.why_not(spec, "fp8") is None)
 
 
 def _pad(x: torch.Tensor, hd: int) -> torch.Tensor:
@@ -89,13 +79,6 @@ def _check(q, k, v, route, dtypes=(torch.float16, torch.bfloat16)):
                              f"got {tuple(t.shape)} {t.dtype}")
     if q.dtype not in dtypes:
         raise ValueError(f"{route}: dtype {q.dtype} not supported; expected one of {dtypes}")
-
-
-def _quantize(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x in e4m3, its descale): x ~ x8 * descale, descale = amax over dims / 448 (kept dims
-    size 1), so the largest element lands on e4m3's largest finite value."""
-    descale = x.abs().amax(dims, keepdim=True).float().clamp_min(1e-30) / E4M3_MAX
-    return (x.float() / descale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), descale
 
 
 def _flat(o: torch.Tensor, hd: int, dtype) -> torch.Tensor:
@@ -118,7 +101,7 @@ def flash3_fp8(q, k, v):
     fa3 = _import("prep+flash3-fp8")
     hd = q.shape[-1]
     hdp = _round_up(hd, 16)
-    (q8, dq), (k8, dk), (v8, dv) = (_quantize(_pad(t, hdp), (1, 3)) for t in (q, k, v))
+    (q8, dq), (k8, dk), (v8, dv) = (fp8.quantize(_pad(t, hdp), (1, 3)) for t in (q, k, v))
     o = fa3.flash_attn_func(q8, k8, v8, softmax_scale=1.0 / math.sqrt(hd), causal=False,
                             q_descale=dq.flatten(1), k_descale=dk.flatten(1), v_descale=dv.flatten(1))
     if isinstance(o, tuple):   # some FA3 releases return (out, softmax_lse)
@@ -195,7 +178,7 @@ def cudnn_fp8(q, k, v):
     B, N, H, hd = q.shape
     hdp = _round_up(hd, 16)
     scale = 1.0 / math.sqrt(hd)
-    (q8, dq), (k8, dk), (v8, dv) = (_quantize(_pad(t, hdp).contiguous(), (0, 1, 2, 3)) for t in (q, k, v))
+    (q8, dq), (k8, dk), (v8, dv) = (fp8.quantize(_pad(t, hdp).contiguous(), (0, 1, 2, 3)) for t in (q, k, v))
     base = (tuple(q8.shape), str(q.device), scale)
     fp8_out = _CUDNN_FP8_OUT.get(base)
     if fp8_out is None:   # tried once per shape: a bf16 output first, else e4m3
@@ -209,8 +192,8 @@ def cudnn_fp8(q, k, v):
     graph, handle, workspace, tq, tk, tv, to, sc, amax_s, amax_o = _cudnn_graph(cudnn, q8.shape, q.device, fp8_out,
                                                                                  scale)
     one = torch.ones(1, 1, 1, 1, device=q.device, dtype=torch.float32)
-    scale_o = (E4M3_MAX / 2) / (dv * E4M3_MAX) if fp8_out else one      # 224 / amax(v)
-    out = torch.empty(q8.shape, device=q.device, dtype=E4M3 if fp8_out else torch.bfloat16)
+    scale_o = (fp8.E4M3_MAX / 2) / (dv * fp8.E4M3_MAX) if fp8_out else one      # 224 / amax(v)
+    out = torch.empty(q8.shape, device=q.device, dtype=fp8.E4M3 if fp8_out else torch.bfloat16)
     pack = {tq: q8, tk: k8, tv: v8, to: out,
             sc["descale_q"]: dq.reshape(1, 1, 1, 1), sc["descale_k"]: dk.reshape(1, 1, 1, 1),
             sc["descale_v"]: dv.reshape(1, 1, 1, 1), sc["descale_s"]: one / CUDNN_S_SCALE,

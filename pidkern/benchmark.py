@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .api import fill_random_, random_net  # noqa: F401  (re-exported for bench/)
+from .random_weights import fill_random_, random_net  # noqa: F401  (re-exported for bench/)
 from .config import get_preset
 from .flops import decode_flops, tflops
 from .plan import ATTENTION_8BIT, PATCH_ATTENTION, check_overrides, parse
@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 
 def random_decoder(config, device, dtype: torch.dtype, autocast=None, net=None, precision: str = "native"):
-    from .api import Decoder
+    from .decoder import Decoder
     net = net if net is not None else random_net(config, device, dtype)
     return Decoder(net, torch.device(device), dtype, "random", autocast, precision=precision)
 
@@ -190,7 +190,7 @@ def _defaults(args, device: torch.device) -> list[str]:
 
 def run_default(args) -> dict:
     """The quick job: one preset, one size, one backend. Returns the result dict (also printed)."""
-    from .api import resolve_device, resolve_dtype
+    from .resolve import resolve_device, resolve_dtype
     device = resolve_device(args.device)
     cpu_defaults = _defaults(args, device)
     cfg = get_preset(args.preset)

@@ -2,7 +2,7 @@
 
 Released checkpoints are `torch.distributed.checkpoint` (DCP) directories or `.pth`
 files of a training state: the network under `net.`, plus an EMA copy under `net_ema.`,
-a fake-score network, a discriminator and optimizer state (SPEC §8). The release's
+a fake-score network, a discriminator and optimizer state. The release's
 registered single files (`model_ema_bf16.pth`) hold the EMA weights, in bfloat16, under
 `net.`. ComfyUI reads the same network with `model.diffusion_model.`, `core.` or `net.`
 prefixes and splits each pixel block's adaLN into two halves (`detect_layout`).
@@ -352,7 +352,7 @@ def plan_keys(keys, ema: bool = False, path=None, metadata: Mapping[str, str] | 
 # ---------------------------------------------------------------------------------------
 # The pixel adaLN split. The release's adaLN_modulation.0 maps a patch to 6*P2*Dp values
 # read as [P2, 6, Dp]: per pixel shift1, scale1, gate1 (the attention half, ComfyUI's
-# `msa`) then shift2, scale2, gate2 (the MLP half, `mlp`), SPEC §6. So each half is every
+# `msa`) then shift2, scale2, gate2 (the MLP half, `mlp`). So each half is every
 # pixel's three chunks of its kind; the halves interleave per pixel, they do not stack.
 
 def _pixel_view(t: torch.Tensor, cfg: PiDConfig, chunks: int, what) -> torch.Tensor:

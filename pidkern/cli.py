@@ -237,8 +237,8 @@ def _decode(args) -> int:
     latent = _batched(latent, 4, "LATENT", args.latent)
     dec, t_load = _load_decoder(args)
     if args.backbone is not None:
-        from .pipelines import _check_backbone
-        _check_backbone(args.backbone, dec, "--backbone")
+        from .pipelines import check_backbone
+        check_backbone(args.backbone, dec, "--backbone")
     text = _text_for(args, dec, latent.shape[0])
 
     t1 = time.perf_counter()
@@ -333,7 +333,7 @@ def cmd_upscale(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .api import DTYPES
+    from .resolve import DTYPES
     from .checkpoint import convert, parameter_count
     dtype = DTYPES[args.dtype] if args.dtype else None
     t0 = time.perf_counter()
@@ -378,7 +378,7 @@ def info_lines() -> list[str]:
     import torch
 
     from . import __version__, ops
-    from .api import BACKENDS
+    from .resolve import BACKENDS
     from .config import PRESETS, RELEASE_DIRS
     lines = [f"pidkern {__version__}  (python {platform.python_version()}, {platform.system()} {platform.machine()})"]
     lines.append(f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (CPU build)'}")
@@ -417,16 +417,18 @@ def info_lines() -> list[str]:
     return lines
 
 
-def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, precision: str = "native") -> list[str]:
+def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, precision: str = "native",
+               spec=None) -> list[str]:
     """`pidkern info --plan PRESET HxW`: the fast path's plan for one output size, without
     building a model (on CUDA the raced entries are filled by the first decode; `pidkern
-    bench` prints them after its run)."""
+    bench` prints them after its run). spec: a routes.DeviceSpec to resolve the plan for
+    instead of the live device (a card that is not present)."""
     import torch
 
-    from . import ops
-    from .api import resolve_device, resolve_dtype
     from .config import get_preset
     from .plan import parse, resolve
+    from .resolve import resolve_device, resolve_dtype
+    from .routes import DeviceSpec
     cfg = get_preset(preset)
     try:
         h, w = (int(v) for v in size.lower().split("x"))
@@ -434,12 +436,12 @@ def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, p
         raise ValueError(f"--plan {preset} {size}: expected the output size as HxW, e.g. 2048x2048") from None
     if h <= 0 or w <= 0 or h % cfg.patch or w % cfg.patch:
         raise ValueError(f"--plan {preset} {size}: height and width must be positive multiples of {cfg.patch}")
-    dev = resolve_device(device)
+    # a spec for a card that is not here: the plan is that card's, whatever this machine has
+    dev = torch.device("cuda") if spec is not None and spec.type == "cuda" else resolve_device(device)
     dtype = resolve_dtype(None, dev)
-    from .fp8 import torchao_available
-    p = resolve(cfg, batch, h, w, cfg.max_text, dev, torch.finfo(dtype).bits // 8, ops.triton_available(dev),
-                parse(plan) if plan else None, precision=precision,
-                torchao_ok=precision == "fp8" and torchao_available(dev))
+    # the capability rules read a DeviceSpec: the live device's unless one is given
+    p = resolve(cfg, batch, h, w, cfg.max_text, dev, torch.finfo(dtype).bits // 8,
+                overrides=parse(plan) if plan else None, precision=precision, spec=spec or DeviceSpec.of(dev))
     return [f"{cfg.name}, {str(dtype)[6:]} weights", str(p)]
 
 
@@ -491,7 +493,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def _add_common_arguments(p) -> None:
     """What decode and upscale share: the output, the model, the caption, the sampler steps."""
-    from .api import BACKENDS, DTYPES
+    from .resolve import BACKENDS, DTYPES
     from .config import PRESETS
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image path to write (.png, .jpg)")
     p.add_argument("--checkpoint", default=None, help="DCP directory, .pt/.pth or .safetensors weights")
@@ -513,7 +515,7 @@ def _add_common_arguments(p) -> None:
 
 
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
-    from .api import DTYPES
+    from .resolve import DTYPES
     from .checkpoint import LAYOUTS
     from .config import PRESETS
     from .sampler import NOISE_STREAMS, SAMPLERS

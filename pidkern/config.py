@@ -1,7 +1,7 @@
 """Architecture numbers of PiD as frozen dataclasses, and the ten released presets.
 
 Every number the network needs lives in `PiDConfig`; nothing else in the package
-hard-codes a width. The presets are the ten released checkpoints of SPEC §1.
+hard-codes a width. The presets are the ten released checkpoints.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class PiDConfig:
 
     @property
     def adapter_in_channels(self) -> int:
-        """Channels entering the adapter after unpacking and any space-to-depth (SPEC §5)."""
+        """Channels entering the adapter after unpacking and any space-to-depth."""
         unpacked = self.latent_channels // (self.unpack * self.unpack)
         num, den = self.grid_ratio
         return unpacked * (den // num) ** 2 if num < den else unpacked

@@ -21,12 +21,14 @@ import threading
 
 import torch
 
-from . import fp8, ops
+from . import fp8
 from .fast import FastPiD
 from .graphs import GraphCache, Runner, capture
-from .memory import InsufficientMemoryError, check_fits, estimate_memory, weight_bytes  # noqa: F401  (re-exported)
+from .inputs import DecodeInputs
+from .memory import check_fits
 from .plan import Plan, check_overrides, resolve
 from .reference import fold_patch_pixels
+from .routes import DeviceSpec
 from .sampler import check_noise, ode_update, philox_key, release_draws, renoise_count, schedule, seed_int64
 
 
@@ -53,6 +55,7 @@ class Engine:
                 raise ValueError(f"precision='fp8': {why}")
         with decoder.using_net() as net:      # whole on the device while FastPiD reads it
             self.model = FastPiD(net, self.dtype, self.precision)
+        self.spec = DeviceSpec.of(self.device)    # what the route table's capability rules read
         self.plans: dict = {}
         self._scalars: dict = {}
         self._tables: dict = {}
@@ -69,9 +72,8 @@ class Engine:
         with self._lock:
             if key not in self.plans:
                 self.plans[key] = resolve(self.cfg, batch, h, w, text_len, self.device,
-                                          torch.finfo(self.dtype).bits // 8, ops.triton_available(self.device), over,
-                                          collectives, precision=self.precision,
-                                          torchao_ok=self.precision == "fp8" and fp8.torchao_available(self.device))
+                                          torch.finfo(self.dtype).bits // 8, overrides=over, collectives=collectives,
+                                          precision=self.precision, spec=self.spec)
             return self.plans[key]
 
     def tables(self, h: int, w: int, text_len: int) -> dict:
@@ -128,23 +130,42 @@ class Engine:
         return self._scalars[key]
 
     # -- graphs ------------------------------------------------------------------------
+    def graph_key(self, inputs: DecodeInputs, plan=None) -> tuple:
+        """What a captured decode is keyed by: every shape, the sampler, the noise stream and
+        the plan's overrides (a different plan never replays another's graph)."""
+        return (inputs.batch, *inputs.latent.shape[1:], inputs.text.shape[1], inputs.steps, inputs.sampler,
+                inputs.noise, tuple(sorted({**self.overrides, **check_overrides(plan)}.items())))
+
+    def static_buffers(self, key, noise_shape=None) -> dict:
+        """A graph's static inputs for `key` (graph_key's): latent, sigma, text, and the noise
+        (the Philox key, or one [B, 3, H, W] buffer per draw; with `noise_shape`
+        always buffers of that shape, e.g. a band's rows of the draws). Filled with random values: a warm-up must not meet
+        zeros it would never meet in use."""
+        b, c, lh, lw, t_len, steps, sampler, noise, _ = key
+        h, w = self.cfg.output_size(lh, lw)
+        dev = self.device
+        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev).normal_(), sigma=torch.zeros(b, device=dev),
+                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev).normal_())
+        if noise == "philox" and noise_shape is None:
+            bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
+        else:
+            shape = noise_shape or (b, 3, h, w)
+            bufs["noise"] = [torch.zeros(shape, device=dev).normal_() for _ in range(1 + renoise_count(steps, sampler))]
+        return bufs
+
+    def capture(self, key, run, noise_shape=None) -> Runner:
+        """Capture run(bufs, first) over the static buffers of `key` (the first warm-up races
+        the plan's open choices: all of it before capture)."""
+        bufs = self.static_buffers(key, noise_shape)
+        graph, out = capture(lambda first: run(bufs, first), self.device)
+        return Runner(graph, bufs, out)
+
     def _build_runner(self, key):
         b, c, lh, lw, t_len, steps, sampler, noise, over = key
         h, w = self.cfg.output_size(lh, lw)
-        dev = self.device
         plan = self.plan(b, h, w, t_len, dict(over))
-        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev), sigma=torch.zeros(b, device=dev),
-                    text=torch.zeros(b, t_len, self.cfg.text_dim, device=dev))
-        if noise == "philox":
-            bufs["noise"] = torch.zeros((), dtype=torch.int64, device=dev)     # the key
-        else:
-            bufs["noise"] = [torch.zeros(b, 3, h, w, device=dev).normal_() for _ in range(steps)]
-        for k in ("latent", "text"):
-            bufs[k].normal_()
-        args = (bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps, sampler, h, w, plan)
-        # the first warm-up races the plan's open choices: all of it before capture
-        graph, out = capture(lambda first: self.run(*args, racing=first), dev)
-        return Runner(graph, bufs, out)
+        return self.capture(key, lambda bufs, first: self.run(bufs["latent"], bufs["sigma"], bufs["text"],
+                                                              bufs["noise"], steps, sampler, h, w, plan, racing=first))
 
     # -- entry point ---------------------------------------------------------------------
     def draw_noise(self, shape, steps, sampler, seed, out=None):
@@ -163,31 +184,32 @@ class Engine:
         check_fits(self.cfg, self.device, batch, h, w, text_len, noise)
 
     @torch.inference_mode()
-    def decode(self, latent, sigma, text, steps, seed, size, sampler, progress=None, noise="release", plan=None):
-        check_noise(noise)
-        h, w = size
-        b = latent.shape[0]
-        the_plan = self.plan(b, h, w, text.shape[1], plan)
+    def decode(self, inputs: DecodeInputs, progress=None, plan=None):
+        """One whole fast decode of checked inputs (Decoder.prepare's)."""
+        check_noise(inputs.noise)
+        h, w = inputs.size
+        b, t_len, steps, sampler, seed = inputs.batch, inputs.text.shape[1], inputs.steps, inputs.sampler, inputs.seed
+        the_plan = self.plan(b, h, w, t_len, plan)
         if not the_plan["graphs"]:
-            self.check_memory(b, h, w, text.shape[1], noise)
-            draws = philox_key(seed, self.device) if noise == "philox" else self.draw_noise((b, 3, h, w), steps,
-                                                                                              sampler, seed)
-            out = self.run(latent, sigma, text, draws, steps, sampler, h, w, the_plan, racing=True)
+            self.check_memory(b, h, w, t_len, inputs.noise)
+            draws = philox_key(seed, self.device) if inputs.noise == "philox" else self.draw_noise(
+                (b, 3, h, w), steps, sampler, seed)
+            out = self.run(inputs.latent, inputs.sigma, inputs.text, draws, steps, sampler, h, w, the_plan,
+                           racing=True)
             if progress:
                 progress(steps, steps)
             return out
-        key = (b, latent.shape[1], latent.shape[2], latent.shape[3], text.shape[1], steps, sampler, noise,
-               tuple(sorted({**self.overrides, **check_overrides(plan)}.items())))
+        key = self.graph_key(inputs, plan)
         if key not in self.graphs.keys():
-            self.check_memory(b, h, w, text.shape[1], noise)
+            self.check_memory(b, h, w, t_len, inputs.noise)
         entry = self.graphs.get(key)
         with entry.lock:
             r = entry.runner
-            if noise == "philox":
+            if inputs.noise == "philox":
                 r.bufs["noise"].fill_(seed_int64(seed))      # the whole stream follows on the device
             else:
                 self.draw_noise((b, 3, h, w), steps, sampler, seed, out=r.bufs["noise"])
-            out = r.replay(latent=latent, sigma=sigma, text=text)
+            out = r.replay(latent=inputs.latent, sigma=inputs.sigma, text=inputs.text)
         if progress:
             progress(steps, steps)
         return out

@@ -1,30 +1,31 @@
 """FastPiD: the network of pidkern.reference, prepared once for the fast path.
 
-Built from a reference `PiDNet` without changing it: the net's tensors are referenced
-read-only where the fast path reads them as they are, and FastPiD owns what it needs in
-another layout (`fast_copy_params` in pidkern.memory counts them):
+Built from a reference `PiDNet` without changing it. Every Linear the fast path runs is a
+prepared layer (pidkern.layers) that owns its format: a view of the net's own weight, a
+copy FastPiD laid out itself, or an 8-bit copy. Per patch block (`PatchLayers`) and pixel
+block (`PixelLayers`):
 
-- `w13` of every SwiGLU: w1 and w3 stacked, the one matrix of the fused gate-up GEMM;
-- the q and k RMSNorm weights of each patch attention stacked [2, hd], as the QKV GEMM's
-  epilogue reads them;
+- w13 of every SwiGLU: w1 and w3 stacked, the one matrix of the fused gate-up GEMM;
 - each pixel block's modulation Linear regrouped by use: (shift1, scale1) rows before
   attention, (gate1, shift2, scale2, gate2) rows after it;
-- the conditioning of every time of the sampler's schedules (the time embedding and every
-  patch block's adaLN vectors depend on t alone), computed once in float32.
+- with precision="fp8", the layers of the groups in `FP8_LAYERS` in e4m3 (docs/fp8.md
+  says which groups and why).
+
+Besides them FastPiD owns the q and k RMSNorm weights of each patch attention stacked
+[2, hd], as the QKV GEMM's epilogue reads them, and the conditioning of every time of the
+sampler's schedules (the time embedding and every patch block's adaLN vectors depend on t
+alone), computed once in float32.
 
 `unread_parameters` names the net's parameters FastPiD never reads after construction
-(those it copied or precomputed from, and the last block's text update, which it skips):
-the Decoder may park exactly those in host memory while it decodes fast.
-
-With precision="fp8" FastPiD also owns e4m3 copies (pidkern.fp8) of the weights of the
-layer groups in `FP8_LAYERS` (its own w13 and pixel_mod among them); the originals of
-the net's Linears it quantized join `unread_parameters`. docs/fp8.md says which groups
-and why.
+(those it copied or precomputed from, those its layers replaced, and the last block's
+text update, which it skips): the Decoder may park exactly those while it decodes fast.
+`resident_bytes` is what stays on the device (pidkern.memory asks it).
 
 `forward` follows `PiDNet.forward` line by line (the comments name the reference line)
-and calls only `pidkern.ops`; which implementation each op runs comes from a `Plan`. It
-returns the pixel tokens before the final layer: the output stage (`pidkern._ext`) does
-the final layer, the fold and the sampler update in one pass. See docs/design.md.
+and calls only `pidkern.ops` and its layers; which implementation each op runs comes from
+a `Plan`, passed to every call. It returns the pixel tokens before the final layer: the
+output stage (`pidkern._ext`) does the final layer, the fold and the sampler update in
+one pass. See docs/design.md.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from . import fp8, ops
-from .plan import CHOICES, PRECISIONS, Plan, race
+from .layers import Fp8Linear, Linear, prepare
+from .plan import PRECISIONS, Plan, race
 from .reference import pixel_sincos, timestep_embedding
 from .sampler import schedule
 
@@ -91,25 +93,13 @@ def fp8_linears(net, layers) -> dict:
     return {n: m for n, m in net.named_modules() if id(m) in chosen and fp8.quantizable(m.weight)}
 
 
-def fp8_owned_shapes(cfg, layers) -> list[tuple[int, int]]:
-    """Shapes [N, K] of FastPiD's own copies that the fp8 groups `layers` quantize."""
-    layers = check_fp8_layers(layers)
-    dp, p2 = cfg.pixel_dim, cfg.pixels_per_patch
-    shapes = []
-    if "patch.w13" in layers:
-        shapes += [(2 * cfg.mlp_hidden, cfg.hidden)] * (2 * cfg.patch_blocks)
-    if "pixel.mod" in layers:
-        shapes += [(2 * dp * p2, cfg.hidden), (4 * dp * p2, cfg.hidden)] * cfg.pixel_blocks
-    return [s for s in shapes if s[0] % 16 == 0 and s[1] % 16 == 0]     # fp8.quantizable's rule
-
-
-def unread_after_build(net, fp8_layers=()) -> tuple[str, ...]:
+def unread_after_build(net) -> tuple[str, ...]:
     """Names (as in `net.named_parameters()`) of the parameters FastPiD reads only while it
-    is built: w1/w3 of every SwiGLU and the q/k norms (copied into w13 and qk_norms), the
-    time embedder and every adaLN Linear (precomputed into cond, or regrouped into
-    pixel_mod), the last patch block's text-update weights (never run: nothing reads
-    that block's text stream), and the weights of the Linears an fp8 model quantized
-    (`fp8_layers`; their biases stay in use)."""
+    is built, whatever the layers' formats: w1/w3 of every SwiGLU and the q/k norms (copied
+    into the w13 layers and qk_norms), the time embedder and every adaLN Linear
+    (precomputed into cond, or regrouped into the pixel modulation layers), the last
+    patch block's text-update weights (never run: nothing reads that block's text
+    stream). A layer that copies a weight adds its own (`Linear.replaces`)."""
     last = net.patch_blocks[-1]
     modules = [net.t_embedder, last.attn.proj_y, last.norm_y2, last.mlp_y]
     for b in net.patch_blocks:
@@ -118,16 +108,42 @@ def unread_after_build(net, fp8_layers=()) -> tuple[str, ...]:
                     b.adaLN_modulation_img, b.adaLN_modulation_txt]
     modules += [b.adaLN_modulation for b in net.pixel_blocks]
     unread = {id(p) for m in modules for p in m.parameters()}
-    unread |= {id(m.weight) for m in fp8_linears(net, fp8_layers).values()}
     return tuple(n for n, p in net.named_parameters() if id(p) in unread)
+
+
+@dataclass
+class PatchLayers:
+    """The prepared Linears of one patch block (pidkern.layers); the last block has no
+    text update (proj_y, w13_y, w2_y None)."""
+    qkv_x: Linear
+    qkv_y: Linear
+    proj_x: Linear
+    proj_y: Linear | None
+    w13_x: Linear
+    w13_y: Linear | None
+    w2_x: Linear
+    w2_y: Linear | None
+
+
+@dataclass
+class PixelLayers:
+    """The prepared Linears of one pixel block: its modulation in two halves (pre: shift1,
+    scale1; post: gate1, shift2, scale2, gate2, per pixel), compress, qkv, proj, expand."""
+    mod_pre: Linear
+    mod_post: Linear
+    compress: Linear
+    qkv: Linear
+    proj: Linear
+    expand: Linear
 
 
 class FastPiD:
     """The fast path's model. `net` is never modified; keep it alive alongside. Of the
     net's parameters, it reads those named in `unread_parameters` only in __init__.
 
-    precision: "native" (the net's dtype) or "fp8": the GEMMs of the groups `fp8_layers`
-    (default FP8_LAYERS) in e4m3 with per-row scales (pidkern.fp8), fixed here."""
+    precision: "native" (the net's dtype) or "fp8": the Linears of the groups `fp8_layers`
+    (default FP8_LAYERS) become e4m3 layers with per-row scales (layers.Fp8Linear), fixed
+    here. Every Linear the fast path runs is a prepared layer in `patch` / `pixel`."""
 
     def __init__(self, net, dtype: torch.dtype, precision: str = "native", fp8_layers=None):
         if precision not in PRECISIONS:
@@ -139,32 +155,67 @@ class FastPiD:
         self.fp8_layers = () if precision == "native" else check_fp8_layers(
             FP8_LAYERS if fp8_layers is None else fp8_layers)
         with torch.no_grad():
-            # w1 | w3 per SwiGLU, q | k norms per attention: one tensor each, in FastPiD.
-            self.w13 = [(torch.cat([b.mlp_x.w1.weight, b.mlp_x.w3.weight]),
-                         torch.cat([b.mlp_y.w1.weight, b.mlp_y.w3.weight])) for b in net.patch_blocks]
             self.qk_norms = [(torch.stack([b.attn.q_norm_x.weight, b.attn.k_norm_x.weight]),
                               torch.stack([b.attn.q_norm_y.weight, b.attn.k_norm_y.weight]))
                              for b in net.patch_blocks]
-            self.pixel_mod = [self._split_modulation(b.adaLN_modulation[0]) for b in net.pixel_blocks]
+            self.patch = [self._patch_layers(i, b) for i, b in enumerate(net.patch_blocks)]
+            self.pixel = [self._pixel_layers(i, b) for i, b in enumerate(net.pixel_blocks)]
             self.cond = {t: self._conditioning(t) for t in schedule_times()}
-            self._fp8 = self._quantize()
-        self.unread_parameters = unread_after_build(net, self.fp8_layers)
+        replaced = {n for lin in self.layers() for n in lin.replaces}
+        self.unread_parameters = tuple(n for n, _ in net.named_parameters()
+                                       if n in replaced or n in set(unread_after_build(net)))
 
-    def _quantize(self) -> dict:
-        """e4m3 copies of the fp8 groups' weights: FastPiD's own w13 / pixel_mod replaced in
-        place, and {id(Linear): Fp8Weight} for the net's (read through `_w`)."""
-        def q(w):
-            return fp8.Fp8Weight.quantize(w) if fp8.quantizable(w) else w
-        if "patch.w13" in self.fp8_layers:
-            self.w13 = [(q(a), q(b)) for a, b in self.w13]
-        if "pixel.mod" in self.fp8_layers:
-            self.pixel_mod = [(q(wa), ba, q(wb), bb) for wa, ba, wb, bb in self.pixel_mod]
-        return {id(m): fp8.Fp8Weight.quantize(m.weight) for m in fp8_linears(self.net, self.fp8_layers).values()}
+    def _format(self, group: str) -> str:
+        return "fp8" if group in self.fp8_layers else "native"
 
-    def _w(self, linear):
-        """The weight the fast path multiplies by for one of the net's Linears: its fp8 copy
-        where the model has one, else the Linear's own."""
-        return self._fp8.get(id(linear), linear.weight)
+    def _linear(self, group: str, module, name: str) -> Linear:
+        """A layer for one of the net's Linears (`name` as in net.named_modules)."""
+        return prepare(self._format(group), module.weight, module.bias, replaces=(f"{name}.weight",))
+
+    def _patch_layers(self, i, b) -> PatchLayers:
+        last = i == len(self.net.patch_blocks) - 1
+        n = f"patch_blocks.{i}"
+
+        def w13(mlp, stream):   # w1 | w3 stacked: FastPiD's own, one gate-up GEMM
+            return prepare(self._format("patch.w13"), torch.cat([mlp.w1.weight, mlp.w3.weight]), owned=True,
+                           replaces=(f"{n}.{stream}.w1.weight", f"{n}.{stream}.w3.weight"))
+        return PatchLayers(
+            self._linear("patch.qkv", b.attn.qkv_x, f"{n}.attn.qkv_x"),
+            self._linear("patch.qkv", b.attn.qkv_y, f"{n}.attn.qkv_y"),
+            self._linear("patch.proj", b.attn.proj_x, f"{n}.attn.proj_x"),
+            None if last else self._linear("patch.proj", b.attn.proj_y, f"{n}.attn.proj_y"),
+            w13(b.mlp_x, "mlp_x"), None if last else w13(b.mlp_y, "mlp_y"),
+            self._linear("patch.w2", b.mlp_x.w2, f"{n}.mlp_x.w2"),
+            None if last else self._linear("patch.w2", b.mlp_y.w2, f"{n}.mlp_y.w2"))
+
+    def _pixel_layers(self, i, b) -> PixelLayers:
+        n = f"pixel_blocks.{i}"
+        w_pre, b_pre, w_post, b_post = self._split_modulation(b.adaLN_modulation[0])
+        fmt = self._format("pixel.mod")
+        return PixelLayers(prepare(fmt, w_pre, b_pre, owned=True), prepare(fmt, w_post, b_post, owned=True),
+                           self._linear("pixel.compress", b.compress_to_attn, f"{n}.compress_to_attn"),
+                           self._linear("pixel.qkv", b.attn.qkv, f"{n}.attn.qkv"),
+                           self._linear("pixel.proj", b.attn.proj, f"{n}.attn.proj"),
+                           self._linear("pixel.expand", b.expand_from_attn, f"{n}.expand_from_attn"))
+
+    def layers(self) -> list[Linear]:
+        """Every prepared layer (each once)."""
+        out = []
+        for group in (*self.patch, *self.pixel):
+            out += [v for v in vars(group).values() if v is not None]
+        return out
+
+    def owned_tensors(self) -> list[torch.Tensor]:
+        """The device tensors FastPiD made (its layers' own, the stacked q/k norms); the
+        conditioning table (float32, a few vectors per time) is not counted."""
+        return [t for lin in self.layers() for t in lin.owned_tensors()] + [t for pair in self.qk_norms for t in pair]
+
+    def resident_bytes(self) -> int:
+        """Device bytes of the weights a fast decode holds: the net's parameters less those
+        it may park (`unread_parameters`), plus what FastPiD owns."""
+        unread = set(self.unread_parameters)
+        net = sum(p.numel() * p.element_size() for n, p in self.net.named_parameters() if n not in unread)
+        return net + sum(t.numel() * t.element_size() for t in self.owned_tensors())
 
     # -- load-time work ------------------------------------------------------------------
     def _split_modulation(self, lin):
@@ -235,29 +286,25 @@ class FastPiD:
         before the final layer. y: the text stream from `prologue`. racing: time the plan's
         open choices here (the warm-up before capture). shard: x is that band of a larger
         image (pidkern.parallel); its attentions gather the other bands' keys and values."""
-        if self.precision == "native":
-            return self._forward(x, t, heads, y, sigma, tab, plan, racing, shard)
         if plan["gemm"] is None:
             self._race_gemm(plan, racing, x)
-        with ops.gemm_route(plan["gemm"]):
-            return self._forward(x, t, heads, y, sigma, tab, plan, racing, shard)
+        return self._forward(x, t, heads, y, sigma, tab, plan, racing, shard)
 
     def _race_gemm(self, plan, racing, x):
         """Time the fp8 GEMM routes on the decode's largest fp8 GEMM shape that every model
         has: the image stream's gate-up GEMM (w13) over all patch tokens."""
         if not racing:
             raise RuntimeError("plan entry 'gemm' is still open: run a warm-up with racing=True first")
-        w = next((w for w in (self.w13[0][0], *self._fp8.values()) if isinstance(w, fp8.Fp8Weight)), None)
+        first = self.patch[0].w13_x
+        w = first if isinstance(first, Fp8Linear) else next((l for l in self.layers() if isinstance(l, Fp8Linear)),
+                                                              None)
         if w is None:
             plan.set("gemm", "scaled_mm", "rule: no fp8 GEMM in this model")
             return
         rows = x.shape[0] * (x.shape[2] // self.cfg.patch) * (x.shape[3] // self.cfg.patch)
         u = torch.randn(rows, w.shape[1], device=x.device, dtype=self.dtype)
 
-        def run(value):
-            with ops.gemm_route(value):
-                return ops.linear(u, w)
-        race(plan, "gemm", {v: (lambda v=v: run(v)) for v in plan.raced("gemm")}, x.device)
+        race(plan, "gemm", {v: (lambda v=v: w(u, v)) for v in plan.raced("gemm")}, x.device)
 
     def _forward(self, x, t, heads, y, sigma, tab, plan, racing, shard):
         net, cfg = self.net, self.cfg
@@ -266,16 +313,16 @@ class FastPiD:
         xin = x.to(self.dtype)
         se, pe = net.s_embedder.proj, net.pixel_embedder.proj
         # xs = s_embedder(unfold(x)); p = embed_pixels(x)
-        xs, p = self._run(plan, "embed", racing, lambda: ops.patch_pixel_embed(
-            xin, se.weight, se.bias, pe.weight, pe.bias, tab["sincos_col"], tab["sincos_row"], cfg.patch))
+        xs, p = self._route(plan, "embed", racing, lambda r: ops.patch_pixel_embed(
+            xin, se.weight, se.bias, pe.weight, pe.bias, tab["sincos_col"], tab["sincos_row"], cfg.patch, route=r))
         del xin
         xs = self.patch_blocks(xs.float(), y, heads, sigma, cond, tab, plan, racing, shard)
         s = ops.silu(cond.temb + xs)                          # s = SiLU(temb + xs)
         if cfg.is_v15:                                        # s = pit_lq_gate(s, pit_head(tokens), sigma)
             g = net.pit_lq_gate
             head = heads.head(len(net.lq_proj.output_heads))
-            s = self._run(plan, "gate", racing, lambda: ops.lq_gate(s, head, g.content_proj.weight,
-                                                                    g.content_proj.bias, g.log_alpha, sigma))
+            s = self._route(plan, "gate", racing, lambda r: ops.lq_gate(
+                s, head, g.content_proj.weight, g.content_proj.bias, g.log_alpha, sigma, route=r))
             del head
         s = s.to(self.dtype).reshape(b * xs.shape[1], -1)
         return self.pixel_blocks(p, s, b, tab, plan, racing, shard)  # p = block(p, s, rope_pix, b) for each
@@ -289,7 +336,8 @@ class FastPiD:
         n_blocks = len(net.patch_blocks)
         pend_x = pend_y = None
         eps = cfg.rms_eps
-        for i, blk in enumerate(net.patch_blocks):
+        gemm, rms = plan["gemm"], plan["rms_modulate"]
+        for i, (blk, L) in enumerate(zip(net.patch_blocks, self.patch)):
             last = i == n_blocks - 1
             sh1, sc1, g1, sh2, sc2, g2 = cond.img[i]
             th1, tc1, tg1, th2, tc2, tg2 = cond.txt[i]
@@ -300,31 +348,30 @@ class FastPiD:
                 j = i // cfg.lq_every
                 gm = net.lq_proj.gate_modules[j]
                 head = heads.head(j)
-                xs = self._run(plan, "gate", racing, lambda: ops.lq_gate(
-                    xs, head, gm.content_proj.weight, gm.content_proj.bias, gm.log_alpha, sigma))
+                xs = self._route(plan, "gate", racing, lambda r: ops.lq_gate(
+                    xs, head, gm.content_proj.weight, gm.content_proj.bias, gm.log_alpha, sigma, route=r))
                 del head
-            a = blk.attn
             # modulate(norm_x1(x), sh1, sc1); modulate(norm_y1(y), th1, tc1)
-            xs, hx = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
-                xs, blk.norm_x1.weight, sh1, sc1, *(pend_x or (None, None)), eps=eps, out_dtype=self.dtype))
-            y, hy = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
-                y, blk.norm_y1.weight, th1, tc1, *(pend_y or (None, None)), eps=eps, out_dtype=self.dtype))
+            xs, hx = ops.add_rms_modulate(xs, blk.norm_x1.weight, sh1, sc1, *(pend_x or (None, None)), eps=eps,
+                                          out_dtype=self.dtype, route=rms)
+            y, hy = ops.add_rms_modulate(y, blk.norm_y1.weight, th1, tc1, *(pend_y or (None, None)), eps=eps,
+                                         out_dtype=self.dtype, route=rms)
             pend_x = pend_y = None
             ox, oy = self.patch_attention(i, hx, hy, tab, plan, racing, shard)   # the joint attention
             del hx, hy  # every temporary is dropped as soon as it is read: the peak is the sum
-            ax = ops.linear(ox, self._w(a.proj_x), a.proj_x.bias)
-            ay = ops.linear(oy, self._w(a.proj_y), a.proj_y.bias) if not last else None
+            ax = L.proj_x(ox, gemm)
+            ay = L.proj_y(oy, gemm) if not last else None
             del ox, oy
             # x = x + g1 * ax; then modulate(norm_x2(x), sh2, sc2)
-            xs, hx = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
-                xs, blk.norm_x2.weight, sh2, sc2, ax, g1, eps=eps, out_dtype=self.dtype))
+            xs, hx = ops.add_rms_modulate(xs, blk.norm_x2.weight, sh2, sc2, ax, g1, eps=eps, out_dtype=self.dtype,
+                                          route=rms)
             del ax
-            pend_x = (self.swiglu(plan, "swiglu.image", self.w13[i][0], self._w(blk.mlp_x.w2), hx, racing), g2)
+            pend_x = (self.swiglu(plan, "swiglu.image", L.w13_x, L.w2_x, hx, racing), g2)
             del hx
             if not last:  # the last block's text stream is never read
-                y, hy = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
-                    y, blk.norm_y2.weight, th2, tc2, ay, tg1, eps=eps, out_dtype=self.dtype))
-                pend_y = (self.swiglu(plan, "swiglu.text", self.w13[i][1], self._w(blk.mlp_y.w2), hy, racing), tg2)
+                y, hy = ops.add_rms_modulate(y, blk.norm_y2.weight, th2, tc2, ay, tg1, eps=eps, out_dtype=self.dtype,
+                                             route=rms)
+                pend_y = (self.swiglu(plan, "swiglu.text", L.w13_y, L.w2_y, hy, racing), tg2)
                 del hy
         return ops.add_scaled(xs, pend_x[1], pend_x[0])    # the last block's x = x + g2 * mlp
 
@@ -334,38 +381,45 @@ class FastPiD:
         With a shard the bands meet (shard.attend: K/V all-gather or head all-to-all)
         between the QK-norm/RoPE prep and the attention core, so it takes the
         qkv_rope+sdpa route (the fully fused kernels have no such point)."""
-        a = self.net.patch_blocks[i].attn
-        wx, wy = self._w(a.qkv_x), self._w(a.qkv_y)
+        L, gemm = self.patch[i], plan["gemm"]
         norms_x, norms_y = self.qk_norms[i]
         heads = self.cfg.heads
+
+        def qkv_rope():
+            if L.qkv_x.weight16 is None:   # the layers make their own GEMM: the norm and RoPE after it
+                return ops.prep_qkv(L.qkv_x(hx, gemm), L.qkv_y(hy, gemm), norms_x[0], norms_x[1], norms_y[0],
+                                    norms_y[1], tab["rope_img"], tab["rope_txt"], heads, self.cfg.rms_eps)
+            return ops.qkv_rope(hx, L.qkv_x.weight16, norms_x, tab["rope_img"], hy, L.qkv_y.weight16, norms_y,
+                                tab["rope_txt"], heads=heads)
         if shard is not None:
-            q, k, v = ops.qkv_rope(hx, wx, norms_x, tab["rope_img"], hy, wy, norms_y,
-                                   tab["rope_txt"], heads=heads)
+            q, k, v = qkv_rope()
             o = shard.attend(q, k, v, _attend_core, dim=1, text=hy.shape[1]).flatten(2)
             return o[:, hy.shape[1]:], o[:, :hy.shape[1]]
 
         def route(backend):
             if backend == "qkv_rope+sdpa":
-                q, k, v = ops.qkv_rope(hx, wx, norms_x, tab["rope_img"], hy, wy, norms_y,
-                                       tab["rope_txt"], heads=heads)
+                q, k, v = qkv_rope()
                 return ops.attend(q, k, v, hy.shape[1], True)
-            qkv_x, qkv_y = ops.linear(hx, wx), ops.linear(hy, wy)
+            qkv_x, qkv_y = L.qkv_x(hx, gemm), L.qkv_y(hy, gemm)
             return ops.attention(qkv_x, qkv_y, norms_x[0], norms_x[1], norms_y[0], norms_y[1], tab["rope_img"],
                                  tab["rope_txt"], heads, backend=backend)
         return self._route(plan, "attention.patch", racing, route)
 
     def swiglu(self, plan, name, w13, w2, h, racing):
-        """SwiGLU.forward: w2(SiLU(w1 u) * w3 u), the gate-up half as the plan says."""
+        """SwiGLU.forward: w2(SiLU(w1 u) * w3 u), the gate-up half as the plan says. A w13
+        layer without a plain weight (fp8) makes its own GEMM; the plan's route then runs
+        SiLU * up (its kernel for "triton" and "split", the PyTorch math for "torch")."""
         shape = h.shape
         u = h.reshape(-1, shape[-1])
-        routes = {"triton": lambda: ops.swiglu_gate_up(u, w13), "split": lambda: ops.swiglu_gate_up(u, w13, split=True)}
+        gemm = plan["gemm"]
 
         def route(value):
+            if w13.weight16 is None:
+                return ops.silu_mul(w13(u, gemm), "torch" if value == "torch" else "triton")
             if value == "torch":
-                with ops.disabled("swiglu"):
-                    return ops.swiglu_gate_up(u, w13)
-            return routes[value]()
-        return ops.linear(self._route(plan, name, racing, route), w2).view(shape)
+                return ops.swiglu_gate_up(u, w13.weight16, route="torch")
+            return ops.swiglu_gate_up(u, w13.weight16, split=value == "split", route="triton")
+        return w2(self._route(plan, name, racing, route), gemm).view(shape)
 
     def pixel_blocks(self, p, s, batch, tab, plan, racing, shard=None):
         """PixelBlock.forward for each pixel block, its modulation in bands of patches (the
@@ -374,39 +428,42 @@ class FastPiD:
         rows, p2, dp = p.shape
         band = plan["band_rows"]
         eps = cfg.rms_eps
-        for blk, (w_pre, b_pre, w_post, b_post) in zip(self.net.pixel_blocks, self.pixel_mod):
+        gemm, rms, post = plan["gemm"], plan["rms_modulate"], plan["pixel_modulate"]
+        for blk, L in zip(self.net.pixel_blocks, self.pixel):
             a = torch.empty(rows, cfg.pixel_attn_dim, device=p.device, dtype=self.dtype)
             for r0 in range(0, rows, band):
                 r1 = min(rows, r0 + band)
                 # m = adaLN_modulation(s) (shift1, scale1 only); a = compress(modulate(norm1(p), sh1, sc1))
-                m = ops.linear(s[r0:r1], w_pre, b_pre).view(r1 - r0, p2, 2 * dp)
-                _, u = self._kernel(plan, "rms_modulate", lambda: ops.add_rms_modulate(
-                    p[r0:r1], blk.norm1.weight, m[..., :dp], m[..., dp:], eps=eps, out_dtype=self.dtype))
-                a[r0:r1] = ops.linear(u.reshape(r1 - r0, p2 * dp), self._w(blk.compress_to_attn),
-                                      blk.compress_to_attn.bias)
+                m = L.mod_pre(s[r0:r1], gemm).view(r1 - r0, p2, 2 * dp)
+                _, u = ops.add_rms_modulate(p[r0:r1], blk.norm1.weight, m[..., :dp], m[..., dp:], eps=eps,
+                                            out_dtype=self.dtype, route=rms)
+                a[r0:r1] = L.compress(u.reshape(r1 - r0, p2 * dp), gemm)
             at = blk.attn
             if shard is None:
-                qkv = ops.linear(a.view(batch, rows // batch, -1), self._w(at.qkv))
+                qkv = L.qkv(a.view(batch, rows // batch, -1), gemm)
                 o = self.pixel_attention(qkv, at, tab, plan, racing)              # a = attn(a, rope)
                 del qkv
             else:   # the band's queries against every band's keys and values
-                q, k, v = ops.qkv_rope(a.view(batch, rows // batch, -1), self._w(at.qkv),
-                                       torch.stack([at.q_norm.weight, at.k_norm.weight]), tab["rope_pix"],
-                                       heads=self.cfg.pixel_heads)
+                h = a.view(batch, rows // batch, -1)
+                if L.qkv.weight16 is None:
+                    q, k, v = ops.prep_qkv(L.qkv(h, gemm), None, at.q_norm.weight, at.k_norm.weight, None, None,
+                                           tab["rope_pix"], None, self.cfg.pixel_heads, eps)
+                else:
+                    q, k, v = ops.qkv_rope(h, L.qkv.weight16, torch.stack([at.q_norm.weight, at.k_norm.weight]),
+                                           tab["rope_pix"], heads=self.cfg.pixel_heads)
                 o = shard.attend(q, k, v, _attend_core, dim=1).flatten(2)
                 del q, k, v
-            a = ops.linear(o, self._w(at.proj), at.proj.bias).view(rows, -1)
+            a = L.proj(o, gemm).view(rows, -1)
             del o
             for r0 in range(0, rows, band):
                 r1 = min(rows, r0 + band)
                 # p = p + g1 * expand(a); p = p + g2 * mlp(modulate(norm2(p), sh2, sc2))
-                m = ops.linear(s[r0:r1], w_post, b_post)
-                e = ops.linear(a[r0:r1], self._w(blk.expand_from_attn), blk.expand_from_attn.bias)
+                m = L.mod_post(s[r0:r1], gemm)
+                e = L.expand(a[r0:r1], gemm)
                 mlp = blk.mlp
                 # a band's new tokens depend on that band alone: update p in place
-                p[r0:r1] = self._kernel(plan, "pixel_modulate", lambda: ops.pixel_post(
-                    p[r0:r1], e, m, blk.norm2.weight, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                    eps=eps))
+                p[r0:r1] = ops.pixel_post(p[r0:r1], e, m, blk.norm2.weight, mlp.fc1.weight, mlp.fc1.bias,
+                                          mlp.fc2.weight, mlp.fc2.bias, eps=eps, route=post)
                 del m, e
         return p
 
@@ -426,24 +483,6 @@ class FastPiD:
                 raise RuntimeError(f"plan entry {name!r} is still open: run a warm-up with racing=True first")
             race(plan, name, {v: (lambda v=v: route(v)) for v in plan.raced(name)}, self.net.s_embedder.proj.weight.device)
         return route(plan[name])
-
-    def _run(self, plan, name, racing, call):
-        """A kernel op raced or set as "triton" or "torch" (its PyTorch math)."""
-        op = CHOICES[name][1]
-
-        def route(value):
-            if value == "torch":
-                with ops.disabled(op):
-                    return call()
-            return call()
-        return self._route(plan, name, racing, route)
-
-    def _kernel(self, plan, name, call):
-        """A kernel op decided by rule or override (never raced)."""
-        if plan[name] == "torch":
-            with ops.disabled(CHOICES[name][1]):
-                return call()
-        return call()
 
 
 def _attend_core(q, k, v):

@@ -30,20 +30,30 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)          # 448
-# An all-zero row gets this amax: its scale stays positive and its codes stay 0.
-_TINY_AMAX = 1e-12
+# An all-zero row (or tensor slice) gets this amax: its scale stays positive, its codes 0.
+TINY_AMAX = 1e-30
 GEMM_ROUTES = ("scaled_mm", "torchao")
 
 
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scale): t [..., K] as e4m3 codes [..., K] and float32 per-row scales [..., 1]
-    with t ~ codes * scale, each row's largest magnitude mapped to 448."""
-    amax = t.detach().abs().amax(-1, keepdim=True).float().clamp_min(_TINY_AMAX)
-    scale = amax / E4M3_MAX
+def amax(t: torch.Tensor, dims, keepdim: bool = True) -> torch.Tensor:
+    """max |t| over `dims` in float32, never below TINY_AMAX: the one amax every e4m3
+    scale in pidkern is made from (weights, activations, attention's q, k, v)."""
+    return t.detach().abs().amax(dims, keepdim=keepdim).float().clamp_min(TINY_AMAX)
+
+
+def quantize(t: torch.Tensor, dims=-1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale): t as e4m3 codes and float32 scales (size 1 along `dims`) with
+    t ~ codes * scale, the largest magnitude of each slice over `dims` mapped to 448."""
+    scale = amax(t, dims) / E4M3_MAX
     # the clamp only catches |t| / scale rounding a hair above 448 (a cast past the
     # largest finite e4m3 value would give NaN)
     codes = (t.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return codes, scale
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale): t [..., K] as e4m3 codes [..., K] and float32 per-row scales [..., 1]."""
+    return quantize(t, -1)
 
 
 def quantizable(weight: torch.Tensor) -> bool:
@@ -79,9 +89,6 @@ class Fp8Weight:
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return (self.data.float() * self.scale).to(dtype or self.dtype)
 
     def torchao(self):
         """torchao's Float8Tensor over these codes and scales (no copy), or ImportError."""

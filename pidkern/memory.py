@@ -9,13 +9,10 @@ from __future__ import annotations
 import torch
 
 from .config import PiDConfig, get_preset
+from .routes import PRECISIONS
 from .sampler import check_noise
-
-# The pixel blocks' Linear(D -> 6*16*256) modulation runs in bands of patches of at most
-# this many bytes of output at once (a whole 2048² image would take 1.5 GiB).
-MODULATION_BAND_BYTES = 128 * 2**20
-# The adapter heads' outputs are kept for the whole decode while they take at most this.
-HEADS_KEEP_BYTES = 256 * 2**20
+# the shape rules the plan records (re-exported: the memory model's vocabulary)
+from .sizes import HEADS_KEEP_BYTES, MODULATION_BAND_BYTES, heads_fit, modulation_band_rows, split_rows  # noqa: F401
 
 # Fitted on NVIDIA H200 measurements (bench/results/engine_check_nvidia-h200_2026-11-26.json,
 # flux-2k at 1024², 2048², 4096² batch 1 and 2048² batch 4): the CUDA graph's private pool
@@ -34,51 +31,23 @@ def _config(preset) -> PiDConfig:
     return preset if isinstance(preset, PiDConfig) else get_preset(preset)
 
 
-def modulation_band_rows(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> int:
-    """Patches per band of the pixel blocks' modulation (the rule the Plan records)."""
-    per_row = 6 * cfg.pixels_per_patch * cfg.pixel_dim * dtype_bytes
-    return max(1, min(rows, MODULATION_BAND_BYTES // per_row))
-
-
-def heads_fit(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> bool:
-    """Whether all adapter heads' outputs, kept for the whole decode, take <= 256 MiB."""
-    return (cfg.num_lq_heads + cfg.is_v15) * rows * cfg.hidden * dtype_bytes <= HEADS_KEEP_BYTES
-
-
-def fast_copy_params(cfg: PiDConfig) -> int:
-    """Parameters FastPiD holds in its own layout besides the network's weights: w1 and
-    w3 of every SwiGLU concatenated (w13), each pixel block's modulation rows regrouped
-    in the order they are used, the q/k norm weights stacked."""
-    w13 = cfg.patch_blocks * 2 * 2 * cfg.mlp_hidden * cfg.hidden
-    pixel_mod = cfg.pixel_blocks * 6 * cfg.pixel_dim * cfg.pixels_per_patch * (cfg.hidden + 1)
-    norms = cfg.patch_blocks * 2 * 2 * cfg.head_dim
-    return w13 + pixel_mod + norms
-
-
 def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int:
-    """Device bytes of the weights a fast decoder holds while it decodes fast: the
-    reference network's, less those the Decoder parks in host memory (the ones FastPiD
-    never reads after it is built, `pidkern.fast.unread_after_build`), plus FastPiD's own
-    copies (fast_copy_params). A reference decode brings the parked ones back.
-
-    precision="fp8": the matrices of the fp8 layer groups (`pidkern.fast.FP8_LAYERS`) take
-    one byte per weight and four per output row (their scales); the originals of the
-    net's quantized Linears are parked."""
-    from .fast import FP8_LAYERS, fp8_linears, fp8_owned_shapes, unread_after_build
-    from .plan import PRECISIONS
+    """Device bytes of the weights a fast decoder holds while it decodes fast, asked from
+    the fast model itself, built on the meta device (no memory, no time): the reference
+    network's parameters less those the Decoder parks (`FastPiD.unread_parameters`), plus
+    what FastPiD's layers own (`FastPiD.resident_bytes`). A reference decode brings the
+    parked ones back. precision="fp8": the fp8 layers hold one byte per weight and four
+    per output row (their scales), docs/fp8.md."""
+    from .fast import FastPiD
     from .reference import PiDNet
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    cfg = _config(preset)
-    layers = FP8_LAYERS if precision == "fp8" else ()
+    dtypes = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}
+    if dtype_bytes not in dtypes:
+        raise ValueError(f"dtype_bytes={dtype_bytes!r}: expected one of {sorted(dtypes)}")
     with torch.device("meta"):
-        net = PiDNet(cfg)
-    params = dict(net.named_parameters())
-    n = sum(p.numel() for p in params.values()) - sum(params[k].numel() for k in unread_after_build(net, layers))
-    owned = fp8_owned_shapes(cfg, layers)
-    shapes = owned + [tuple(m.weight.shape) for m in fp8_linears(net, layers).values()]
-    n += fast_copy_params(cfg) - sum(r * c for r, c in owned)
-    return n * dtype_bytes + sum(r * c + 4 * r for r, c in shapes)
+        net = PiDNet(_config(preset)).to(dtypes[dtype_bytes])
+        return FastPiD(net, dtypes[dtype_bytes], precision).resident_bytes()
 
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
@@ -115,7 +84,6 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     grid_rows, grid_cols = height // cfg.patch, width // cfg.patch
     rows = grid_rows
     if world_size > 1:
-        from .parallel import split_rows   # late: pidkern.parallel imports the API
         rows = max(n for _, n in split_rows(grid_rows, world_size))
     L = rows * grid_cols                                      # this rank's tokens
     n = batch * L
@@ -188,14 +156,25 @@ def free_device_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def shortfall(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int | None = None,
+              noise: str = "release") -> int:
+    """Bytes a decode lacks beside the loaded weights (0: it fits): what estimate_memory
+    predicts beyond the weights, against what the device can still give (free, plus what
+    the allocator holds unused). Off CUDA, 0. The one "does it fit" rule: the engine
+    refuses a decode by it, the pipelines offload their generator by it."""
+    if device.type != "cuda":
+        return 0
+    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
+    return max(0, need - free_device_bytes(device))
+
+
 def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int, text_len: int,
                noise: str = "release") -> None:
     """Raise InsufficientMemoryError when a decode cannot fit beside the loaded weights."""
-    if device.type != "cuda":
-        return
-    need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
-    free = free_device_bytes(device)
-    if need > free:
+    short = shortfall(cfg, device, batch, h, w, text_len, noise)
+    if short:
+        need = estimate_memory(cfg, batch, h, w, text_len, noise=noise) - weight_bytes(cfg)
+        free = need - short
         fit = fitting_settings(cfg, batch, h, w, free + weight_bytes(cfg), text_len, noise=noise)
         hint = (f"; it fits with plan={fit[1]} ({fit[0]})" if fit else
                 "; no plan setting makes it fit: decode a smaller batch or in windows")

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import Decoder
-from .graphs import GraphCache, Runner, capture
-from .sampler import philox_draws, release_draws, resolve_seed, sample
+from .decoder import Decoder
+from .inputs import DecodeInputs
+from .graphs import GraphCache, Runner
+from .sizes import split_rows  # noqa: F401  (re-exported: the split is part of the parallel API)
+from .sampler import resolve_seed
 
 MODES = ("sequence",)
 OUTPUTS = ("rank0", "all")
@@ -40,23 +42,6 @@ OUTPUTS = ("rank0", "all")
 # (each rank attends with all heads of its own queries); "ulysses" exchanges heads for
 # sequence with two all-to-alls (each rank attends with all queries of 1/N of the heads).
 SP_ATTENTION = ("gather", "ulysses")
-
-
-def split_rows(rows: int, world: int) -> list[tuple[int, int]]:
-    """(first row, row count) of each rank's band: contiguous, as even as possible (the
-    first `rows % world` ranks take one row more). Every rank must get at least one row."""
-    if world < 1:
-        raise ValueError(f"world={world}: expected at least one rank")
-    if rows < world:
-        raise ValueError(f"the image has {rows} patch rows, fewer than the {world} ranks of the group: every "
-                         f"rank needs at least one row; decode a taller image or use at most {rows} processes")
-    base, extra = divmod(rows, world)
-    bands, start = [], 0
-    for r in range(world):
-        n = base + (r < extra)
-        bands.append((start, n))
-        start += n
-    return bands
 
 
 def _dist():
@@ -276,7 +261,9 @@ class SequenceParallelDecoder(Decoder):
     image one process would decode (rank 0 gets it; with output="all" every rank does)."""
 
     def __init__(self, dec: Decoder, group, output: str = "rank0", attention: str = "gather"):
-        super().__init__(dec.net, dec.device, dec.dtype, dec.source, dec.autocast, dec.text_encoder)
+        # every load option the decoder carries (precision, dtype, autocast, text encoder;
+        # the weights as loaded, ema or not) is the sequence-parallel decoder's too
+        super().__init__(dec.net, dec.device, dec.dtype, dec.source, dec.autocast, dec.text_encoder, dec.precision)
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
         if attention not in SP_ATTENTION:
@@ -302,16 +289,16 @@ class SequenceParallelDecoder(Decoder):
         return (f"SequenceParallelDecoder({self.config.name}, rank {self.rank} of {self.world_size}, "
                 f"sp_attention={self.attention}, device={self.device}, dtype={self.dtype}, source={self.source})")
 
-    def _describe(self, args: dict, output: str) -> dict:
+    def _describe(self, args: DecodeInputs, output: str) -> dict:
         """What this rank is about to decode, for the entry check."""
         return dict(
             preset=self.config.name, weights=self.fingerprint, dtype=str(self.dtype),
-            autocast=str(self.autocast), device_type=self.device.type,
-            latent_shape=tuple(args["latent"].shape), latent=_tensor_hash(args["latent"]),
-            text_shape=tuple(args["text"].shape), text=_tensor_hash(args["text"]),
-            sigma=[round(float(s), 9) for s in args["sigma"].tolist()], steps=args["steps"],
-            sampler=args["sampler"], noise=args["noise"], size=tuple(args["size"]),
-            seed=args["seed"], output=output, sp_attention=self.attention)
+            autocast=str(self.autocast), device_type=self.device.type, precision=self.precision,
+            latent_shape=tuple(args.latent.shape), latent=_tensor_hash(args.latent),
+            text_shape=tuple(args.text.shape), text=_tensor_hash(args.text),
+            sigma=[round(float(s), 9) for s in args.sigma.tolist()], steps=args.steps,
+            sampler=args.sampler, noise=args.noise, size=tuple(args.size),
+            seed=args.seed, output=output, sp_attention=self.attention)
 
     def _agree(self, mine: dict | None, drawn: int | None, error: Exception | None) -> int:
         """Check that every rank decodes the same thing; returns the seed they share.
@@ -354,54 +341,58 @@ class SequenceParallelDecoder(Decoder):
                 raise ValueError(f"plan={plan!r}: a plan configures the fast backend, but this decode runs "
                                  f"backend={which!r}")
             args = self.prepare(latent, sigma, **inputs)
-            drawn = resolve_seed(args["seed"])      # used only if every rank passed seed=None
+            drawn = resolve_seed(args.seed)         # used only if every rank passed seed=None
             mine = self._describe(args, output)
             mine["backend"] = which
         except (ValueError, TypeError) as e:
             error = e
-        args["seed"] = self._agree(mine, drawn, error)
-        run = self._decode_sharded_fast if which == "fast" else self._decode_sharded
+        seed = self._agree(mine, drawn, error)    # raises every rank's error first
+        args = args.with_seed(seed)
         if which == "fast":
-            args["plan"] = plan
-        return run(**args, progress=progress, output=output)
+            return self._decode_sharded_fast(args, progress, output, plan)
+        return self._decode_sharded(args, progress, output)
 
-    def _decode_sharded_fast(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output,
-                             plan=None):
+    def _decode_sharded_fast(self, inputs: DecodeInputs, progress, output, plan=None):
         """The fast path (FastPiD, pidkern.engine) on this rank's band: the noise of either
         stream is drawn whole and cut to the band, and the attention routes are the ones
         with a point where the bands meet. Under an NCCL group on CUDA the band decode is
         one CUDA graph with the collectives inside (the plan's graphs; off under gloo)."""
         from . import _ext
-        from .plan import check_overrides
         from .sampler import philox_key, renoise_count
-        b = latent.shape[0]
-        h, w = size
+        b = inputs.batch
+        h, w = inputs.size
         p = self.config.patch
+        steps, sampler = inputs.steps, inputs.sampler
         eng = self.engine()
-        the_plan = eng.plan(b, h, w, text.shape[1], plan, collectives=self.collectives)
-        for name, value in (("attention.patch", "qkv_rope+sdpa"), ("attention.pixel", "prep+sdpa")):
-            if name not in the_plan.overrides:   # what the band decode runs: the shard point needs the prep apart
-                the_plan.set(name, value, "rule: sequence-parallel (QKV + QK-norm/RoPE, exchange, SDPA)")
-        the_plan.set("sp_attention", self.attention, f"load: {self.world_size} ranks")
+        the_plan = self._band_plan(b, h, w, inputs.text.shape[1], plan)
         self.last_plan = the_plan
         shard = RowShard(self.group, h // p, w // p, self.attention)
         full = (b, 3, h, w)
-        if noise == "philox":   # the output stage would number a band's draws from its own start
-            key = philox_key(seed, self.device)
+        if inputs.noise == "philox":   # the output stage would number a band's draws from its own start
+            key = philox_key(inputs.seed, self.device)
             draws = [_ext.philox_normal(key, torch.tensor(k, dtype=torch.int64, device=self.device), full)
                      for k in range(1 + renoise_count(steps, sampler))]
         else:
-            draws = eng.draw_noise(full, steps, sampler, seed)
+            draws = eng.draw_noise(full, steps, sampler, inputs.seed)
         draws = [shard.pixel_band(d, p).contiguous() for d in draws]
         if the_plan["graphs"]:
-            key = (b, *latent.shape[1:], text.shape[1], steps, sampler, noise,
-                   tuple(sorted({**eng.overrides, **check_overrides(plan)}.items())))
-            x, self.last_kv_bytes = self._band_graph(key, latent, sigma, text, draws)
+            key = eng.graph_key(inputs, plan)
+            x, self.last_kv_bytes = self._band_graph(key, inputs, draws)
         else:
-            x, self.last_kv_bytes = self._band_eager(the_plan, latent, sigma, text, draws, steps, sampler, h, w)
+            x, self.last_kv_bytes = self._band_eager(the_plan, inputs, draws)
         if progress:
             progress(steps, steps)
         return shard.collect(x, p, output)
+
+    def _band_plan(self, b, h, w, t_len, plan):
+        """The engine's plan for the decode with the band decode's attention routes: the
+        shard point needs the QK-norm/RoPE prep apart from the attention core."""
+        the_plan = self.engine().plan(b, h, w, t_len, plan, collectives=self.collectives)
+        for name, value in (("attention.patch", "qkv_rope+sdpa"), ("attention.pixel", "prep+sdpa")):
+            if name not in the_plan.overrides:
+                the_plan.set(name, value, "rule: sequence-parallel (QKV + QK-norm/RoPE, exchange, SDPA)")
+        the_plan.set("sp_attention", self.attention, f"load: {self.world_size} ranks")
+        return the_plan
 
     def _band_run(self, shard, plan, latent, sigma, text, draws, steps, sampler, h, w, racing):
         """One band decode (Engine.run with the shard): what runs eagerly, and what a CUDA
@@ -409,15 +400,17 @@ class SequenceParallelDecoder(Decoder):
         shard.bytes_received = 0
         return self.engine().run(latent, sigma, text, draws, steps, sampler, h, w, plan, racing=racing, shard=shard)
 
-    def _band_eager(self, plan, latent, sigma, text, draws, steps, sampler, h, w):
+    def _band_eager(self, plan, inputs: DecodeInputs, draws):
+        h, w = inputs.size
         shard = RowShard(self.group, h // self.config.patch, w // self.config.patch, self.attention)
         raced = bool(plan.pending())
-        x = self._band_run(shard, plan, latent, sigma, text, draws, steps, sampler, h, w, racing=True)
+        x = self._band_run(shard, plan, inputs.latent, inputs.sigma, inputs.text, draws, inputs.steps,
+                           inputs.sampler, h, w, racing=True)
         if raced:   # this decode's routes were each rank's own fastest; from the next one on, rank 0's
             self._agree_plan(plan)
         return x, shard.bytes_received
 
-    def _band_graph(self, key, latent, sigma, text, draws):
+    def _band_graph(self, key, inputs: DecodeInputs, draws):
         """The band decode as a captured CUDA graph (built once per shape, replayed)."""
         with self._lock:
             if self._graphs is None:
@@ -427,36 +420,31 @@ class SequenceParallelDecoder(Decoder):
             band = entry.runner
             for buf, d in zip(band.runner.bufs["noise"], draws):
                 buf.copy_(d)
-            return band.runner.replay(latent=latent, sigma=sigma, text=text), band.kv_bytes
+            return band.runner.replay(latent=inputs.latent, sigma=inputs.sigma, text=inputs.text), band.kv_bytes
 
     def _build_band_graph(self, key):
-        """Capture one band decode with its collectives (NCCL) inside.
+        """Capture one band decode with its collectives (NCCL) inside, through the engine's
+        capture (Engine.capture: its static buffers, its warm-ups).
 
-        Static inputs (latent, sigma, text, the band's noise draws) are buffers of the
-        graph; the gather and all-to-all buffers are allocated inside the capture, from
-        the graph's private pool, so their addresses are fixed for every replay. Every
-        rank builds the same key at the same decode, so all capture the same sequence of
-        collectives: two eager warm-ups (the first races the plan's open choices, and
-        then every rank takes rank 0's choices, so the graphs agree), then the capture."""
+        The gather and all-to-all buffers are allocated inside the capture, from the
+        graph's private pool, so their addresses are fixed for every replay. Every rank
+        builds the same key at the same decode, so all capture the same sequence of
+        collectives: two eager warm-ups (the first races the plan's open choices, and then
+        every rank takes rank 0's choices, so the graphs agree), then the capture."""
         b, c, lh, lw, t_len, steps, sampler, _, over = key
         h, w = self.config.output_size(lh, lw)
-        plan = self.engine().plan(b, h, w, t_len, dict(over), collectives=self.collectives)   # the decode's
-        p, dev = self.config.patch, self.device
+        plan = self._band_plan(b, h, w, t_len, dict(over))
+        p = self.config.patch
         shard = RowShard(self.group, h // p, w // p, self.attention)
-        from .sampler import renoise_count
-        bufs = dict(latent=torch.zeros(b, c, lh, lw, device=dev).normal_(), sigma=torch.zeros(b, device=dev),
-                    text=torch.zeros(b, t_len, self.config.text_dim, device=dev).normal_(),
-                    noise=[torch.zeros(b, 3, shard.rows * p, w, device=dev).normal_()
-                           for _ in range(1 + renoise_count(steps, sampler))])
 
-        def run(first):
+        def run(bufs, first):
             x = self._band_run(shard, plan, bufs["latent"], bufs["sigma"], bufs["text"], bufs["noise"], steps,
                                sampler, h, w, racing=first)
             if first:
                 self._agree_plan(plan)
             return x
-        graph, out = capture(run, dev)
-        return BandGraph(Runner(graph, bufs, out), shard.bytes_received)
+        runner = self.engine().capture(key, run, noise_shape=(b, 3, shard.rows * p, w))
+        return BandGraph(runner, shard.bytes_received)
 
     def _agree_plan(self, plan):
         """Every rank takes rank 0's raced choices: the ranks' graphs then run the same routes."""
@@ -468,28 +456,13 @@ class SequenceParallelDecoder(Decoder):
             if value != plan[k]:
                 plan.set(k, value, f"{how} (rank 0's)")
 
-    def _decode_sharded(self, latent, sigma, text, steps, seed, size, sampler, noise, progress, output):
-        b = latent.shape[0]
-        h, w = size
-        net, p = self.net, self.config.patch
+    def _decode_sharded(self, inputs: DecodeInputs, progress, output):
+        """The reference decode on this rank's band: the Decoder's own loop with the shard."""
+        h, w = inputs.size
+        p = self.config.patch
         shard = RowShard(self.group, h // p, w // p, self.attention)
-        ws = w // p
-        with self._autocast():
-            # The adapter is replicated: its convolutions need the neighbouring rows.
-            tokens = net.adapter_tokens(latent.to(self.dtype), h, w)[:, shard.row0 * ws:(shard.row0 + shard.rows) * ws]
-            text = text.to(self.dtype)
-
-            def velocity(x, t):
-                tt = torch.full((b,), t, device=self.device, dtype=torch.float32)
-                return net(x, tt, text, None, sigma, lq_tokens=tokens, shard=shard)
-
-            full = (philox_draws if noise == "philox" else release_draws)(seed, self.device)
-
-            def draw(k, shape):  # the full-size draw of one process, this band's rows of it
-                return shard.pixel_band(full(k, (b, 3, h, w)), p)
-
-            x = sample(velocity, (b, 3, shard.rows * p, w), steps=steps, sampler=sampler, draw=draw,
-                       device=self.device, progress=progress)
+        with self.using_net() as net:
+            x = self.sample_reference(net, inputs, progress, shard=shard)
         self.last_kv_bytes = shard.bytes_received
         return shard.collect(x, p, output)
 

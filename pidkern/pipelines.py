@@ -64,7 +64,9 @@ def decoder_backbones(decoder) -> tuple[str, ...] | None:
     return tuple(b for b in BACKBONES if preset in dict(get_backbone(b).presets).values()) or None
 
 
-def _check_backbone(backbone, decoder, what: str) -> str:
+def check_backbone(backbone, decoder, what: str) -> str:
+    """`backbone` if it names a known backbone that `decoder` serves, else ValueError
+    naming `what` (the argument the caller took it from)."""
     from .latents import get_backbone
     get_backbone(backbone)      # an unknown name: ValueError listing the known ones
     served = decoder_backbones(decoder)
@@ -104,7 +106,7 @@ def _vae_backbone(vae, decoder, backbone) -> str:
     """The backbone an image is upscaled as: the one the VAE and the decoder share."""
     made = vae_backbones(vae)
     if backbone is not None:
-        _check_backbone(backbone, decoder, "backbone")
+        check_backbone(backbone, decoder, "backbone")
         if backbone not in made:
             raise ValueError(f"vae: this {type(vae).__name__} makes {', '.join(made)} latents, not {backbone!r} ones")
         return backbone
@@ -218,12 +220,9 @@ def offload_generator(pipe) -> list[str]:
 
 
 def _memory_short(decoder, batch: int, hw) -> bool:
-    """Whether the decode's predicted GPU memory exceeds what is free on its device."""
-    if decoder.device.type != "cuda":
-        return False
-    from . import estimate_memory
-    free, _ = torch.cuda.mem_get_info(decoder.device)
-    return estimate_memory(decoder.config, batch, *hw) > free
+    """Whether the decode would not fit beside the decoder's weights (memory.shortfall)."""
+    from .memory import shortfall
+    return shortfall(decoder.config, decoder.device, batch, *hw) > 0
 
 
 def _decode(decoder, latent, sigma, captions, seed, pipe=None, offload=None, decode_kwargs=None):
@@ -264,7 +263,7 @@ def decode_pipeline_latents(pipe, latents, decoder, prompt, sigma: float = 0.0, 
     from .latents import from_pipeline, to_pid_frame
     if pipe is None and backbone is None:
         raise ValueError("backbone: needed when pipe is None (e.g. backbone='flux')")
-    backbone = _check_backbone(backbone or pipeline_backbone(pipe), decoder, "pipe")
+    backbone = check_backbone(backbone or pipeline_backbone(pipe), decoder, "pipe")
     _check_choice(output_type, "output_type", OUTPUT_TYPES)
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents: expected the pipeline's latent tensor, got {type(latents).__name__}")
@@ -296,7 +295,7 @@ def generate(pipe, prompt, decoder, *, backbone: str | None = None, stop_sigma: 
     Returns a list of PIL images (output_type="pil") or of [3, H, W] tensors ("pt").
     """
     from .sampler import make_generator, resolve_seed
-    backbone = _check_backbone(backbone or pipeline_backbone(pipe), decoder, "pipe")
+    backbone = check_backbone(backbone or pipeline_backbone(pipe), decoder, "pipe")
     if stop_sigma is not None:
         stop_sigma = _check_sigma(stop_sigma, "stop_sigma")
     degrade_sigma = _check_sigma(degrade_sigma, "degrade_sigma")

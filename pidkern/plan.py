@@ -23,74 +23,65 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-# "qkv_rope+sdpa": the patch blocks' QKV Linear with QK-norm + RoPE in its epilogue, then
-# SDPA; "prep+sdpa": cuBLAS QKV, a fused QK-norm/RoPE kernel, then SDPA; "triton": cuBLAS
-# QKV then one flash-attention kernel doing norm, RoPE and softmax; "torch": the unfused chain.
-# "prep+triton" (the fused prep, then the Triton attention core) is never raced: the one
-# shape that crashed it on an H200 is fixed, but it has not been timed on a GPU since.
-# 8-bit and library routes (docs/attention_fp8.md, ops.ATTENTION_BACKENDS): the Triton kernel
-# in an 8-bit mode ("fp8", "fp8qk", "int8", "int8qk"), fused or after the prep, and the prep
-# then a library: "prep+flash" (FA2, bf16), "prep+flash3-fp8", "prep+sage", "prep+cudnn-fp8".
-ATTENTION_8BIT = ("fp8-triton", "prep+fp8-triton", "fp8qk-triton", "prep+fp8qk-triton", "int8-triton",
-                  "prep+int8-triton", "int8qk-triton", "prep+int8qk-triton", "prep+flash", "prep+flash3-fp8",
-                  "prep+sage", "prep+cudnn-fp8")
-# The 8-bit routes an fp8 model's race may pick: int8 QK^T with 16-bit PV (the Triton kernel's
-# int8qk mode, and SageAttention, the same arithmetic). Modes with PV or QK^T in e4m3 cost
-# 5-8x more image error (docs/fp8.md), and the fp8 GEMMs leave little of the 3e-2 budget
-# on flux-2k-sized weights: they run only when a plan asks for them.
-FP8_ATTENTION_RACE = ("int8qk-triton", "prep+int8qk-triton", "prep+sage")
-PATCH_ATTENTION = ("triton", "prep+sdpa", "qkv_rope+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
-PIXEL_ATTENTION = ("triton", "prep+sdpa", "prep+triton", "torch") + ATTENTION_8BIT
+from . import routes as R
+from .routes import PRECISIONS, DeviceSpec
+from .sizes import heads_fit, modulation_band_rows
+
+# Every route value and race order below is generated from pidkern.routes.TABLE: a route
+# is added there, never here.
+PATCH_ATTENTION = R.values("attention.patch")
+PIXEL_ATTENTION = R.values("attention.pixel")
+ATTENTION_8BIT = tuple(n for n, r in R.TABLE["attention.patch"].items() if r.accuracy != "exact"
+                       or r.library is not None)
+SWIGLU = R.values("swiglu.image")
+KERNEL = R.values("gate")
+GEMM = R.values("gemm")
+# what each entry configures (the op of pidkern.ops)
+_OPS = {"attention.patch": "attention", "attention.pixel": "attention", "swiglu.image": "swiglu",
+        "swiglu.text": "swiglu", "gate": "gate", "embed": "embed", "rms_modulate": "rms_modulate",
+        "pixel_modulate": "pixel_modulate", "gemm": "linear"}
+
+
+def _installed(r) -> bool:
+    if r.library is None:
+        return True
+    try:
+        return importlib.util.find_spec(r.library) is not None
+    except ValueError:   # a module in sys.modules without a spec
+        return False
 
 
 def flash_race() -> tuple[str, ...]:
     """("prep+flash",) where flash_attn is installed: FA2 joins the bf16 attention race (an
     install that fails to load fails its race, loudly, like any other candidate)."""
-    try:
-        return ("prep+flash",) if importlib.util.find_spec("flash_attn") is not None else ()
-    except ValueError:   # a module in sys.modules without a spec
-        return ()
+    return tuple(n for n in R.race_candidates("attention.patch") if R.TABLE["attention.patch"][n].library
+                 and _installed(R.TABLE["attention.patch"][n]))
 
 
-FLASH_RACE = flash_race()
-# "triton": one GEMM against w13 with SiLU * up in its epilogue; "split": cuBLAS against
-# w13 then one silu_mul pass; "torch": two cuBLAS GEMMs and the PyTorch product.
-SWIGLU = ("triton", "split", "torch")
-KERNEL = ("triton", "torch")
-# The GEMMs of the layers a precision="fp8" model holds in e4m3 (pidkern.fp8): "native"
-# when the model has none; "scaled_mm" (torch._scaled_mm, rowwise scales) or "torchao"
-# (torchao's float8 inference over the same bytes) otherwise. Raced on CUDA when torchao
-# imports and the card has fp8 tensor cores; "scaled_mm" by rule elsewhere.
-GEMM = ("native", "scaled_mm", "torchao")
-PRECISIONS = ("native", "fp8")
-
-# name -> (allowed values, the op of pidkern.ops it configures, the candidates raced on CUDA
-# in this order (ties go to the first), or () when a rule decides)
+# name -> (allowed values, the op of pidkern.ops it configures, the candidates a native
+# model races on CUDA in this order (ties go to the first), or () when a rule decides)
 CHOICES: dict[str, tuple] = {
-    "attention.patch": (PATCH_ATTENTION, "attention", ("prep+sdpa", "triton", "qkv_rope+sdpa") + FLASH_RACE),
-    "attention.pixel": (PIXEL_ATTENTION, "attention", ("prep+sdpa", "triton") + FLASH_RACE),
-    "swiglu.image": (SWIGLU, "swiglu", ("triton", "torch", "split")),
-    "swiglu.text": (SWIGLU, "swiglu", ("triton", "torch", "split")),
-    "gate": (KERNEL, "gate", ("triton", "torch")),
-    "embed": (KERNEL, "embed", ("triton", "torch")),
-    "rms_modulate": (KERNEL, "rms_modulate", ()),
-    "pixel_modulate": (KERNEL, "pixel_modulate", ()),
-    "gemm": (GEMM, "linear", ("scaled_mm", "torchao")),
-}
+    e: (R.values(e), _OPS[e], tuple(n for n in R.race_candidates(e, "native" if e != "gemm" else "fp8")
+                                    if _installed(R.TABLE[e][n])))
+    for e in R.ENTRIES}
 # precision is the model's (fixed when `pidkern.load` builds it): the plan records it, and
 # an override may only repeat it
 SETTINGS = ("graphs", "band_rows", "keep_heads", "precision")
 
 
 def fp8_attention_candidates(device, accurate_only: bool = True) -> tuple[str, ...]:
-    """The 8-bit attention routes an fp8 model races on `device` (besides the native ones):
-    those that run here (attention_routes.available_attention_routes: the Triton modes, and
-    each library route whose library imports; () off CUDA) and, with accurate_only, only
-    those in FP8_ATTENTION_RACE, the modes whose image error was measured within the bar
-    (docs/fp8.md); the others stay available as overrides."""
-    from .attention_routes import available_attention_routes
-    routes = available_attention_routes(device, "fp8")
-    return tuple(r for r in routes if r in FP8_ATTENTION_RACE) if accurate_only else routes
+    """The 8-bit attention routes an fp8 model races on `device` (a torch.device or a
+    routes.DeviceSpec) besides the native ones: with accurate_only those the route table
+    lets an fp8 model race (the modes whose image error was measured within the bar,
+    docs/fp8.md), else every 8-bit route that can run there; () off CUDA."""
+    spec = device if isinstance(device, DeviceSpec) else DeviceSpec.of(device)
+    if spec.type != "cuda":
+        return ()
+    native = set(R.race_candidates("attention.patch", "native"))
+    if accurate_only:
+        return tuple(n for n in R.race_candidates("attention.patch", "fp8", spec) if n not in native)
+    return tuple(n for n in R.available("attention.patch", spec, "fp8") if n in ATTENTION_8BIT
+                 and n != "prep+flash")
 
 
 ENV = "PIDKERN_PLAN"
@@ -231,33 +222,42 @@ def _gemm_rule(precision: str, cuda: bool, torchao_ok: bool, over: dict):
 
 
 def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dtype_bytes: int,
-            triton_ok: bool, overrides=None, collectives: str | None = None, precision: str = "native",
-            torchao_ok: bool = False) -> Plan:
+            triton_ok: bool | None = None, overrides=None, collectives: str | None = None,
+            precision: str = "native", torchao_ok: bool | None = None, spec: DeviceSpec | None = None) -> Plan:
     """The plan for one shape before any timing: overrides, then rules; on CUDA the raced
     choices stay open (None, "race") until the warm-up run times them.
 
-    triton_ok: whether the Triton kernels can run on this device (ops.triton_available).
+    spec: what the route table's capability rules look at (routes.DeviceSpec); default the
+    live `device`'s. Give one to resolve a plan for a card that is not here.
+    triton_ok, torchao_ok: force whether the Triton kernels / the torchao GEMM route can
+    run (default: the spec's rules).
     collectives: the process group backend of a sequence-parallel band decode
     (pidkern.parallel), None for one process: a CUDA graph captures NCCL's only.
-    precision: the model's ("native" or "fp8"; an override naming another is an error).
-    torchao_ok: whether the torchao GEMM route can run here (fp8.torchao_available)."""
-    from .memory import heads_fit, modulation_band_rows
+    precision: the model's ("native" or "fp8"; an override naming another is an error)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if spec is None:
+        spec = DeviceSpec.of(device)
+    libs = set(spec.libraries)
+    for lib, ok in (("triton", triton_ok), ("torchao", torchao_ok)):
+        if ok is not None:
+            (libs.add if ok else libs.discard)(lib)
+    spec = DeviceSpec(spec.type, spec.capability, frozenset(libs), bool(spec.interpret or (triton_ok and spec.type != "cuda")))
     over = {**env_overrides(), **check_overrides(overrides)}
     if over.get("precision", precision) != precision:
         raise ValueError(f"plan precision={over['precision']!r}: this model was loaded with precision={precision!r}; "
                          f"the precision is fixed when the model is built (pidkern.load(..., precision=...))")
-    cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    cuda = spec.type == "cuda"
     plan = Plan((batch, height, width, text_len), str(device), overrides=over)
-    for name, (_, _, raced) in CHOICES.items():
+    for name in CHOICES:
         if name == "gemm":
-            plan.set(name, *_gemm_rule(precision, cuda, torchao_ok, over))
+            plan.set(name, *_gemm_rule(precision, cuda, R.TABLE["gemm"]["torchao"].why_not(spec, "fp8") is None,
+                                       over))
         elif name in over:
             plan.set(name, over[name], "override")
-        elif not triton_ok:
+        elif not spec.triton:
             plan.set(name, "torch", "rule: no Triton here")
-        elif cuda and raced:
+        elif cuda and CHOICES[name][2]:
             plan.set(name, None, "race")
         else:
             plan.set(name, "triton", "rule")
@@ -274,7 +274,7 @@ def resolve(cfg, batch: int, height: int, width: int, text_len: int, device, dty
     for name, (value, how) in settings.items():
         plan.set(name, *((over[name], "override") if name in over else (value, how)))
     if precision == "fp8" and cuda:
-        extra = fp8_attention_candidates(device)
+        extra = fp8_attention_candidates(spec)
         for name in ("attention.patch", "attention.pixel"):
             if plan[name] is None and extra:
                 plan.candidates[name] = CHOICES[name][2] + extra

@@ -1,4 +1,4 @@
-"""The PiD network in plain, readable PyTorch (SPEC §2-6).
+"""The PiD network in plain, readable PyTorch (docs/design.md, "The network").
 
 This module is the oracle every fused kernel is tested against and the path that runs
 wherever there is no GPU. Its parameter names and shapes are those of the released
@@ -26,10 +26,10 @@ ROPE_THETA = 10000.0
 
 
 # ---------------------------------------------------------------------------------------
-# Functional pieces: each one is a formula of SPEC, named so kernels can test against it.
+# Functional pieces: each one is a formula of the network, named so kernels can test against it.
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
-    """SPEC: statistics in float32, cast back to the input dtype, then times weight."""
+    """The release's rule: statistics in float32, cast back to the input dtype, then times weight."""
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y if weight is None else y * weight
@@ -40,7 +40,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def timestep_embedding(t1000: torch.Tensor, dim: int) -> torch.Tensor:
-    """[cos, sin] of t*1000 at frequencies exp(-ln(10) k / (dim/2)): max period 10 (SPEC §2)."""
+    """[cos, sin] of t*1000 at frequencies exp(-ln(10) k / (dim/2)): max period 10."""
     half = dim // 2
     freqs = torch.exp(-math.log(10.0) * torch.arange(half, dtype=torch.float32, device=t1000.device) / half)
     args = t1000.float()[:, None] * freqs[None]
@@ -57,7 +57,7 @@ def rope_angles_2d(hs: int, ws: int, head_dim: int, ref_grid: int, device=None,
     """Angles [hs*ws, head_dim/2] in float64 for image tokens in row-major grid order.
 
     Pair 2k turns by the column position, pair 2k+1 by the row position; positions are
-    linspace(0, 16, n), not integers, and theta grows NTK-style with the grid (SPEC §3).
+    linspace(0, 16, n), not integers, and theta grows NTK-style with the grid.
     rows (first, count): only the tokens of those grid rows, [count*ws, head_dim/2].
     """
     k = torch.arange(head_dim // 4, dtype=torch.float64, device=device)
@@ -73,7 +73,7 @@ def rope_angles_2d(hs: int, ws: int, head_dim: int, ref_grid: int, device=None,
 
 
 def rope_angles_1d(n: int, head_dim: int, device=None) -> torch.Tensor:
-    """Angles [n, head_dim/2] in float64 for text positions 0..n-1 (SPEC §3)."""
+    """Angles [n, head_dim/2] in float64 for text positions 0..n-1."""
     k = torch.arange(head_dim // 2, dtype=torch.float64, device=device)
     pos = torch.arange(n, dtype=torch.float64, device=device)
     return pos[:, None] * ROPE_THETA ** (-2 * k / head_dim)
@@ -93,13 +93,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def lq_gate(x, lq, weight, bias, log_alpha, sigma):
-    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) sigma) * lq, sigma per sample (SPEC §5)."""
+    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) sigma) * lq, sigma per sample."""
     logits = F.linear(torch.cat([x, lq], dim=-1), weight, bias)
     return x + torch.sigmoid(logits - torch.exp(log_alpha) * sigma.float()[:, None, None]) * lq
 
 
 def pixel_sincos(h: int, w: int, dim: int, device=None, first_row: int = 0) -> torch.Tensor:
-    """The fixed [h, w, dim] float64 pixel embedding: column half, then row half (SPEC §2).
+    """The fixed [h, w, dim] float64 pixel embedding: column half, then row half.
     first_row: the table of pixel rows first_row .. first_row+h-1 of a taller image."""
     quarter = dim // 4
     freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
@@ -126,7 +126,7 @@ def fold_patch_pixels(val: torch.Tensor, batch: int, h: int, w: int, patch: int)
 
 
 def align_latent(latent: torch.Tensor, cfg: PiDConfig, hs: int, ws: int) -> torch.Tensor:
-    """Unpack (FLUX.2 v1.5) and bring the latent onto the patch grid (SPEC §5)."""
+    """Unpack (FLUX.2 v1.5) and bring the latent onto the patch grid."""
     if cfg.unpack > 1:
         u = cfg.unpack
         b, c4, h, w = latent.shape

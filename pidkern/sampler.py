@@ -68,13 +68,6 @@ def philox_key(seed: int | None, device) -> torch.Tensor:
     return torch.tensor(seed_int64(seed), dtype=torch.int64, device=device)
 
 
-def philox_draws(seed: int | None, device) -> Callable[[int, tuple], torch.Tensor]:
-    """draw(k, shape): the k-th standard normal tensor of the Philox stream of `seed`."""
-    from . import _ext
-    key = philox_key(seed, device)
-    return lambda k, shape: _ext.philox_normal(key, torch.tensor(k, dtype=torch.int64, device=device), shape)
-
-
 def release_draws(seed: int | None, device) -> Callable[..., torch.Tensor]:
     """draw(k, shape, out=None): the release's stream; draws must be taken in order
     k = 0, 1, ... (`out`: a float32 buffer to draw into, e.g. a CUDA graph's input)."""
@@ -114,7 +107,7 @@ def sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], shape, *, st
     """Run the sampler; `velocity(x, t)` is the network at time t. Returns float32 in [-1, 1].
 
     Noise: `generator` (the release's stream) or `draw(k, shape)` (release_draws,
-    philox_draws): k = 0 is the initial noise, k = 1, 2, ... the re-noising eps in order."""
+    _ext.philox_draws): k = 0 is the initial noise, k = 1, 2, ... the re-noising eps in order."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
     if (generator is None) == (draw is None):

@@ -105,7 +105,7 @@ class CaptionEncoder:
 
     def __init__(self, model, tokenizer, device=None, dtype=torch.bfloat16, offload: bool = False,
                  cache_size: int = 16):
-        from .api import resolve_device, resolve_dtype
+        from .resolve import resolve_device, resolve_dtype
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a transformers Gemma-2 model (torch.nn.Module), got {type(model).__name__}")
         decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
@@ -163,7 +163,7 @@ class CaptionEncoder:
             Default: the model directory's own, or a tokenizer.json next to the .safetensors.
         device: default CUDA when available, else CPU. Other arguments: see the class.
         """
-        from .api import resolve_device, resolve_dtype
+        from .resolve import resolve_device, resolve_dtype
         _transformers()
         if not isinstance(path, (str, Path)):
             raise TypeError(f"path={path!r}: expected a model directory or a .safetensors file path")
@@ -212,10 +212,6 @@ class CaptionEncoder:
                     while len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
             return torch.stack([rows[c] for c in captions])
-
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
 
     @contextmanager
     def _on_device(self):
@@ -327,3 +323,14 @@ def _load_tokenizer(tok, given: bool, model_path: Path):
         raise ValueError(f"tokenizer={str(tok)!r}: lacks Gemma's special tokens {absent}; expected Gemma-2's "
                          f"tokenizer.json")
     return tokenizer
+
+
+def resolve_text_encoder(value, device: torch.device):
+    """None, a CaptionEncoder, or a path to Gemma-2-2B-it (loaded on `device`)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        return CaptionEncoder.from_pretrained(value, device=device)
+    if not isinstance(value, CaptionEncoder):
+        raise TypeError(f"text_encoder: expected None, a path or a pidkern.CaptionEncoder, got {type(value).__name__}")
+    return value

@@ -14,7 +14,7 @@ from pidkern import ops
 from pidkern.config import get_preset, tiny
 from pidkern.engine import Engine
 from pidkern.graphs import GraphCache
-from pidkern.memory import InsufficientMemoryError, estimate_memory, fast_copy_params, weight_bytes
+from pidkern.memory import InsufficientMemoryError, estimate_memory, weight_bytes
 from pidkern.plan import Plan
 
 warnings.filterwarnings("ignore", message="pidkern.load: no checkpoint")
@@ -80,15 +80,15 @@ def test_fast_path_attention_routes_match_reference(monkeypatch, attention):
 @pytest.mark.skipif(not ops.HAS_TRITON, reason="needs triton (the kernels run under its interpreter)")
 def test_heads_recomputed_per_step_give_the_same_images(monkeypatch):
     """Above 256 MiB the adapter heads are recomputed where used instead of kept: same math."""
-    from pidkern import memory
+    from pidkern import sizes
     cfg = tiny("flux-2kto4k-v1.5")       # 7 heads and the pit head
     dec = pidkern.load(preset=cfg, device="cpu")
     latent = torch.randn(1, cfg.latent_channels, 1, 1, generator=torch.Generator().manual_seed(2))
     text = text_for(cfg, 1)
     assert dec.plan(latent.shape, text.shape[1])["keep_heads"]
     kept = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast")
-    monkeypatch.setattr(memory, "HEADS_KEEP_BYTES", 0)
-    assert not memory.heads_fit(cfg, 1)
+    monkeypatch.setattr(sizes, "HEADS_KEEP_BYTES", 0)   # the rule lives in pidkern.sizes
+    assert not sizes.heads_fit(cfg, 1)
     assert not dec.engine().plan(1, 32, 32, text.shape[1], {"band_rows": 3})["keep_heads"]   # the rule, a new plan
     recomputed = dec.decode(latent, 0.2, text, steps=1, seed=1, backend="fast", plan={"keep_heads": False})
     assert torch.equal(kept, recomputed)
@@ -101,8 +101,9 @@ def test_fast_model_precomputes_conditioning_and_regroups_weights():
     model = FastPiD(dec.net, torch.float32)
     mlp = dec.net.patch_blocks[0].mlp_x
     # w13 is FastPiD's own [w1; w3]; the network keeps its separate w1 and w3
-    torch.testing.assert_close(model.w13[0][0], torch.cat([mlp.w1.weight, mlp.w3.weight]), rtol=0, atol=0)
-    assert model.w13[0][0].data_ptr() not in (mlp.w1.weight.data_ptr(), mlp.w3.weight.data_ptr())
+    w13 = model.patch[0].w13_x.weight16
+    torch.testing.assert_close(w13, torch.cat([mlp.w1.weight, mlp.w3.weight]), rtol=0, atol=0)
+    assert w13.data_ptr() not in (mlp.w1.weight.data_ptr(), mlp.w3.weight.data_ptr())
     assert not hasattr(mlp, "w13") and not hasattr(dec.net.patch_blocks[0].attn, "qk_norms_x")
     # every time of every schedule, and only those
     assert schedule_times() == sorted({1.0, 0.999, 0.866, 0.634, 0.342})
@@ -118,15 +119,20 @@ def test_fast_model_precomputes_conditioning_and_regroups_weights():
     blk = dec.net.pixel_blocks[0]
     s = torch.randn(3, cfg.hidden)
     m = blk.adaLN_modulation(s).view(3, cfg.pixels_per_patch, 6, cfg.pixel_dim)
-    w_pre, b_pre, w_post, b_post = model.pixel_mod[0]
+    pre_l, post_l = model.pixel[0].mod_pre, model.pixel[0].mod_post
+    w_pre, b_pre, w_post, b_post = pre_l.weight, pre_l.bias, post_l.weight, post_l.bias
     pre = torch.nn.functional.linear(s, w_pre, b_pre).view(3, cfg.pixels_per_patch, 2, cfg.pixel_dim)
     post = torch.nn.functional.linear(s, w_post, b_post).view(3, cfg.pixels_per_patch, 4, cfg.pixel_dim)
     torch.testing.assert_close(pre, m[:, :, :2])
     torch.testing.assert_close(post, m[:, :, 2:])
     # the memory model counts exactly the copies FastPiD holds
-    own = sum(t.numel() for pair in model.w13 + model.qk_norms for t in pair)
-    own += sum(t.numel() for quad in model.pixel_mod for t in quad)
-    assert own == fast_copy_params(cfg)
+    # (the copies, counted from the config: w1|w3 per SwiGLU that runs, i.e. all but the
+    # last block's text one, the modulation rows and biases per pixel block, the stacked
+    # q/k norms)
+    copies = ((2 * cfg.patch_blocks - 1) * 2 * cfg.mlp_hidden * cfg.hidden
+              + cfg.pixel_blocks * 6 * cfg.pixel_dim * cfg.pixels_per_patch * (cfg.hidden + 1)
+              + cfg.patch_blocks * 2 * 2 * cfg.head_dim)
+    assert sum(t.numel() for t in model.owned_tensors()) == copies
 
 
 def test_plan_rules_overrides_and_printing(monkeypatch):
@@ -262,6 +268,13 @@ def test_decode_refuses_what_cannot_fit(monkeypatch):
     with pytest.raises(InsufficientMemoryError, match=r"GiB.*free"):
         memory.check_fits(tiny("flux-2k"), torch.device("cuda"), 1, 4096, 4096, 300)
     memory.check_fits(tiny("flux-2k"), torch.device("cpu"), 1, 4096, 4096, 300)   # nothing to check off CUDA
+    # the same rule decides the pipelines' generator offload: bytes short, or 0
+    cfg, cuda = tiny("flux-2k"), torch.device("cuda")
+    need = estimate_memory(cfg, 1, 4096, 4096, 300) - weight_bytes(cfg)
+    assert memory.shortfall(cfg, cuda, 1, 4096, 4096, 300) == need - 1024
+    monkeypatch.setattr(memory, "free_device_bytes", lambda device: need)
+    assert memory.shortfall(cfg, cuda, 1, 4096, 4096, 300) == 0
+    memory.check_fits(cfg, cuda, 1, 4096, 4096, 300)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -336,7 +349,8 @@ def test_philox_noise_matches_across_backends(steps, sampler):
 
 def test_philox_draws_are_the_output_stage_stream():
     from pidkern import _ext
-    from pidkern.sampler import philox_draws, seed_int64
+    from pidkern._ext import philox_draws
+    from pidkern.sampler import seed_int64
     draw = philox_draws(2**64 - 1, "cpu")
     key = torch.tensor(-1, dtype=torch.int64)
     assert seed_int64(2**64 - 1) == -1

@@ -12,6 +12,7 @@ import pidkern
 from pidkern import ops
 from pidkern.config import tiny
 from pidkern.fp8 import Fp8Weight
+from pidkern.layers import Fp8Linear
 from pidkern.memory import estimate_memory, weight_bytes
 
 warnings.filterwarnings("ignore", message="pidkern.load: no checkpoint")
@@ -42,7 +43,7 @@ def test_fp8_linear_is_the_product_of_its_quantized_operands(dtype):
     w = (torch.randn(48, 64, generator=g) / 8).to(dtype)
     b = torch.randn(48, generator=g).to(dtype)
     qw = Fp8Weight.quantize(w)
-    y = ops.linear(x, qw, b)
+    y = Fp8Linear(qw, b)(x, "scaled_mm")
     assert y.dtype == dtype and y.shape == (37, 48)
     # exact up to the accumulation and the output's rounding: float64 of the same codes and scales
     cx, sx = e4m3_rows(x.float())
@@ -66,20 +67,19 @@ def test_fp8_weight_rules():
         Fp8Weight.quantize(torch.randn(40, 64))             # N not a multiple of 16: stays native
     w = Fp8Weight.quantize(torch.zeros(16, 32))             # an all-zero row: finite scale, zero codes
     assert torch.isfinite(w.scale).all() and (w.data.float() == 0).all()
-    assert ops.linear(torch.randn(3, 32), w).abs().max() == 0
-    with pytest.raises(ValueError, match="route='fp16'"):
-        with ops.gemm_route("fp16"):
-            pass
+    layer = Fp8Linear(w)
+    assert layer(torch.randn(3, 32)).abs().max() == 0
+    with pytest.raises(ValueError, match="gemm='fp16'"):
+        layer(torch.randn(3, 32), "fp16")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao (the fp8 extra) not installed")
 def test_torchao_route_runs_the_same_quantized_product():
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 19, 64, generator=g).bfloat16(), torch.randn(32, 64, generator=g).bfloat16()
-    qw = Fp8Weight.quantize(w)
-    with ops.gemm_route("torchao"):
-        y_ao = ops.linear(x, qw)
-    y = ops.linear(x, qw)
+    qw = Fp8Linear.quantize(w)
+    y_ao = qw(x, "torchao")
+    y = qw(x, "scaled_mm")
     assert y_ao.shape == y.shape == (2, 19, 32) and y_ao.dtype == torch.bfloat16
     assert rel_l2(y_ao, y) < 1e-2        # same codes; the two differ only in bf16 rounding
 
@@ -181,12 +181,15 @@ def test_fp8_weights_halve_the_resident_weight_bytes():
     model = dec.engine().model
     unread = set(model.unread_parameters)
     held = {id(p): p.numel() * p.element_size() for n, p in dec.net.named_parameters() if n not in unread}
-    own = [t for pair in model.w13 for t in pair] + [t for quad in model.pixel_mod for t in quad] + \
-          [t for pair in model.qk_norms for t in pair] + list(model._fp8.values())
+    layers = model.layers()
+    own = [t for lin in layers for t in lin.owned_tensors()] + [t for pair in model.qk_norms for t in pair]
     for t in own:
-        held[id(t)] = t.nbytes() if isinstance(t, Fp8Weight) else t.numel() * t.element_size()
+        held[id(t)] = t.numel() * t.element_size()
     assert sum(held.values()) == weight_bytes(cfg, 4, "fp8")
-    assert any(isinstance(t, Fp8Weight) for t in own)
+    eight = [lin for lin in layers if isinstance(lin, Fp8Linear)]
+    assert eight and all(lin.weight.data.dtype == torch.float8_e4m3fn for lin in eight)
+    # every fp8 layer's codes and scales are counted, one byte per weight, four per row
+    assert all(id(lin.weight.data) in held and id(lin.weight.scale) in held for lin in eight)
     with pytest.raises(ValueError, match="precision='int4'"):
         weight_bytes(cfg, 2, "int4")
 

@@ -2,7 +2,8 @@
 memory during fast decodes and brings them back for any use of the reference network.
 
 On the CPU a decoder parks nothing by default; these tests point `_park_to` at the CPU
-(a real copy to fresh storage) to run the same mechanism under the Triton interpreter."""
+(a real copy to fresh storage) to run the same mechanism under the Triton interpreter,
+or at the meta device, where a parked weight has no values to read."""
 import gc
 import re
 import warnings
@@ -141,3 +142,32 @@ def test_decoders_sharing_a_net_never_leave_it_parked_for_another():
     gc.collect()
     a._park(unread)
     assert a.parked_parameters()
+
+
+@needs_triton
+def test_parked_to_meta_a_read_raises_and_the_fast_path_reads_none():
+    """Parked to the meta device a weight has no values at all: any read of it raises.
+    The fast decode still runs and gives the reference's images, so it reads none of
+    them; and the check itself fails when a parked weight is read."""
+    cfg = tiny("flux2-2kto4k-v1.5")                   # the v1.5 gates and pit head too
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent, sigma, text = inputs(cfg, seed=3)
+    latent = latent[..., :1]
+    ref = dec.decode(latent, sigma, text, steps=1, seed=2, backend="reference")
+    eng = dec.engine()
+    dec._park_to = torch.device("meta")
+    dec._park(eng.model.unread_parameters)
+    parked = set(dec.parked_parameters())
+    assert parked == expected_unread(dec._net)
+    assert all(dec._net.get_parameter(n).device.type == "meta" for n in parked)
+    fast = dec.decode(latent, sigma, text, steps=1, seed=2, backend="fast")
+    assert rel_l2(fast, ref) < 1e-5, rel_l2(fast, ref)
+    # the check can fail: a read of a parked weight raises (here the one FastPiD makes of
+    # w1 when it builds w13); a GEMM against one gives no values either (torch computes
+    # nothing for a meta operand), which the images above would show
+    mlp = dec._net.patch_blocks[0].mlp_x
+    with pytest.raises(RuntimeError, match="meta"):
+        torch.cat([mlp.w1.weight, torch.zeros(1, mlp.w1.weight.shape[1])])
+    # and they come back whole
+    assert torch.equal(dec.decode(latent, sigma, text, steps=1, seed=2, backend="reference"), ref)
+    assert not dec.parked_parameters() and mlp.w1.weight.device.type == "cpu"

@@ -16,10 +16,12 @@ from pidkern import ops
 
 
 def _repeat(fn, n, *ops_off):
+    """fn(route) n times: the kernel's route, or with ops_off the PyTorch math ("torch")."""
+    route = "torch" if ops_off else None
+
     def run():
-        with ops.disabled(*ops_off):
-            for _ in range(n):
-                fn()
+        for _ in range(n):
+            fn(route)
     return run
 
 
@@ -43,7 +45,7 @@ def cases(device: str) -> list[Case]:
     x = rnd(1, 3, H, W, dtype=f32)
     emb_args = (x, rnd(D, K, scale=K ** -0.5), rnd(D), rnd(Dp, 3), rnd(Dp), _sincos(W, Dp, device), _sincos(H, Dp, device), P)
     n = 5
-    fn = lambda: ops.patch_pixel_embed(*emb_args)  # noqa: E731
+    fn = lambda r: ops.patch_pixel_embed(*emb_args, route=r)  # noqa: E731
     out.append(Case("embed/patch+pixel-2048sq", _repeat(fn, n), _repeat(fn, n, "embed"), flops=n * 2 * L * K * D,
                     note=f"x fp32 [1,3,2048,2048] -> tokens [1,16384,1536] + pixels [16384,256,16] bf16; "
                          f"flops = patch GEMM only (pixel writes ~134 MB dominate); x{n} per timing"))
@@ -52,13 +54,13 @@ def cases(device: str) -> list[Case]:
     xg, lq = rnd(1, L, D, dtype=f32), rnd(1, L, D)
     la, sigma = torch.tensor(0.2, device=device), torch.tensor([0.35], device=device)
     v1 = (xg, lq, rnd(D, 2 * D, scale=(2 * D) ** -0.5), rnd(D), la, sigma)
-    fn = lambda: ops.lq_gate(*v1)  # noqa: E731
+    fn = lambda r: ops.lq_gate(*v1, route=r)  # noqa: E731
     out.append(Case("gate/v1-16384x1536", _repeat(fn, n), _repeat(fn, n, "gate"), flops=n * 2 * L * 2 * D * D,
                     note=f"x fp32, lq/W bf16: one GEMM over K=2D + sigmoid gate epilogue; x{n} per timing"))
     n15 = 20
     for x_dtype, tag in ((f32, "x-fp32"), (bf16, "x-bf16")):
         v15 = (xg.to(x_dtype), lq, rnd(1, 2 * D, scale=(2 * D) ** -0.5), rnd(1), la, sigma)
-        fn = lambda v15=v15: ops.lq_gate(*v15)  # noqa: E731
+        fn = lambda r, v15=v15: ops.lq_gate(*v15, route=r)  # noqa: E731
         xb = torch.finfo(x_dtype).bits // 8
         out.append(Case(f"gate/v1.5-{tag}-16384x1536", _repeat(fn, n15), _repeat(fn, n15, "gate"),
                         bytes=n15 * L * D * (xb + 2 + xb),
@@ -67,11 +69,11 @@ def cases(device: str) -> list[Case]:
     # SwiGLU gate-up over image + text tokens.
     M = L + T
     u, w13 = rnd(M, D), rnd(2 * Hm, D, scale=D ** -0.5)
-    fn = lambda: ops.swiglu_gate_up(u, w13)  # noqa: E731
+    fn = lambda r: ops.swiglu_gate_up(u, w13, route=r)  # noqa: E731
     out.append(Case("swiglu/gate-up-16684x1536x4096", _repeat(fn, n), _repeat(fn, n, "swiglu"),
                     flops=n * 2 * M * D * 2 * Hm,
                     note=f"bf16; baseline = two cuBLAS linears + silu*mul; x{n} per timing"))
-    split = lambda: ops.swiglu_gate_up(u, w13, split=True)  # noqa: E731
+    split = lambda r: ops.swiglu_gate_up(u, w13, split=True, route=r)  # noqa: E731
     out.append(Case("swiglu/split-16684x1536x4096", _repeat(split, n), _repeat(fn, n, "swiglu"),
                     flops=n * 2 * M * D * 2 * Hm,
                     note=f"bf16; one cuBLAS GEMM vs w13 + silu_mul pass; baseline as above; x{n} per timing"))

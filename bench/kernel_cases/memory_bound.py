@@ -19,10 +19,12 @@ REPEAT = 20
 
 
 def _repeat(fn, *ops_off):
+    """fn(route) REPEAT times: the kernel's route, or with ops_off the PyTorch math ("torch")."""
+    route = "torch" if ops_off else None
+
     def run():
-        with ops.disabled(*ops_off):
-            for _ in range(REPEAT):
-                fn()
+        for _ in range(REPEAT):
+            fn(route)
     return run
 
 
@@ -38,11 +40,11 @@ def cases(device: str) -> list[Case]:
     w = 1 + 0.1 * rnd(C)
     mod = rnd(B, 1, 6 * C)
     sh, sc, gt = mod[..., :C], mod[..., C:2 * C], mod[..., 2 * C:3 * C]
-    full = lambda: ops.add_rms_modulate(x, w, sh, sc, y, gt, out_dtype=bf16)  # noqa: E731
+    full = lambda r: ops.add_rms_modulate(x, w, sh, sc, y, gt, out_dtype=bf16, route=r)  # noqa: E731
     out.append(Case("rms_modulate/patch-add-16384x1536", _repeat(full), _repeat(full, "rms_modulate"),
                     bytes=REPEAT * B * N * C * (4 + 2 + 4 + 2),
                     note=f"x fp32 + gate*y bf16 -> x_new fp32, h bf16; x{REPEAT} per timing"))
-    norm = lambda: ops.add_rms_modulate(x, w, sh, sc, out_dtype=bf16)  # noqa: E731
+    norm = lambda r: ops.add_rms_modulate(x, w, sh, sc, out_dtype=bf16, route=r)  # noqa: E731
     out.append(Case("rms_modulate/patch-norm-16384x1536", _repeat(norm), _repeat(norm, "rms_modulate"),
                     bytes=REPEAT * B * N * C * (4 + 2), note=f"x fp32 -> h bf16; x{REPEAT} per timing"))
 
@@ -55,11 +57,11 @@ def cases(device: str) -> list[Case]:
     wts = dict(norm2_w=nw, fc1_w=rnd(64, 16) / 4, fc1_b=rnd(64), fc2_w=rnd(16, 64) / 8, fc2_b=rnd(16))
     pix = R * P2
     m3 = m.view(R, P2, 96)
-    pre = lambda: ops.add_rms_modulate(p, nw, m3[..., :16], m3[..., 16:32], out_dtype=bf16)  # noqa: E731
+    pre = lambda r: ops.add_rms_modulate(p, nw, m3[..., :16], m3[..., 16:32], out_dtype=bf16, route=r)  # noqa: E731
     out.append(Case("rms_modulate/pixel-pre-4096x256", _repeat(pre), _repeat(pre, "rms_modulate"),
                     bytes=REPEAT * pix * (16 * 4 + 32 * 2 + 16 * 2),
                     note=f"p fp32, shift1/scale1 bf16 (strided views of m) -> u bf16; x{REPEAT} per timing"))
-    post = lambda: ops.pixel_post(p, e, m, **wts)  # noqa: E731
+    post = lambda r: ops.pixel_post(p, e, m, **wts, route=r)  # noqa: E731
     out.append(Case("pixel_modulate/post-4096x256", _repeat(post), _repeat(post, "pixel_modulate"),
                     bytes=REPEAT * pix * (16 * 4 + 16 * 2 + 64 * 2 + 16 * 4),
                     flops=0.0, note=f"p fp32, e bf16, gate1..gate2 bf16 -> p_new fp32, MLP 16-64-16 on chip; x{REPEAT}"))

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pidkern.fp8 import amax
 from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET, INTERPRET_FAMILY, SM90, ArchAutotune, aligned_rows,
                                      dot_precision, on_device)
 
@@ -538,8 +539,8 @@ def _mode(mode) -> tuple[int, bool]:
 
 
 def _amax(x: torch.Tensor, dims) -> torch.Tensor:
-    """|x|'s max over dims as contiguous float32, never 0 (a zero scale would divide by 0)."""
-    return x.abs().amax(dims).float().clamp_min(1e-30).contiguous()
+    """|x|'s max over dims (pidkern.fp8.amax: never 0), contiguous, as the kernel reads it."""
+    return amax(x, dims, keepdim=False).contiguous()
 
 
 def attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,

@@ -150,15 +150,15 @@ def test_text_changes_image_output():
     assert (a - b).abs().min() > 1e-4
 
 
-def test_disabled_forces_torch(monkeypatch):
+def test_torch_route_runs_no_kernel(monkeypatch):
     from pidkern.kernels import attention as K
     qkv_img, qkv_txt, w, tabs = make(1, 2, 3, 2, 1, 64, torch.float32)
-    monkeypatch.setattr(K, "attention_fused", lambda *a, **k: pytest.fail("kernel ran while disabled"))
-    monkeypatch.setattr(K, "attention_prep", lambda *a, **k: pytest.fail("kernel ran while disabled"))
-    with ops.disabled("attention"):
-        got = call(qkv_img, qkv_txt, w, tabs, 1, "triton")
-    want = call(qkv_img, qkv_txt, w, tabs, 1, "torch")
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    want = call(qkv_img, qkv_txt, w, tabs, 1, "prep+sdpa")     # the kernels' prep, then SDPA
+    monkeypatch.setattr(K, "attention_fused", lambda *a, **k: pytest.fail("kernel ran on the torch route"))
+    monkeypatch.setattr(K, "attention_prep", lambda *a, **k: pytest.fail("kernel ran on the torch route"))
+    got = call(qkv_img, qkv_txt, w, tabs, 1, "torch")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
 def _bad(**over):

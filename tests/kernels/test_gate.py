@@ -38,8 +38,7 @@ def test_matches_reference(x_dtype, dtype, version):
     B, N, D = 3, 37, 70
     args = make(B, N, D, D if version == "v1" else 1, x_dtype, dtype, seed=len(version) * 10 + dtype.itemsize + x_dtype.itemsize)
     out = ops.lq_gate(*args)
-    with ops.disabled("gate"):
-        torch_out = ops.lq_gate(*args)
+    torch_out = ops.lq_gate(*args, route="torch")
     assert out.dtype == x_dtype
     assert_within_rule(out, torch_out, ref64(*args), f"gate {version} x={x_dtype} w={dtype}")
 
@@ -60,8 +59,7 @@ def test_strided_tokens():
     x, lq, w, b, la, sigma = make(3, 80, 48, 48, torch.float32, torch.float32, seed=11)
     x, lq = x[:, 5:42], lq[:, ::2][:, :37]
     out = ops.lq_gate(x, lq, w, b, la, sigma)
-    with ops.disabled("gate"):
-        torch_out = ops.lq_gate(x, lq, w, b, la, sigma)
+    torch_out = ops.lq_gate(x, lq, w, b, la, sigma, route="torch")
     assert_within_rule(out, torch_out, ref64(x, lq, w, b, la, sigma), "gate strided")
 
 
@@ -97,7 +95,6 @@ def test_opcheck(out_dim):
 def test_bf16_real_shape(version, x_dtype):
     args = make(2, 2500, 1536, 1536 if version == "v1" else 1, x_dtype, torch.bfloat16, device="cuda", seed=9)
     out = ops.lq_gate(*args)
-    with ops.disabled("gate"):
-        torch_out = ops.lq_gate(*args)
+    torch_out = ops.lq_gate(*args, route="torch")
     assert out.dtype == x_dtype
     assert_within_rule(out, torch_out, ref64(*args), f"gate {version} bf16 x={x_dtype}")

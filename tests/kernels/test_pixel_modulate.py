@@ -43,8 +43,7 @@ def make(R, P2, p_dtype, dtype, wdtype=None, device=DEVICE, seed=0):
 
 def check_post(p, e, m, w, what=""):
     out = ops.pixel_post(p, e, m, **w)
-    with ops.disabled("pixel_modulate"):
-        out_t = ops.pixel_post(p, e, m, **w)
+    out_t = ops.pixel_post(p, e, m, **w, route="torch")
     assert out.dtype == p.dtype and out.shape == p.shape
     assert_within_rule(out, out_t, post64(p, e, m, *w.values()), what)
     return out
@@ -70,8 +69,7 @@ def test_pixel_post_takes_the_post_attention_half_of_m(dtype):
     p, e, m, w = make(7, 64, F32, dtype, seed=4)
     m_post = m.view(7, 64, 96)[..., 32:].contiguous().view(7, 64 * 64)
     out = ops.pixel_post(p, e, m_post, **w)
-    with ops.disabled("pixel_modulate"):
-        out_t = ops.pixel_post(p, e, m_post, **w)
+    out_t = ops.pixel_post(p, e, m_post, **w, route="torch")
     assert_within_rule(out, out_t, post64(p, e, m, *w.values()), "post with m[..., 32:]")
     with pytest.raises(ValueError, match="per pixel"):
         ops.pixel_post(p, e, m.view(7, 64, 96)[..., :80].contiguous(), **w)

@@ -36,8 +36,7 @@ def check(B, L, T, D, heads, hd, dtype, device=DEV, seed=0):
     img = make(B, L, D, heads, hd, dtype, g, device)
     txt = make(B, T, D, heads, hd, dtype, g, device) if T else (None,) * 4
     got = ops.qkv_rope(*img, *txt, heads=heads)
-    with ops.disabled("qkv_rope"):
-        plain = ops.qkv_rope(*img, *txt, heads=heads)
+    plain = ops.qkv_rope(*img, *txt, heads=heads, route="torch")
     want = ref64(*img, heads)
     if T:
         want = tuple(torch.cat(p, 1) for p in zip(ref64(*txt, heads), want))
@@ -68,13 +67,12 @@ def test_autotune_prune_keeps_whole_heads_per_tile():
         assert len(_prune(_configs(family), {}, HD=64, HHD=1536)) == len(_configs(family))
 
 
-def test_disabled_runs_cublas_and_the_chain(monkeypatch):
+def test_torch_route_runs_cublas_and_the_chain(monkeypatch):
     from pidkern.kernels import qkv_rope as K
     g = torch.Generator().manual_seed(1)
     img = make(1, 5, 32, 1, 16, torch.float32, g)
-    monkeypatch.setattr(K, "_launch", lambda *a, **k: pytest.fail("kernel ran while disabled"))
-    with ops.disabled("qkv_rope"):
-        q, k, v = ops.qkv_rope(*img, heads=1)
+    monkeypatch.setattr(K, "_launch", lambda *a, **k: pytest.fail("kernel ran on the torch route"))
+    q, k, v = ops.qkv_rope(*img, heads=1, route="torch")
     assert q.shape == (1, 5, 1, 16)
 
 
