@@ -6,6 +6,8 @@ uses it to refuse a decode that cannot fit before any work starts. See docs/desi
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import PiDConfig, get_preset
@@ -38,16 +40,23 @@ def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int
     what FastPiD's layers own (`FastPiD.resident_bytes`). A reference decode brings the
     parked ones back. precision="fp8": the fp8 layers hold one byte per weight and four
     per output row (their scales), docs/fp8.md."""
-    from .fast import FastPiD
-    from .reference import PiDNet
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     dtypes = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}
     if dtype_bytes not in dtypes:
         raise ValueError(f"dtype_bytes={dtype_bytes!r}: expected one of {sorted(dtypes)}")
+    return _weight_bytes(_config(preset), dtypes[dtype_bytes], precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_bytes(cfg: PiDConfig, dtype: torch.dtype, precision: str) -> int:
+    # a config's answer never changes, and building the meta model takes seconds: the
+    # small-card ladder and the card predictions ask for it many times
+    from .fast import FastPiD
+    from .reference import PiDNet
     with torch.device("meta"):
-        net = PiDNet(_config(preset)).to(dtypes[dtype_bytes])
-        return FastPiD(net, dtypes[dtype_bytes], precision).resident_bytes()
+        net = PiDNet(cfg).to(dtype)
+        return FastPiD(net, dtype, precision).resident_bytes()
 
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,

@@ -42,3 +42,27 @@ def test_allowed_keeps_order_and_unverified():
     assert C.allowed(routes, "9.0") == routes
     text = "\n".join(C.capability_lines("12.0"))
     assert "sm_120" in text and "unverified" in text
+
+
+def test_route_table_applies_the_rules_to_a_card_that_is_not_here():
+    from pidkern import routes as R
+    spec = R.DeviceSpec.cuda((12, 0), libraries=("triton", "flash_attn_interface", "cudnn", "torchao"))
+    fa3 = R.TABLE["attention.patch"]["prep+flash3-fp8"]
+    assert "cannot run on compute capability 12.0" in fa3.why_not(spec, "fp8")
+    assert fa3.why_not(R.DeviceSpec.cuda((9, 0), libraries=("triton", "flash_attn_interface")), "fp8") is None
+    # unverified stays a candidate (the race decides on the card)
+    assert R.TABLE["gemm"]["scaled_mm"].why_not(spec, "fp8") is None
+    assert R.TABLE["attention.patch"]["prep+cudnn-fp8"].why_not(spec, "fp8") is None
+    ada = R.DeviceSpec.cuda((8, 6), libraries=("triton",))
+    assert "fp8-triton" not in R.available("attention.patch", ada, "fp8")
+    assert "int8qk-triton" in R.available("attention.patch", ada, "fp8")
+
+
+def test_info_plan_for_a_device_capability(capsys):
+    from pidkern.cli import main
+    assert main(["info", "--plan", "flux-2k", "2048x2048", "--device-capability", "12.0", "--precision", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "compute capability 12.0 (sm_120)" in out and "plan for batch 1, 2048x2048" in out
+    assert "gemm             scaled_mm" in out and "scaled_mm: unverified" in out
+    assert main(["info", "--plan", "flux-2k", "2048x2048", "--device-capability", "8.6", "--precision", "fp8"]) != 0
+    assert "no fp8 tensor cores" in capsys.readouterr().err
