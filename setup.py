@@ -2,7 +2,9 @@
 
 - CPU ops (csrc/*.cpp): always attempted when torch is importable at build time.
 - CUDA ops (csrc/*.cu): added when torch is a CUDA build, a CUDA toolkit is found and
-  PIDKERN_SKIP_CUDA_BUILD is not 1. Arch flags default to the local card's.
+  PIDKERN_SKIP_CUDA_BUILD is not 1. Arch flags default to the local card's; with no card
+  visible, to every architecture pidkern has kernel configs for that the toolkit builds
+  (sm_80, 86, 89, 90, and 100 and 120 from CUDA 12.8), plus PTX of the newest.
 - Anything missing (torch, a C++ compiler, nvcc) or a failing compile: the install still
   succeeds, without the extension, after a loud warning; pidkern then runs the same
   math in PyTorch (pidkern/_ext.py).
@@ -25,6 +27,17 @@ def warn(msg):
           file=sys.stderr, flush=True)
 
 
+def default_arch_list(cuda_version: str) -> str:
+    """TORCH_CUDA_ARCH_LIST for a build with no card to ask: A100, RTX 30xx, RTX 40xx,
+    H100/H200 and, where the toolkit knows them (CUDA 12.8 on), B200 and RTX 50xx; PTX of
+    the newest so a later card can JIT it."""
+    major, minor = (int(v) for v in cuda_version.split(".")[:2])
+    archs = ["8.0", "8.6", "8.9", "9.0"]
+    if (major, minor) >= (12, 8):
+        archs += ["10.0", "12.0"]
+    return ";".join(archs) + "+PTX"
+
+
 def extension_and_cmd():
     try:
         import torch
@@ -42,6 +55,8 @@ def extension_and_cmd():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.is_available():
             caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
             os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
+        elif not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(torch.version.cuda)
         ext = cpp_extension.CUDAExtension(
             "pidkern._C", cpp + cu, include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]})

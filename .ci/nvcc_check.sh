@@ -13,7 +13,9 @@ fi
 "$NVCC" --version | tail -n 1
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-for arch in 80 90 120; do
+# every architecture family pidkern has configs for (docs/cards.md): A100, RTX 30xx, RTX 40xx,
+# H100/H200, B200, RTX 50xx; nvcc 13 builds all six (it dropped sm_50-sm_72, not these)
+for arch in 80 86 89 90 100 120; do
   for src in csrc/*_kernels.cu; do
     echo "nvcc sm_${arch}: ${src}"
     # the -D flags are the ones torch's CUDAExtension adds: the kernels must build under them

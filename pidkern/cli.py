@@ -615,10 +615,60 @@ def plan_lines(preset: str, size: str, device=None, batch: int = 1, plan=None, p
     return [f"{cfg.name}, {str(dtype)[6:]} weights", str(p)]
 
 
+def capability_spec(text):
+    """The routes.DeviceSpec of a CUDA card of capability `text` ("12.0") that is not here:
+    Triton, and the route libraries that import on this machine (standing in for the card's)."""
+    from .capability import parse_capability
+    from .routes import LIBRARIES, DeviceSpec, importable
+    libs = {"triton"} | {m for m in LIBRARIES if m != "triton" and importable(m)}
+    return DeviceSpec.cuda(parse_capability(text), libraries=tuple(sorted(libs)))
+
+
+def capability_plan_lines(spec, precision: str) -> list[str]:
+    from .capability import precisions
+    cap = f"{spec.capability[0]}.{spec.capability[1]}"
+    if precision != "native" and precision not in precisions(spec.capability):
+        raise UsageError(f"--precision {precision}: compute capability {cap} has no {precision} tensor cores "
+                         f"(e4m3 needs 8.9 or later); it runs {', '.join(precisions(spec.capability))}")
+    return [f"the plan a CUDA card of compute capability {cap} (sm_{spec.capability[0]}{spec.capability[1]}) would "
+            f"get, by rule: no such card is here (libraries assumed: {', '.join(sorted(spec.libraries))})"]
+
+
+def capability_notes(spec, plan_text: list[str]) -> list[str]:
+    """The capability rule of every route the printed plan names (an entry's value or a
+    race candidate) that is unverified there."""
+    from .capability import RULES, route_support
+    named = set()
+    for line in "\n".join(plan_text).splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and line.startswith("  "):
+            named.add(parts[1])
+        if "(candidates: " in line:
+            named.update(c.strip() for c in line.split("(candidates: ", 1)[1].rstrip(")").split(","))
+    notes = []
+    for route in RULES:
+        ok, why = route_support(route, spec.capability)
+        if ok is None and route in named:
+            notes.append(f"  {route}: unverified on this capability ({why})")
+    return ["capability notes (docs/cards.md, 'Capability rules'):"] + notes if notes else []
+
+
 def cmd_info(args) -> int:
-    if getattr(args, "plan", None):
-        print("\n".join(plan_lines(*args.plan, device=args.device, precision=args.precision)))
+    if getattr(args, "predict", None):
+        from .cards import predict_lines
+        print("\n".join(predict_lines(args.predict, preset=args.preset or "flux-2k")))
         return 0
+    if getattr(args, "plan", None):
+        spec = None
+        if getattr(args, "device_capability", None):
+            spec = capability_spec(args.device_capability)
+        lines = plan_lines(*args.plan, device=args.device, precision=args.precision, spec=spec)
+        if spec is not None:
+            lines = capability_plan_lines(spec, args.precision) + lines + capability_notes(spec, lines)
+        print("\n".join(lines))
+        return 0
+    if getattr(args, "device_capability", None):
+        raise UsageError("--device-capability goes with --plan PRESET HxW")
     if args.checkpoint is None:
         print("\n".join(info_lines()))
         return 0
@@ -814,6 +864,12 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--device", default=None, help="device for --plan (default: cuda when available)")
     i.add_argument("--precision", default="native", choices=("native", "fp8", "int8"),
                    help="the model's precision for --plan")
+    i.add_argument("--device-capability", default=None, metavar="MAJOR.MINOR",
+                   help="with --plan: the plan a CUDA card of this compute capability would get, by the capability "
+                        "rules, without the card (12.0: RTX 50xx, 8.9: RTX 40xx, 8.6: RTX 30xx, 10.0: B200)"),
+    i.add_argument("--predict", default=None, metavar="CARD",
+                   help="print the PREDICTED decode time and resident memory per precision on CARD (rtx5090, "
+                        "rtx4090, rtx3090, rtx4060ti-8gb, a100, h100, h200, b200): docs/cards.md")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmark decodes (see pidkern bench --help)")

@@ -6,6 +6,8 @@ uses it to refuse a decode that cannot fit before any work starts. See docs/desi
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import PiDConfig, get_preset
@@ -38,22 +40,30 @@ def weight_bytes(preset, dtype_bytes: int = 2, precision: str = "native") -> int
     what FastPiD's layers own (`FastPiD.resident_bytes`). A reference decode brings the
     parked ones back. precision="fp8": the fp8 layers hold one byte per weight and four
     per output row (their scales), docs/fp8.md."""
-    from .fast import FastPiD
-    from .reference import PiDNet
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     dtypes = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}
     if dtype_bytes not in dtypes:
         raise ValueError(f"dtype_bytes={dtype_bytes!r}: expected one of {sorted(dtypes)}")
+    return _weight_bytes(_config(preset), dtypes[dtype_bytes], precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_bytes(cfg: PiDConfig, dtype: torch.dtype, precision: str) -> int:
+    # a config's answer never changes, and building the meta model takes seconds: the
+    # small-card ladder and the card predictions ask for it many times
+    from .fast import FastPiD
+    from .reference import PiDNet
     with torch.device("meta"):
-        net = PiDNet(_config(preset)).to(dtypes[dtype_bytes])
-        return FastPiD(net, dtypes[dtype_bytes], precision).resident_bytes()
+        net = PiDNet(cfg).to(dtype)
+        return FastPiD(net, dtype, precision).resident_bytes()
 
 
 def estimate_memory(preset, batch: int, height: int, width: int, text_len: int | None = None,
                     dtype_bytes: int = 2, noise: str = "release", world_size: int = 1,
                     precision: str = "native", sampler: str = "sde", cfg_scale: float = 1.0, window=None,
-                    overlap: int | None = None, canvas: str = "auto", batch_windows: int = 1) -> int:
+                    overlap: int | None = None, canvas: str = "auto", batch_windows: int = 1, graphs: bool = True,
+                    band_rows: int | None = None, keep_heads: bool | None = None) -> int:
     """Predicted GPU bytes a fast decode holds once warm (torch.cuda.memory_reserved).
 
     What the fast path keeps for the whole decode (weights, the graph's static buffers,
@@ -80,6 +90,10 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     docs/windows.md): one batch of windows at the window's size, plus the canvas and
     every window's adapter tokens where the canvas lives on the card ("auto": the host
     past pidkern.window.CANVAS_DEVICE_BYTES).
+    graphs, band_rows, keep_heads: the plan's settings of those names (None: the plan's
+    rules). Without a CUDA graph the allocator holds the transient peak once instead of
+    the graph pool's GRAPH_POOL_FACTOR times it (a forecast: only graphed decodes were
+    measured).
     """
     cfg = _config(preset)
     if window is not None:
@@ -104,7 +118,8 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     d = cfg.hidden
     image = images * 3 * rows * cfg.patch * width * 4         # one float32 image (this rank's rows)
     n_heads = cfg.num_lq_heads + cfg.is_v15
-    heads = n_heads * n * d * e if heads_fit(cfg, n, e) else n * d * e
+    keep = heads_fit(cfg, n, e) if keep_heads is None else keep_heads
+    heads = n_heads * n * d * e if keep else n * d * e
     per_pixel = cfg.pixels_per_patch * cfg.pixel_dim
     persistent = (
         n * cfg.adapter_width * e                             # adapter tokens
@@ -121,7 +136,7 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
     m = batch * (L + t)
     patch_peak = n * d * 4 + m * 3 * d * e * 2 + m * d * e    # residual, qkv + its roped copy, output
     pa = n * cfg.pixel_attn_dim * e
-    band = modulation_band_rows(cfg, n, e)
+    band = modulation_band_rows(cfg, n, e) if band_rows is None else min(band_rows, n)
     pixel_peak = n * d * e + max(pa * 8,                      # s; compressed tokens, qkv x2, output
                                  pa + band * per_pixel * e * (4 + 1 + 1))  # or a band's m, e, tokens
     if world_size > 1:
@@ -131,7 +146,37 @@ def estimate_memory(preset, batch: int, height: int, width: int, text_len: int |
         patch_peak += gathered(d) + 2 * batch * t * d * e     # + the text keys joined to them
         pixel_peak += gathered(cfg.pixel_attn_dim)
     transient = max(patch_peak, pixel_peak)
-    return weight_bytes(cfg, e, precision) + persistent + int(GRAPH_POOL_FACTOR * transient) + FIXED_OVERHEAD
+    pool = GRAPH_POOL_FACTOR if graphs else 1.0
+    return weight_bytes(cfg, e, precision) + persistent + int(pool * transient) + FIXED_OVERHEAD
+
+
+def small_card_ladder(cfg: PiDConfig, rows: int, dtype_bytes: int = 2) -> list[tuple[str, dict]]:
+    """The plan settings a card short of memory steps through, cheapest first: each
+    (what it gives up, plan overrides) keeps the previous ones. The adapter heads'
+    outputs recomputed instead of kept; modulation bands of 16 MiB instead of 128; no
+    CUDA graph (its pool holds ~1.9x the transient peak). Past the last rung only a
+    smaller working set helps: windowed decoding, or a smaller batch."""
+    cfg = _config(cfg)
+    small_band = max(1, min(rows, (16 * 2**20) // (6 * cfg.pixels_per_patch * cfg.pixel_dim * dtype_bytes)))
+    return [("as planned", {}),
+            ("adapter heads recomputed each step", {"keep_heads": False}),
+            ("16 MiB modulation bands", {"keep_heads": False, "band_rows": small_band}),
+            ("no CUDA graph", {"keep_heads": False, "band_rows": small_band, "graphs": False})]
+
+
+def fitting_settings(preset, batch: int, height: int, width: int, budget_bytes: int, text_len: int | None = None,
+                     dtype_bytes: int = 2, noise: str = "release", precision: str = "native",
+                     margin: float = 1.0) -> tuple[str, dict] | None:
+    """The first rung of small_card_ladder whose estimate_memory, times `margin`, fits
+    in budget_bytes: (what it gives up, plan overrides for Decoder.decode(plan=...)).
+    None: not even the last rung fits (decode in windows or a smaller batch)."""
+    cfg = _config(preset)
+    rows = batch * (height // cfg.patch) * (width // cfg.patch)
+    for what, over in small_card_ladder(cfg, rows, dtype_bytes):
+        need = estimate_memory(cfg, batch, height, width, text_len, dtype_bytes, noise, precision=precision, **over)
+        if need * margin <= budget_bytes:
+            return what, over
+    return None
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -159,7 +204,11 @@ def check_fits(cfg: PiDConfig, device: torch.device, batch: int, h: int, w: int,
     if short:
         need = estimate_memory(cfg, batch, h, w, text_len, noise=noise, sampler=sampler, cfg_scale=cfg_scale) \
             - weight_bytes(cfg)
+        free = need - short
+        fit = fitting_settings(cfg, batch, h, w, free + weight_bytes(cfg), text_len, noise=noise)
+        hint = (f"; it fits with plan={fit[1]} ({fit[0]})" if fit else
+                "; no plan setting makes it fit: decode a smaller batch, or in windows with window='auto' "
+                "(pidkern.window)")
         raise InsufficientMemoryError(
             f"decode of batch {batch} at {h}x{w} needs about {need / 2**30:.2f} GiB of GPU memory beyond the "
-            f"weights (estimate_memory), but only {(need - short) / 2**30:.2f} GiB is free on {device}; decode it "
-            f"in windows with window='auto' (pidkern.window)")
+            f"weights (estimate_memory), but only {free / 2**30:.2f} GiB is free on {device}{hint}")

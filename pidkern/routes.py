@@ -124,6 +124,13 @@ class Route:
     mode: str | None = None          # the Triton attention kernel's 8-bit mode
     race: dict = field(default_factory=dict)   # precision -> rank in that precision's race
 
+    @property
+    def capability_rule(self) -> bool:
+        """Whether pidkern.capability holds a rule for this route beyond min_capability
+        (the attention and GEMM routes: FA3 on Hopper only, row-wise _scaled_mm, ...)."""
+        from .capability import RULES
+        return self.name in RULES and any(e.startswith("attention") or e == "gemm" for e in self.entries)
+
     def why_not(self, spec: DeviceSpec, precision: str = "native") -> str | None:
         """None when this route can run on `spec` for a model of `precision`, else why not."""
         if precision not in self.precisions:
@@ -136,6 +143,11 @@ class Route:
                 and spec.capability < self.min_capability):
             need = ".".join(map(str, self.min_capability))
             return f"{self.name} needs compute capability {need} or later, the card has {spec.capability}"
+        if spec.type == "cuda" and spec.capability is not None and self.capability_rule:
+            from .capability import route_support
+            ok, why = route_support(self.name, spec.capability)
+            if ok is False:
+                return f"{self.name} cannot run on compute capability {spec.capability[0]}.{spec.capability[1]}: {why}"
         if self.library and self.library not in spec.libraries:
             return f"{self.name} needs the {LIBRARIES[self.library]!r} package (import {self.library})"
         return None

@@ -1,12 +1,14 @@
 """What every kernel file shares: the interpreter switch, the dtypes the kernels take,
 the dot-precision rule, the launch context, the grouped tile order, stride alignment and
-the GEMM K loop. Conventions (docs/design.md, "Adding a kernel"): every launcher runs
-inside `on_device(tensor)`, checks dtypes against FLOAT_DTYPES, takes tl.dot's precision
-from `dot_precision`, and attaches autotune configs as
-`<name>_tuned = triton.autotune(configs=..., key=[...])(<jitted kernel>)`."""
+the GEMM K loop, the per-architecture autotune spaces. Conventions (docs/design.md,
+"Adding a kernel"): every launcher runs inside `on_device(tensor)`, checks dtypes against
+FLOAT_DTYPES, takes tl.dot's precision from `dot_precision`, and attaches autotune configs
+per architecture family as `<name>_tuned = ArchAutotune(<jitted kernel>, <configs(family)>,
+key=[...])`, launched as `<name>_tuned.at(tensor.device)[grid](...)`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -86,3 +88,67 @@ def gemm_k_loop(acc, a_ptrs, b_ptrs, rk, K, s_bk, dot_dtype, BLOCK_K: tl.constex
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * s_bk
     return acc
+
+
+# ----------------------------------------------------------- per-architecture configs
+#
+# Autotune spaces are per architecture family, because what fits and what is fast differ:
+# - SM90: compute capability 9.x (Hopper), 10.x and 11.x (datacenter Blackwell, Thor): a
+#   block may take up to 227 KB of shared memory, and Triton emits warpgroup MMAs (wgmma
+#   on 9.0a, tcgen05 on 10.0a). The configs offered here are the ones tuned on the H200.
+# - SM80: 8.x (Ampere, Ada) and 12.x (consumer Blackwell: RTX 50xx, DGX Spark): mma.sync,
+#   and at most 99 KB of shared memory per block (101 376 bytes; the A100's 8.0 allows
+#   163 KB, but one set serves the family). Configs above that cannot launch at all, so
+#   this set is chosen from `python -m bench.compile_matrix` (docs/cards.md).
+# - INTERPRET: the Triton interpreter on the CPU (tests): one small config.
+# CUDA before 8.0 gets the SM80 set (the smallest configs, and the fast path needs bf16).
+SM90 = "sm90"
+SM80 = "sm80"
+INTERPRET_FAMILY = "interpret"
+FAMILIES = (SM90, SM80)
+
+
+def arch_family(capability: tuple[int, int]) -> str:
+    """The config family of a CUDA compute capability (major, minor)."""
+    major = capability[0]
+    return SM90 if major in (9, 10, 11) else SM80
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_family(index: int) -> str:
+    return arch_family(torch.cuda.get_device_capability(index))
+
+
+def device_family(device: torch.device) -> str:
+    """The config family kernels launched for tensors on `device` use: resolved once per
+    CUDA device at first launch and cached; the interpreter's off CUDA."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRET_FAMILY
+    return _cuda_family(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class ArchAutotune:
+    """A jitted kernel autotuned over its architecture family's configs.
+
+    configs(family, *extra) -> [triton.Config] (extra: launch-time parameters the config
+    space depends on, e.g. a block width); one triton.autotune per (family, *extra), built
+    at its first launch. `configs` is public so the compile matrix offers exactly what a
+    device would be offered."""
+
+    def __init__(self, fn, configs, key, prune_configs_by=None):
+        self.fn = fn
+        self.configs = configs
+        self.key = key
+        self.prune_configs_by = prune_configs_by
+        self._tuned = {}
+
+    def tuned(self, family: str, *extra):
+        k = (family, *extra)
+        if k not in self._tuned:
+            self._tuned[k] = triton.autotune(configs=self.configs(family, *extra), key=self.key,
+                                             prune_configs_by=self.prune_configs_by)(self.fn)
+        return self._tuned[k]
+
+    def at(self, device: torch.device, *extra):
+        """The autotuned kernel for tensors on `device`: index it with the grid."""
+        return self.tuned(device_family(device), *extra)

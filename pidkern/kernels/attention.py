@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from pidkern.fp8 import amax
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET, aligned_rows, dot_precision, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET, INTERPRET_FAMILY, SM90, ArchAutotune, aligned_rows,
+                                     dot_precision, on_device)
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = tl.constexpr(448.0)   # largest finite float8_e4m3fn
@@ -388,22 +389,36 @@ def _prep_one(src, dst, w_ptr, cos_ptr, sin_ptr, rows, s_t, n, eps, NORM: tl.con
 
 # ------------------------------------------------------------------------- launchers
 
-def _configs():
-    if INTERPRET:
+def _configs(family: str):
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Hopper flash-attention forward shapes, checked by compiling offline for sm_90: the
-    # 8-warp ones do not spill (hd 72 fused at BLOCK_N 128: a few bytes); the 4-warp one
-    # spills in the fused variant but suits the plain core; BLOCK_M 256 spilled badly.
+    if family == SM90:
+        # Hopper flash-attention forward shapes, checked by compiling offline for sm_90: the
+        # 8-warp ones do not spill (hd 72 fused at BLOCK_N 128: a few bytes); the 4-warp one
+        # spills in the fused variant but suits the plain core; BLOCK_M 256 spilled badly.
+        return [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        ]
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120. Of the
+    # Hopper set only 128 x 64 at 3 stages fits in bf16 (98 KB with hd 72 fused, 1 KB to
+    # spare), and the int8 mode's hd-72 fused variant needs 114 KB there: it cannot launch.
+    # 4 stages (120-138 KB) and 128 x 128 (160-180 KB) never can. mma.sync holds the
+    # accumulators in more registers per thread than wgmma, so the fused hd-72 kernel (norm
+    # and RoPE of every k tile) spills at 128 x 64 and at 64 x 64 with 4 warps; 128 x 32 with
+    # 8 warps and 64 x 32 with 4 do not spill in bf16 (32 bytes on sm_120 for the latter; a
+    # few bytes in some 8-bit modes).
+    # The 2-stage 128 x 64 is the FlashAttention-2 tile on these cards.
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(),
-                                  key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])(_attn_fwd)
+_attn_fwd_tuned = ArchAutotune(_attn_fwd, _configs, key=["HD", "L", "T", "HAS_TXT", "NORM", "ALIGN", "QK8", "PV8"])
 
 
 def _chunks(hd: int, eight_bit: bool = False) -> tuple[int, int]:
@@ -608,12 +623,13 @@ def _launch(qi, ki, vi, oi, qt, kt, vt, ot, tabs, ws, s_i, s_t, B, L, T, H, hd, 
     def grid(meta):
         return (triton.cdiv(L, meta["BLOCK_M"]) + triton.cdiv(T, meta["BLOCK_M"]), B * H)
 
+    kernel = _attn_fwd_tuned.at(qi.device)
     with on_device(qi):
-        _attn_fwd_tuned[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
-                              *(s // align for s in strides), L, T, H, qk_scale, eps,
-                              dummy if ks is None else ks, dummy if vs is None else vs,
-                              HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
-                              ALIGN=align, QK8=qk8, PV8=pv8)
+        kernel[grid](qi, ki, vi, oi, qt, kt, vt, ot, *tabs, *ws,
+                     *(s // align for s in strides), L, T, H, qk_scale, eps,
+                     dummy if ks is None else ks, dummy if vs is None else vs,
+                     HD=hd, HD_A=hd_a, HD_B=hd_b, HAS_TXT=T > 0, NORM=norm, PREC=dot_precision(qi.dtype),
+                     ALIGN=align, QK8=qk8, PV8=pv8)
 
 
 def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,

@@ -15,19 +15,25 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, grouped_tile, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET_FAMILY, SM90, ArchAutotune, dot_precision, grouped_tile,
+                                     on_device)
 
 
-def _configs():
-    if _INTERPRET:
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PIX_M": 32},
+                         num_warps=warps, num_stages=stages)
+
+
+def _configs(family: str):
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PIX_M": 16},
                               num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "PIX_M": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "PIX_M": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "PIX_M": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "PIX_M": 32}, num_warps=4, num_stages=4),
-    ]
+    if family == SM90:
+        return [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120: the
+    # Hopper set fits (96 KB at most) without spilling, but two of its tiles leave 3 KB to
+    # spare; these keep the 128 x 128 tile at 2-3 stages (32-64 KB) and a 4-warp one.
+    return [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 2), _cfg(128, 128, 32, 8, 3), _cfg(64, 128, 64, 4, 3)]
 
 
 @triton.jit
@@ -108,7 +114,7 @@ def _embed_kernel(x_ptr, w_ptr, b_ptr, pw_ptr, pb_ptr, col_ptr, row_ptr, tok_ptr
             tl.store(dst, val.to(pix_ptr.dtype.element_ty), mask=smask)
 
 
-_embed_tuned = triton.autotune(configs=_configs(), key=["M", "D", "L", "Ws"])(_embed_kernel)
+_embed_tuned = ArchAutotune(_embed_kernel, _configs, key=["M", "D", "L", "Ws"])
 
 
 def _check(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch):
@@ -172,7 +178,7 @@ def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Ten
     pix_w = pix_w.contiguous()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
     with on_device(x):
-        _embed_tuned[grid](x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, tok, pix,
+        _embed_tuned.at(x.device)[grid](x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, tok, pix,
                            M, D, L, Ws, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
                            patch_w.stride(0), patch_w.stride(1), sincos_col.stride(0), sincos_row.stride(0),
                            P=patch, BLOCK_P=triton.next_power_of_2(patch), DP=Dp,

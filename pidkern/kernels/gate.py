@@ -17,18 +17,28 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, gemm_k_loop, grouped_tile, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET_FAMILY, SM90, ArchAutotune, dot_precision, gemm_k_loop,
+                                     grouped_tile, on_device)
 
 
-def _gemm_configs():
+def _gemm_configs(family: str):
     # No 128x256 tile: with the x/lq epilogue tiles live it spills (ptxas, sm_90).
-    if _INTERPRET:
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    if family == SM90:
+        return [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        ]
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120: x is
+    # float32, so its A tiles take twice the bytes: 128 x 128 x 64 needs 144 KB at 4 stages and
+    # 128 x 64 with 4 warps spills; these fit (at most 96 KB) without spilling.
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
 
 
@@ -103,7 +113,7 @@ def _gate_rowdot_kernel(x_ptr, lq_ptr, w_ptr, b_ptr, la_ptr, sig_ptr, out_ptr, M
     tl.store(out_ptr + (rb * s_ob + rn * s_on)[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_gate_gemm_tuned = triton.autotune(configs=_gemm_configs(), key=["M", "D"])(_gate_gemm_kernel)
+_gate_gemm_tuned = ArchAutotune(_gate_gemm_kernel, _gemm_configs, key=["M", "D"])
 
 
 def _check(x, lq, weight, bias, log_alpha, sigma):
@@ -162,7 +172,7 @@ def lq_gate(x: torch.Tensor, lq: torch.Tensor, weight: torch.Tensor, bias: torch
                                       BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8)
         else:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-            _gate_gemm_tuned[grid](x, lq, weight, bias, log_alpha, sigma, out, M, N, D, *strides,
+            _gate_gemm_tuned.at(x.device)[grid](x, lq, weight, bias, log_alpha, sigma, out, M, N, D, *strides,
                                    weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
                                    DOT_PREC=dot_precision(weight.dtype))
     return out

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET as _INTERPRET, INTERPRET_FAMILY, ArchAutotune, dot_precision,
+                                     on_device)
 
 DP = 16       # pixel width
 HIDDEN = 64   # pixel MLP hidden width
@@ -72,15 +73,19 @@ def _pixel_post_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-if _INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_PIX": 64}, num_warps=4)]
-else:
-    _CONFIGS = [
+def _configs(family: str):
+    # The 16x64 and 64x16 weights are the only tensor-core operands: tiny tiles, a few KB
+    # of shared memory, so one set serves every architecture (bench.compile_matrix).
+    if family == INTERPRET_FAMILY:
+        return [triton.Config({"BLOCK_PIX": 64}, num_warps=4)]
+    return [
         triton.Config({"BLOCK_PIX": 64}, num_warps=4),
         triton.Config({"BLOCK_PIX": 128}, num_warps=4),
         triton.Config({"BLOCK_PIX": 256}, num_warps=8),
     ]
-_pixel_post_tuned = triton.autotune(configs=_CONFIGS, key=["P2", "M_BUCKET"])(_pixel_post_kernel)
+
+
+_pixel_post_tuned = ArchAutotune(_pixel_post_kernel, _configs, key=["P2", "M_BUCKET"])
 
 
 def _check(name, t, device, shape=None):
@@ -148,7 +153,7 @@ def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_PIX"]),)  # noqa: E731
     with on_device(p):
-        _pixel_post_tuned[grid](
+        _pixel_post_tuned.at(p.device)[grid](
             p, e, m, norm2_w.contiguous(), fc1_w.contiguous(), fc1_b.contiguous(),
             fc2_w.contiguous(), fc2_b.contiguous(), out,
             M, P2, M.bit_length(), *sp, *se, *sm, m_off, float(eps),

@@ -21,20 +21,32 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET as _INTERPRET, aligned_rows, dot_precision, gemm_k_loop,
-                                     grouped_tile, on_device)
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET as _INTERPRET, SM90, ArchAutotune, aligned_rows,
+                                     dot_precision, gemm_k_loop, grouped_tile, on_device)
 
 
 
-def _configs():
-    # 8 warps (two warpgroups) throughout: offline for sm_90 the 128 x 64 and 64 x 128 tiles
-    # do not spill, 128 x 128 spills ~340 bytes and 64 x 256 ~160 in the norm/RoPE epilogue;
-    # 4-warp tiles and 128 x 256 spilled far more and are left out
+def _configs(family: str):
+    """The CUDA configs (the interpreter launches the kernel directly, see _launch)."""
+    if family == SM90:
+        # 8 warps (two warpgroups) throughout: offline for sm_90 the 128 x 64 and 64 x 128 tiles
+        # do not spill, 128 x 128 spills ~340 bytes and 64 x 256 ~160 in the norm/RoPE epilogue;
+        # 4-warp tiles and 128 x 256 spilled far more and are left out
+        return [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        ]
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120: every
+    # Hopper tile fits (at most 80 KB) but 128 x 128 and 64 x 256 spill 470-630 bytes in the
+    # norm/RoPE epilogue under mma.sync's accumulator layout, even with BLOCK_K 32; the
+    # 128 x 64 and 64 x 128 tiles (72 KB at 4 stages) and 64 x 64 with 4 warps do not spill
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
 
 
@@ -99,8 +111,8 @@ def _qkv_rope_kernel(h_ptr, w_ptr, q_ptr, k_ptr, v_ptr, nw_ptr, cos_ptr, sin_ptr
         tl.store(dst + out_ptrs, y.to(dst.dtype.element_ty), mask=row_ok)
 
 
-_tuned = triton.autotune(configs=_configs(), key=["M", "N", "D", "HD", "HHD", "ALIGN"],
-                         prune_configs_by={"early_config_prune": _prune})(_qkv_rope_kernel)
+_tuned = ArchAutotune(_qkv_rope_kernel, _configs, key=["M", "N", "D", "HD", "HHD", "ALIGN"],
+                      prune_configs_by={"early_config_prune": _prune})
 
 
 def _check(name, h, w, nw, cos, sin, heads):
@@ -165,7 +177,7 @@ def _launch(h, w, nw, cos, sin, q, k, v, tok0, eps, hd):
         else:
             def grid(meta):
                 return (triton.cdiv(M, meta["BLOCK_M"]) * (3 * hhd // meta["BLOCK_N"]),)
-            _tuned[grid](*args, **consts, EVEN_K=D % 64 == 0)
+            _tuned.at(h.device)[grid](*args, **consts, EVEN_K=D % 64 == 0)
 
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, on_device
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, INTERPRET_FAMILY, ArchAutotune, on_device
 
 
 @triton.jit
@@ -58,24 +58,21 @@ def _rms_modulate_kernel(
     tl.store(h_ptr + out_row, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-def _configs(block_c: int) -> list[triton.Config]:
+def _configs(family: str, block_c: int) -> list[triton.Config]:
     # 2K-8K elements per program: wide rows (C=1536) take 1-4 rows, the 16-wide pixel
-    # rows 128-512, so every program moves tens of KB without spilling registers.
-    if _INTERPRET:
+    # rows 128-512, so every program moves tens of KB without spilling registers. No
+    # tensor cores and only a reduction's scratch in shared memory: one set for every
+    # architecture (bench.compile_matrix checks it fits each).
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_ROWS": max(1, 4096 // block_c)}, num_warps=4)]
     return [triton.Config({"BLOCK_ROWS": max(1, elems // block_c)}, num_warps=warps)
             for elems, warps in ((2048, 4), (4096, 8), (8192, 8))]
 
 
-_tuned: dict[int, object] = {}
-
-
-def _kernel_for(block_c: int):
-    if block_c not in _tuned:
-        # key: the row width and the row count's order of magnitude (a tiny test call
-        # must not pick the config the 2048^2 engine then reuses); dtypes are added by Triton.
-        _tuned[block_c] = triton.autotune(configs=_configs(block_c), key=["C", "M_BUCKET"])(_rms_modulate_kernel)
-    return _tuned[block_c]
+# key: the row width and the row count's order of magnitude (a tiny test call must not
+# pick the config the 2048^2 engine then reuses); dtypes are added by Triton. One
+# autotuner per (family, block width).
+_tuned = ArchAutotune(_rms_modulate_kernel, _configs, key=["C", "M_BUCKET"])
 
 
 def _check_float(name: str, t: torch.Tensor, device: torch.device):
@@ -141,7 +138,7 @@ def _launch(x, weight, shift, scale, y, gate, eps, out_dtype):
     if M == 0:
         return x_new, h
     block_c = triton.next_power_of_2(C)
-    kernel = _kernel_for(block_c)
+    kernel = _tuned.at(x.device, block_c)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_ROWS"]),)  # noqa: E731
     with on_device(x):
         kernel[grid](

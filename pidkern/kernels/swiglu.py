@@ -17,19 +17,29 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, dot_precision, grouped_tile, on_device
+from pidkern.kernels._common import (FLOAT_DTYPES, INTERPRET as _INTERPRET, INTERPRET_FAMILY, SM90, ArchAutotune,
+                                     dot_precision, grouped_tile, on_device)
 
 
-def _configs():
-    if _INTERPRET:
+def _configs(family: str):
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    # Two 128x128 accumulators = a 128x256 output footprint; 3 stages of A + 2 B tiles is 144 KB.
+    if family == SM90:
+        # Two 128x128 accumulators = a 128x256 output footprint; 3 stages of A + 2 B tiles is 144 KB.
+        return [
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        ]
+    # SM80 (<= 99 KB per block, mma.sync), from bench.compile_matrix for sm_89/sm_120: the two
+    # 128 x 128 accumulators spill under mma.sync (170-220 bytes, with BLOCK_K 32 too) and at 4
+    # stages need 144 KB; 64 x 128 at 4 stages needs 120 KB. These three fit without spilling.
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
 
 
@@ -76,7 +86,7 @@ def _swiglu_kernel(u_ptr, w_ptr, h_ptr, M, Hm, D,
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(om[:, None] < M) & (on[None, :] < Hm))
 
 
-_swiglu_tuned = triton.autotune(configs=_configs(), key=["M", "Hm", "D"])(_swiglu_kernel)
+_swiglu_tuned = ArchAutotune(_swiglu_kernel, _configs, key=["M", "Hm", "D"])
 
 
 def _check(u: torch.Tensor, w13: torch.Tensor) -> int:
@@ -111,8 +121,8 @@ def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
         return h
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(hm, meta["BLOCK_N"]),)
     with on_device(u):
-        _swiglu_tuned[grid](u, w13, h, M, hm, D, u.stride(0), u.stride(1), w13.stride(0), w13.stride(1),
-                            h.stride(0), h.stride(1), DOT_PREC=dot_precision(u.dtype))
+        _swiglu_tuned.at(u.device)[grid](u, w13, h, M, hm, D, u.stride(0), u.stride(1), w13.stride(0), w13.stride(1),
+                                         h.stride(0), h.stride(1), DOT_PREC=dot_precision(u.dtype))
     return h
 
 

@@ -79,8 +79,9 @@ def emulate(q, k, v, q_amax, k_amax, pv: bool, int8: bool = False) -> torch.Tens
 
 
 def block_m() -> int:
+    from pidkern.kernels._common import INTERPRET_FAMILY
     from pidkern.kernels.attention import _configs
-    return _configs()[0].kwargs["BLOCK_M"]
+    return _configs(INTERPRET_FAMILY)[0].kwargs["BLOCK_M"]   # the tests run in the interpreter
 
 
 def fp8_reference(qkv_img, qkv_txt, w, tabs, heads, backend):
