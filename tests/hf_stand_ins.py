@@ -13,7 +13,7 @@ import torch
 
 from pidkern.api import random_net
 from pidkern.checkpoint import TORCH_METADATA, config_metadata, to_layout
-from pidkern.config import RELEASE_DIRS, tiny
+from pidkern.config import RELEASE_DIRS, release_names, tiny
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"   # a commit hash, as the hub names snapshots
 
@@ -69,7 +69,7 @@ def put_release(cache: Path, name: str, work: Path, seed: int = 0, revision: str
                 ref: str | None = "main") -> dict:
     """A stand-in for the released checkpoint `name` (a preset or release name) in nvidia/PiD."""
     release = RELEASE_DIRS.get(name, name)
-    preset = next(p for p, r in RELEASE_DIRS.items() if r == release)
+    preset = release_names()[release][0]          # the undistilled teachers too
     src = work / f"{release}-{seed}.pth"
     state = write_release_file(src, preset, seed)
     put_file(cache, "nvidia/PiD", f"checkpoints/{release}/model_ema_bf16.pth", src, revision, ref)

@@ -59,13 +59,13 @@ def ran(tmp_path_factory):
     from PIL import Image
 
     from hf_stand_ins import put_folder, put_release
-    from pidkern.config import RELEASE_DIRS
+    from pidkern.config import release_names
     from tiny_diffusers import tiny_flux_pipeline
     from tiny_gemma import save_tiny_gemma
     d = tmp_path_factory.mktemp("readme")
     cache, work, scratch = d / "hf" / "hub", d / "build", d / "cwd"
     scratch.mkdir()
-    for seed, release in enumerate(RELEASE_DIRS.values()):
+    for seed, release in enumerate(release_names()):
         put_release(cache, release, work, seed=seed)
     put_folder(cache, "Efficient-Large-Model/gemma-2-2b-it", save_tiny_gemma(work / "gemma"))
     tiny_flux_pipeline().save_pretrained(work / "flux1")
