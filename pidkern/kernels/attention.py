@@ -137,6 +137,21 @@ def _weight_bound(w_a, w_b, HD: tl.constexpr):
 
 
 @triton.jit
+def _key_source(wk_ptr, sk, HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
+                QK8: tl.constexpr):
+    """A key source's k-norm weights (zeros without NORM) and its k scale: with e4m3 QK^T
+    and NORM the source's bound (see _attn_fwd), else sk as given."""
+    if NORM:
+        wk_a, wk_b = _load_w(wk_ptr, HD, HD_A, HD_B)
+    else:
+        wk_a = tl.zeros([HD_A], tl.float32)
+        wk_b = tl.zeros([16], tl.float32)
+    if QK8 == 1 and NORM:
+        sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
+    return wk_a, wk_b, sk
+
+
+@triton.jit
 def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, sin_ptr, wk_a, wk_b,
              start_n, n_k, eps, sq, sk, inv_sv_a, inv_sv_b,
              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
@@ -304,26 +319,14 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
     acc_b = tl.zeros([BLOCK_M, 16 if HD_B == 0 else HD_B], tl.float32)
 
     if HAS_TXT:
-        if NORM:
-            wk_a, wk_b = _load_w(WKt, HD, HD_A, HD_B)
-        else:
-            wk_a = tl.zeros([HD_A], tl.float32)
-            wk_b = tl.zeros([16], tl.float32)
-        if QK8 == 1 and NORM:
-            sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
+        wk_a, wk_b, sk = _key_source(WKt, sk, HD, HD_A, HD_B, NORM, QK8)
         kt_base = Kt + b * s_tb + h * HD
         vt_base = Vt + b * s_tb + h * HD
         for start_n in range(0, T, BLOCK_N):
             acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_base, vt_base, s_tt,
                                               CosT, SinT, wk_a, wk_b, start_n, T, eps, sq, sk,
                                               inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, QK8, PV8)
-    if NORM:
-        wk_a, wk_b = _load_w(WKi, HD, HD_A, HD_B)
-    else:
-        wk_a = tl.zeros([HD_A], tl.float32)
-        wk_b = tl.zeros([16], tl.float32)
-    if QK8 == 1 and NORM:
-        sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
+    wk_a, wk_b, sk = _key_source(WKi, sk, HD, HD_A, HD_B, NORM, QK8)
     ki_base = Ki + b * s_ib + h * HD
     vi_base = Vi + b * s_ib + h * HD
     n_full = (L // BLOCK_N) * BLOCK_N
