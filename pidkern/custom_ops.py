@@ -39,6 +39,16 @@ def interpreting() -> bool:
 
 
 # --------------------------------------------------------------- the math, per op
+# reference's pieces take the layers as callables: these are the fused ops' layers
+
+def _linear(weight: Tensor, bias: Tensor | None = None):
+    """x W^T + b with x in W's dtype (activations may be wider than the weights)."""
+    return lambda x: F.linear(x.to(weight.dtype), weight, bias)
+
+
+def _norm(weight: Tensor, eps: float):
+    return lambda x: reference.rms_norm(x, weight, eps)
+
 
 def _gate(x: Tensor, lq: Tensor, weight: Tensor, bias: Tensor, log_alpha: Tensor, sigma: Tensor) -> Tensor:
     return reference.lq_gate(x, lq, weight, bias, log_alpha, sigma).to(x.dtype).contiguous()
@@ -46,8 +56,8 @@ def _gate(x: Tensor, lq: Tensor, weight: Tensor, bias: Tensor, log_alpha: Tensor
 
 def _embed(x: Tensor, patch_w: Tensor, patch_b: Tensor, pix_w: Tensor, pix_b: Tensor, sincos_col: Tensor,
            sincos_row: Tensor, patch: int) -> tuple[Tensor, Tensor]:
-    tok = reference.patch_tokens(x, patch_w, patch_b, patch)
-    pix = reference.pixel_tokens(x, pix_w, pix_b, reference.join_sincos(sincos_col, sincos_row), patch)
+    tok = reference.patch_tokens(x, _linear(patch_w, patch_b), patch)
+    pix = reference.pixel_tokens(x, _linear(pix_w, pix_b), reference.join_sincos(sincos_col, sincos_row), patch)
     return tok.contiguous(), pix.contiguous()
 
 
@@ -72,13 +82,13 @@ def _pixel_post(p: Tensor, e: Tensor, m: Tensor, norm2_w: Tensor, fc1_w: Tensor,
     m3 = m.reshape(R, P2, -1)
     first = m3.shape[-1] // Dp - 4     # gate1, shift2, scale2, gate2: the last four chunks of m's row
     g1, sh2, sc2, g2 = (m3[..., k * Dp:(k + 1) * Dp] for k in range(first, first + 4))
-    return reference.pixel_post(p, e.reshape(R, P2, Dp), g1, sh2, sc2, g2, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b,
-                                eps).contiguous()
+    mlp = lambda u: reference.pixel_mlp(u, _linear(fc1_w, fc1_b), _linear(fc2_w, fc2_b))  # noqa: E731
+    return reference.pixel_post(p, e.reshape(R, P2, Dp), g1, sh2, sc2, g2, _norm(norm2_w, eps), mlp).contiguous()
 
 
 def _swiglu(u: Tensor, w13: Tensor) -> Tensor:
     w1, w3 = w13.chunk(2, 0)
-    return reference.swiglu_hidden(u, w1, w3)
+    return reference.swiglu_hidden(u, _linear(w1), _linear(w3))
 
 
 def _silu_mul(ab: Tensor) -> Tensor:
@@ -107,7 +117,8 @@ def prep_qkv(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, r
     def prep(qkv, wq, wk, rope):
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, hd).unbind(2)
         cos, sin = (r[:, None, :] for r in rope)          # [N, 1, hd/2]: q, k are [B, N, H, hd]
-        return reference.qk_norm_rope(q, wq, cos, sin, eps), reference.qk_norm_rope(k, wk, cos, sin, eps), v
+        return (reference.qk_norm_rope(q, _norm(wq, eps), cos, sin),
+                reference.qk_norm_rope(k, _norm(wk, eps), cos, sin), v)
 
     q, k, v = prep(qkv_img, q_norm_img, k_norm_img, rope_img)
     if qkv_txt is not None:

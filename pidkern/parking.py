@@ -4,8 +4,9 @@ A `Parking` belongs to one Decoder and its network. `park(names)` moves those pa
 data to `to` (pinned host memory for a CUDA decoder; None parks nothing; "meta" keeps the
 values aside and leaves a `Parked` tensor in their place, which raises on any use: how the
 tests prove the fast path reads no parked weight) and `restore()` brings them back; each
-Parameter keeps its identity, only its data moves, so nothing is added to the network. Which parameters may wait is the fast model's answer
-(`FastPiD.unread_parameters`, from its layers). Decoders sharing one network never park
+Parameter keeps its identity, only its data moves, so nothing is added to the network.
+Which parameters may wait is the fast model's answer (`FastPiD.unread_parameters`, from
+its layers). Decoders sharing one network never park
 while they do: one would not know to bring back what another parked (the registry below).
 docs/design.md, "Memory, decided".
 """

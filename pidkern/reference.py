@@ -97,11 +97,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 eps: float = 1e-6) -> torch.Tensor:
-    """RoPE(RMSNorm(x) * weight) of queries or keys, in x's dtype (a float32 norm weight
-    must not widen half-precision activations)."""
-    return apply_rope(rms_norm(x, weight, eps).to(x.dtype), cos, sin)
+# The pieces below take the network's layers as callables (its Linear and RMSNorm modules,
+# so hooks and replaced forwards apply; the fused ops' math passes plain functions).
+
+def qk_norm_rope(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE(norm(x)) of queries or keys, in x's dtype (a float32 norm weight must not widen
+    half-precision activations)."""
+    return apply_rope(norm(x).to(x.dtype), cos, sin)
 
 
 def lq_gate(x, lq, weight, bias, log_alpha, sigma):
@@ -118,33 +120,31 @@ def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * up
 
 
-def swiglu_hidden(u: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's hidden activation SiLU(u w1^T) * (u w3^T); w2 follows."""
-    return silu_mul(F.linear(u, w1), F.linear(u, w3))
+def swiglu_hidden(u: torch.Tensor, w1, w3) -> torch.Tensor:
+    """SwiGLU's hidden activation SiLU(w1(u)) * w3(u); w2 follows."""
+    return silu_mul(w1(u), w3(u))
 
 
-def pixel_mlp(u, fc1_w, fc1_b, fc2_w, fc2_b):
-    """The per-pixel MLP fc2(GELU(fc1(u))), each GEMM's input in its weight's dtype."""
-    return F.linear(F.gelu(F.linear(u.to(fc1_w.dtype), fc1_w, fc1_b)).to(fc2_w.dtype), fc2_w, fc2_b)
+def pixel_mlp(u, fc1, fc2):
+    """The per-pixel MLP fc2(GELU(fc1(u)))."""
+    return fc2(F.gelu(fc1(u)))
 
 
-def pixel_post(p, e, gate1, shift2, scale2, gate2, norm_w, fc1_w, fc1_b, fc2_w, fc2_b, eps: float = 1e-6):
+def pixel_post(p, e, gate1, shift2, scale2, gate2, norm, mlp):
     """A pixel block after its attention: p1 = p + gate1 * e (rounded to p's dtype), then
-    p1 + gate2 * MLP(RMSNorm(p1) * (1 + scale2) + shift2), in p's dtype."""
+    p1 + gate2 * mlp(norm(p1) * (1 + scale2) + shift2), in p's dtype."""
     p1 = residual(p, gate1, e).to(p.dtype)
-    mlp = pixel_mlp(modulate(rms_norm(p1, norm_w, eps), shift2, scale2), fc1_w, fc1_b, fc2_w, fc2_b)
-    return residual(p1, gate2, mlp).to(p.dtype)
+    return residual(p1, gate2, mlp(modulate(norm(p1), shift2, scale2))).to(p.dtype)
 
 
-def patch_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch: int) -> torch.Tensor:
-    """The patch embedding: each P x P patch of x [B, 3, H, W], flattened (c, i, j), times W^T + b."""
-    return F.linear(F.unfold(x.to(weight.dtype), patch, stride=patch).transpose(1, 2), weight, bias)
+def patch_tokens(x: torch.Tensor, proj, patch: int) -> torch.Tensor:
+    """The patch embedding: proj of each P x P patch of x [B, 3, H, W], flattened (c, i, j)."""
+    return proj(F.unfold(x, patch, stride=patch).transpose(1, 2))
 
 
-def pixel_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sincos: torch.Tensor,
-                 patch: int) -> torch.Tensor:
-    """Pixel tokens [B*L, P*P, Dp]: Linear(3 -> Dp) per pixel plus the sin-cos table [H, W, Dp]."""
-    p = F.linear(x.permute(0, 2, 3, 1).to(weight.dtype), weight, bias)
+def pixel_tokens(x: torch.Tensor, proj, sincos: torch.Tensor, patch: int) -> torch.Tensor:
+    """Pixel tokens [B*L, P*P, Dp]: proj (3 -> Dp) per pixel plus the sin-cos table [H, W, Dp]."""
+    p = proj(x.permute(0, 2, 3, 1))
     return to_patch_pixels(p + sincos.to(p.dtype), patch)
 
 
@@ -218,7 +218,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, u):
-        return self.w2(swiglu_hidden(u, self.w1.weight, self.w3.weight))
+        return self.w2(swiglu_hidden(u, self.w1, self.w3))
 
 
 class LinearProj(nn.Module):
@@ -260,8 +260,7 @@ class JointAttention(nn.Module):
     def _heads(self, qkv, q_norm, k_norm, rope):
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
-        return (qk_norm_rope(q, q_norm.weight, *rope, q_norm.eps), qk_norm_rope(k, k_norm.weight, *rope, k_norm.eps),
-                v)
+        return qk_norm_rope(q, q_norm, *rope), qk_norm_rope(k, k_norm, *rope), v
 
     def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True, attend=None):
         t_len = y.shape[1]
@@ -312,8 +311,7 @@ class PixelAttention(nn.Module):
     def forward(self, a, rope, attend=None):
         b, n, _ = a.shape
         q, k, v = self.qkv(a).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q = qk_norm_rope(q, self.q_norm.weight, *rope, self.q_norm.eps)
-        k = qk_norm_rope(k, self.k_norm.weight, *rope, self.k_norm.eps)
+        q, k = qk_norm_rope(q, self.q_norm, *rope), qk_norm_rope(k, self.k_norm, *rope)
         o = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v, 0)
         return self.proj(o.transpose(1, 2).flatten(2))
 
@@ -325,7 +323,7 @@ class PixelMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, u):
-        return pixel_mlp(u, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return pixel_mlp(u, self.fc1, self.fc2)
 
 
 class PixelBlock(nn.Module):
@@ -347,9 +345,7 @@ class PixelBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = m.chunk(6, dim=-1)
         a = self.compress_to_attn(modulate(self.norm1(p), sh1, sc1).reshape(rows, p2 * dp))
         a = self.attn(a.view(batch, rows // batch, -1), rope, attend).reshape(rows, -1)
-        mlp = self.mlp
-        return pixel_post(p, self.expand_from_attn(a).view(rows, p2, dp), g1, sh2, sc2, g2, self.norm2.weight,
-                          mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, self.norm2.eps)
+        return pixel_post(p, self.expand_from_attn(a).view(rows, p2, dp), g1, sh2, sc2, g2, self.norm2, self.mlp)
 
 
 class FinalLayer(nn.Module):
@@ -448,8 +444,7 @@ class PiDNet(nn.Module):
         """Pixel tokens of x; x may be the pixel rows row0.. of a taller image (the sin-cos
         embedding takes each pixel's row in the whole image)."""
         b, _, h, w = x.shape
-        pe = self.pixel_embedder.proj
-        return pixel_tokens(x, pe.weight, pe.bias, pixel_sincos(h, w, self.cfg.pixel_dim, x.device, row0),
+        return pixel_tokens(x, self.pixel_embedder, pixel_sincos(h, w, self.cfg.pixel_dim, x.device, row0),
                             self.cfg.patch)
 
     def forward(self, x, t, text, latent, sigma, lq_tokens=None, shard=None):
@@ -478,7 +473,7 @@ class PiDNet(nn.Module):
         temb = self.t_embedder(t * 1000)[:, None]                     # [B, 1, D]
         c = F.silu(temb)
         y = self.y_embedder(text) + self.y_pos_embedding[:, :text.shape[1]]
-        xs = patch_tokens(x, self.s_embedder.proj.weight, self.s_embedder.proj.bias, cfg.patch)
+        xs = patch_tokens(x, self.s_embedder, cfg.patch)
         p = self.embed_pixels(x, row0 * cfg.patch)
 
         lq = self.lq_proj
