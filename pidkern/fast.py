@@ -457,12 +457,12 @@ class FastPiD:
         norms_x, norms_y = self.qk_norms[i]
         heads = self.cfg.heads
 
-        def qkv_rope():
+        def qkv_rope(route=None):   # None: the dispatcher's choice, the kernel on CUDA
             if L.qkv_x.weight16 is None:   # the layers make their own GEMM: the norm and RoPE after it
                 return ops.prep_qkv(L.qkv_x(hx, gemm), L.qkv_y(hy, gemm), norms_x[0], norms_x[1], norms_y[0],
                                     norms_y[1], tab["rope_img"], tab["rope_txt"], heads, self.cfg.rms_eps)
             return ops.qkv_rope(hx, L.qkv_x.weight16, norms_x, tab["rope_img"], hy, L.qkv_y.weight16, norms_y,
-                                tab["rope_txt"], heads=heads)
+                                tab["rope_txt"], heads=heads, route=route)
         if shard is not None:
             q, k, v = qkv_rope()
             o = shard.attend(q, k, v, _attend_core, dim=1, text=hy.shape[1]).flatten(2)
@@ -470,7 +470,7 @@ class FastPiD:
 
         def route(backend):
             if backend == "qkv_rope+sdpa":
-                q, k, v = qkv_rope()
+                q, k, v = qkv_rope("triton")
                 return ops.attend(q, k, v, hy.shape[1], True)
             qkv_x, qkv_y = L.qkv_x(hx, gemm), L.qkv_y(hy, gemm)
             return ops.attention(qkv_x, qkv_y, norms_x[0], norms_x[1], norms_y[0], norms_y[1], tab["rope_img"],

@@ -2,10 +2,11 @@
 
 A `Parking` belongs to one Decoder and its network. `park(names)` moves those parameters'
 data to `to` (pinned host memory for a CUDA decoder; None parks nothing; "meta" keeps the
-values aside so that any read of a parked weight raises, which is how the tests prove the
-fast path reads none) and `restore()` brings them back; each Parameter keeps its identity, only its `.data` moves, so nothing is
-added to the network. Which parameters may wait is the fast model's answer
-(`FastPiD.unread_parameters`, from its layers). Decoders sharing one network never park
+values aside and leaves a `Parked` tensor in their place, which raises on any use: how the
+tests prove the fast path reads no parked weight) and `restore()` brings them back; each
+Parameter keeps its identity, only its data moves, so nothing is added to the network.
+Which parameters may wait is the fast model's answer (`FastPiD.unread_parameters`, from
+its layers). Decoders sharing one network never park
 while they do: one would not know to bring back what another parked (the registry below).
 docs/design.md, "Memory, decided".
 """
@@ -15,6 +16,7 @@ import threading
 import weakref
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 # The live owners (Decoders) of each network.
 _owners_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -28,6 +30,31 @@ def moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():
         pin = device.type == "cpu" and t.device.type == "cuda"
         return torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin).copy_(t)
+
+
+class Parked(torch.Tensor):
+    """A weight parked to the meta device: its shape and dtype, no values, and any operation
+    on it raises, naming the parameter. (A plain meta tensor would not do: a GEMM of a CPU
+    input against a meta weight returns a CPU tensor of no meaning instead of raising.)"""
+
+    @staticmethod
+    def __new__(cls, shape, dtype, name: str, requires_grad: bool = False):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device="meta", requires_grad=requires_grad)
+        t.parked_name = name
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:       # nn.Parameter(...) detaches its data once
+            (t,) = args
+            return Parked(t.shape, t.dtype, t.parked_name)
+        names = sorted({a.parked_name for a in tree_leaves((args, kwargs)) if isinstance(a, Parked)})
+        raise RuntimeError(f"{func} read the parked weight(s) {names}: parked weights must not be read")
+
+    def __repr__(self):
+        return f"Parked({self.parked_name!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
 class Parking:
@@ -53,10 +80,9 @@ class Parking:
                 p = params[name]
                 self.parked[name] = p.device
                 if self.to.type == "meta":
-                    # no values where the net can reach them: any read raises (the values wait
+                    # no values where the net can reach them: any use raises (the values wait
                     # in the swapped-out tensor; a meta tensor cannot be a CPU Parameter's .data)
-                    aside = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                               requires_grad=p.requires_grad)
+                    aside = torch.nn.Parameter(Parked(p.shape, p.dtype, name), requires_grad=p.requires_grad)
                     torch.utils.swap_tensors(p, aside)
                     self.aside[name] = aside
                 else:

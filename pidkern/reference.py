@@ -39,6 +39,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A gated residual update x + gate * y."""
+    return x + gate * y
+
+
 def timestep_embedding(t1000: torch.Tensor, dim: int) -> torch.Tensor:
     """[cos, sin] of t*1000 at frequencies exp(-ln(10) k / (dim/2)): max period 10."""
     half = dim // 2
@@ -92,10 +97,55 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+# The pieces below take the network's layers as callables (its Linear and RMSNorm modules,
+# so hooks and replaced forwards apply; the fused ops' math passes plain functions).
+
+def qk_norm_rope(x: torch.Tensor, norm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE(norm(x)) of queries or keys, in x's dtype (a float32 norm weight must not widen
+    half-precision activations)."""
+    return apply_rope(norm(x).to(x.dtype), cos, sin)
+
+
 def lq_gate(x, lq, weight, bias, log_alpha, sigma):
-    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) sigma) * lq, sigma per sample."""
-    logits = F.linear(torch.cat([x, lq], dim=-1), weight, bias)
+    """x + sigmoid([x, lq] W^T + b - exp(log_alpha) sigma) * lq, sigma per sample.
+
+    The GEMM runs in W's dtype (x may be a float32 residual beside half-precision lq and W);
+    the gate and the sum in float32 or wider, as the types promote."""
+    logits = F.linear(torch.cat([x.to(weight.dtype), lq.to(weight.dtype)], dim=-1), weight, bias)
     return x + torch.sigmoid(logits - torch.exp(log_alpha) * sigma.float()[:, None, None]) * lq
+
+
+def silu_mul(g: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product SiLU(g) * up."""
+    return F.silu(g) * up
+
+
+def swiglu_hidden(u: torch.Tensor, w1, w3) -> torch.Tensor:
+    """SwiGLU's hidden activation SiLU(w1(u)) * w3(u); w2 follows."""
+    return silu_mul(w1(u), w3(u))
+
+
+def pixel_mlp(u, fc1, fc2):
+    """The per-pixel MLP fc2(GELU(fc1(u)))."""
+    return fc2(F.gelu(fc1(u)))
+
+
+def pixel_post(p, e, gate1, shift2, scale2, gate2, norm, mlp):
+    """A pixel block after its attention: p1 = p + gate1 * e (rounded to p's dtype), then
+    p1 + gate2 * mlp(norm(p1) * (1 + scale2) + shift2), in p's dtype."""
+    p1 = residual(p, gate1, e).to(p.dtype)
+    return residual(p1, gate2, mlp(modulate(norm(p1), shift2, scale2))).to(p.dtype)
+
+
+def patch_tokens(x: torch.Tensor, proj, patch: int) -> torch.Tensor:
+    """The patch embedding: proj of each P x P patch of x [B, 3, H, W], flattened (c, i, j)."""
+    return proj(F.unfold(x, patch, stride=patch).transpose(1, 2))
+
+
+def pixel_tokens(x: torch.Tensor, proj, sincos: torch.Tensor, patch: int) -> torch.Tensor:
+    """Pixel tokens [B*L, P*P, Dp]: proj (3 -> Dp) per pixel plus the sin-cos table [H, W, Dp]."""
+    p = proj(x.permute(0, 2, 3, 1))
+    return to_patch_pixels(p + sincos.to(p.dtype), patch)
 
 
 def pixel_sincos(h: int, w: int, dim: int, device=None, first_row: int = 0) -> torch.Tensor:
@@ -108,7 +158,13 @@ def pixel_sincos(h: int, w: int, dim: int, device=None, first_row: int = 0) -> t
         ang = torch.arange(start, start + n, dtype=torch.float64, device=device)[:, None] * freqs
         return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
 
-    return torch.cat([half(w)[None].expand(h, -1, -1), half(h, first_row)[:, None].expand(-1, w, -1)], dim=-1)
+    return join_sincos(half(w), half(h, first_row))
+
+
+def join_sincos(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The [H, W, dim] pixel table from its halves: col [W, dim/2] (by column), row [H, dim/2]."""
+    h, w = row.shape[0], col.shape[0]
+    return torch.cat([col[None].expand(h, -1, -1), row[:, None].expand(-1, w, -1)], dim=-1)
 
 
 def to_patch_pixels(t: torch.Tensor, patch: int) -> torch.Tensor:
@@ -162,7 +218,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, u):
-        return self.w2(F.silu(self.w1(u)) * self.w3(u))
+        return self.w2(swiglu_hidden(u, self.w1, self.w3))
 
 
 class LinearProj(nn.Module):
@@ -204,7 +260,7 @@ class JointAttention(nn.Module):
     def _heads(self, qkv, q_norm, k_norm, rope):
         b, n, _ = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
-        return apply_rope(q_norm(q), *rope), apply_rope(k_norm(k), *rope), v
+        return qk_norm_rope(q, q_norm, *rope), qk_norm_rope(k, k_norm, *rope), v
 
     def forward(self, x, y, rope_img, rope_txt, need_text_out: bool = True, attend=None):
         t_len = y.shape[1]
@@ -235,11 +291,11 @@ class PatchBlock(nn.Module):
         th1, tc1, tg1, th2, tc2, tg2 = self.adaLN_modulation_txt(c).chunk(6, dim=-1)
         ax, ay = self.attn(modulate(self.norm_x1(x), sh1, sc1), modulate(self.norm_y1(y), th1, tc1),
                            rope_img, rope_txt, need_text_out=update_text, attend=attend)
-        x = x + g1 * ax
-        x = x + g2 * self.mlp_x(modulate(self.norm_x2(x), sh2, sc2))
+        x = residual(x, g1, ax)
+        x = residual(x, g2, self.mlp_x(modulate(self.norm_x2(x), sh2, sc2)))
         if update_text:  # the last block's text stream is never read again
-            y = y + tg1 * ay
-            y = y + tg2 * self.mlp_y(modulate(self.norm_y2(y), th2, tc2))
+            y = residual(y, tg1, ay)
+            y = residual(y, tg2, self.mlp_y(modulate(self.norm_y2(y), th2, tc2)))
         return x, y
 
 
@@ -255,7 +311,7 @@ class PixelAttention(nn.Module):
     def forward(self, a, rope, attend=None):
         b, n, _ = a.shape
         q, k, v = self.qkv(a).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        q, k = qk_norm_rope(q, self.q_norm, *rope), qk_norm_rope(k, self.k_norm, *rope)
         o = F.scaled_dot_product_attention(q, k, v) if attend is None else attend(q, k, v, 0)
         return self.proj(o.transpose(1, 2).flatten(2))
 
@@ -267,7 +323,7 @@ class PixelMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, u):
-        return self.fc2(F.gelu(self.fc1(u)))
+        return pixel_mlp(u, self.fc1, self.fc2)
 
 
 class PixelBlock(nn.Module):
@@ -289,8 +345,7 @@ class PixelBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = m.chunk(6, dim=-1)
         a = self.compress_to_attn(modulate(self.norm1(p), sh1, sc1).reshape(rows, p2 * dp))
         a = self.attn(a.view(batch, rows // batch, -1), rope, attend).reshape(rows, -1)
-        p = p + g1 * self.expand_from_attn(a).view(rows, p2, dp)
-        return p + g2 * self.mlp(modulate(self.norm2(p), sh2, sc2))
+        return pixel_post(p, self.expand_from_attn(a).view(rows, p2, dp), g1, sh2, sc2, g2, self.norm2, self.mlp)
 
 
 class FinalLayer(nn.Module):
@@ -389,9 +444,8 @@ class PiDNet(nn.Module):
         """Pixel tokens of x; x may be the pixel rows row0.. of a taller image (the sin-cos
         embedding takes each pixel's row in the whole image)."""
         b, _, h, w = x.shape
-        p = self.pixel_embedder(x.permute(0, 2, 3, 1))
-        p = p + pixel_sincos(h, w, self.cfg.pixel_dim, x.device, row0).to(p.dtype)
-        return to_patch_pixels(p, self.cfg.patch)
+        return pixel_tokens(x, self.pixel_embedder, pixel_sincos(h, w, self.cfg.pixel_dim, x.device, row0),
+                            self.cfg.patch)
 
     def forward(self, x, t, text, latent, sigma, lq_tokens=None, shard=None):
         """x [B,3,H,W], t [B] in [0,1], text [B,T,2304], latent [B,C,h,w], sigma [B] -> v [B,3,H,W].
@@ -419,7 +473,7 @@ class PiDNet(nn.Module):
         temb = self.t_embedder(t * 1000)[:, None]                     # [B, 1, D]
         c = F.silu(temb)
         y = self.y_embedder(text) + self.y_pos_embedding[:, :text.shape[1]]
-        xs = self.s_embedder(F.unfold(x, cfg.patch, stride=cfg.patch).transpose(1, 2))
+        xs = patch_tokens(x, self.s_embedder, cfg.patch)
         p = self.embed_pixels(x, row0 * cfg.patch)
 
         lq = self.lq_proj

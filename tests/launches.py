@@ -1,6 +1,7 @@
 """Count the Triton kernel launches of each fused op during a block of code: each kernel
-module's entry point (what pidkern.ops and the torch.ops.pidkern custom ops call) is
-wrapped, so a route that bypasses the kernel shows up as a zero."""
+module's launcher (what pidkern.custom_ops.kernel looks up at each call, for the "triton"
+route and for the ops' CUDA implementations) is wrapped, so a route that bypasses the
+kernel shows up as a zero."""
 import contextlib
 import importlib
 from collections import Counter

@@ -69,3 +69,34 @@ def test_routes_of_the_attention_and_swiglu_entries_take_their_kernels():
         with count_launches() as got:
             dec.decode(latent, 0.3, text, steps=1, seed=1, backend="fast", plan=plan)
         assert {op: got[op] for op in want} == want, name
+
+
+def test_the_dispatcher_runs_the_math_on_the_cpu_and_the_kernel_on_cuda():
+    """route=None leaves the choice to torch's dispatcher: on the CPU the op's registered
+    implementation is the PyTorch math (no launch; the same bits as route="torch"), on
+    CUDA the Triton kernel; route="triton" names the kernel on any device it runs on."""
+    from pidkern import custom_ops
+    g = torch.Generator().manual_seed(0)
+    x, lq = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    w, b = torch.randn(32, 64, generator=g) / 8, torch.randn(32, generator=g)
+    la, sigma = torch.tensor(0.3), torch.rand(2, generator=g)
+    u, w13 = torch.randn(7, 32, generator=g), torch.randn(48, 32, generator=g) / 6
+    cases = {"gate": (lambda r: ops.lq_gate(x, lq, w, b, la, sigma, route=r)),
+             "swiglu": (lambda r: ops.swiglu_gate_up(u, w13, route=r))}
+    for op, call in cases.items():
+        with count_launches() as n:
+            dispatched = call(None)
+            math = call("torch")
+        assert not n, op
+        assert torch.equal(dispatched, math), op
+        with count_launches() as n:
+            fused = call("triton")
+        assert dict(n) == {op: 1}, op
+        torch.testing.assert_close(fused, math, rtol=1e-5, atol=1e-5)
+    for name in custom_ops.OPS:
+        qualified = f"pidkern::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA") == custom_ops.HAS_TRITON, name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "Meta"), name
+    # the fake (Meta) implementation is the math too: shapes and dtypes without values
+    meta = torch.ops.pidkern.gate(*(t.to("meta") for t in (x, lq, w, b, la, sigma)))
+    assert meta.device.type == "meta" and meta.shape == x.shape and meta.dtype == x.dtype

@@ -162,12 +162,30 @@ def test_parked_to_meta_a_read_raises_and_the_fast_path_reads_none():
     assert all(dec._net.get_parameter(n).device.type == "meta" for n in parked)
     fast = dec.decode(latent, sigma, text, steps=1, seed=2, backend="fast")
     assert rel_l2(fast, ref) < 1e-5, rel_l2(fast, ref)
-    # the check can fail: a read of a parked weight raises (here the one FastPiD makes of
-    # w1 when it builds w13); a GEMM against one gives no values either (torch computes
-    # nothing for a meta operand), which the images above would show
+    # the check can fail: any use of a parked weight raises, a GEMM against one included
+    # (against a plain meta tensor F.linear returns a CPU tensor of no meaning)
     mlp = dec._net.patch_blocks[0].mlp_x
-    with pytest.raises(RuntimeError, match="meta"):
+    with pytest.raises(RuntimeError, match="parked weight"):
         torch.cat([mlp.w1.weight, torch.zeros(1, mlp.w1.weight.shape[1])])
+    with pytest.raises(RuntimeError, match=r"parked weight.*mlp_x\.w1\.weight"):
+        torch.nn.functional.linear(torch.randn(2, mlp.w1.weight.shape[1]), mlp.w1.weight)
     # and they come back whole
     assert torch.equal(dec.decode(latent, sigma, text, steps=1, seed=2, backend="reference"), ref)
     assert not dec.parked_parameters() and mlp.w1.weight.device.type == "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("read", ["patch_blocks.0.attn.proj_x.weight",      # a plain GEMM (F.linear)
+                                  "pixel_blocks.0.mlp.fc1.weight"])          # read by the pixel_post kernel
+def test_a_fast_decode_that_reads_a_parked_weight_fails(read):
+    """The proof that the test above can fail: park one weight the fast path does read,
+    beside the unread ones, and the fast decode raises instead of giving an image."""
+    cfg = tiny("flux-2k")
+    dec = pidkern.load(preset=cfg, device="cpu")
+    latent, sigma, text = inputs(cfg)
+    eng = dec.engine()
+    dec._park_to = torch.device("meta")
+    dec._park(list(eng.model.unread_parameters) + [read])
+    assert read in dec.parked_parameters()
+    with pytest.raises((RuntimeError, ValueError), match="parked weight|meta"):
+        dec.decode(latent, sigma, text, steps=1, seed=2, backend="fast")

@@ -138,6 +138,21 @@ def _weight_bound(w_a, w_b, HD: tl.constexpr):
 
 
 @triton.jit
+def _key_source(wk_ptr, sk, HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
+                QK8: tl.constexpr):
+    """A key source's k-norm weights (zeros without NORM) and its k scale: with e4m3 QK^T
+    and NORM the source's bound (see _attn_fwd), else sk as given."""
+    if NORM:
+        wk_a, wk_b = _load_w(wk_ptr, HD, HD_A, HD_B)
+    else:
+        wk_a = tl.zeros([HD_A], tl.float32)
+        wk_b = tl.zeros([16], tl.float32)
+    if QK8 == 1 and NORM:
+        sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
+    return wk_a, wk_b, sk
+
+
+@triton.jit
 def _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, k_base, v_base, stride, cos_ptr, sin_ptr, wk_a, wk_b,
              start_n, n_k, eps, sq, sk, inv_sv_a, inv_sv_b,
              HD: tl.constexpr, HD_A: tl.constexpr, HD_B: tl.constexpr, NORM: tl.constexpr,
@@ -305,26 +320,14 @@ def _attn_fwd(Qi, Ki, Vi, Oi, Qt, Kt, Vt, Ot,
     acc_b = tl.zeros([BLOCK_M, 16 if HD_B == 0 else HD_B], tl.float32)
 
     if HAS_TXT:
-        if NORM:
-            wk_a, wk_b = _load_w(WKt, HD, HD_A, HD_B)
-        else:
-            wk_a = tl.zeros([HD_A], tl.float32)
-            wk_b = tl.zeros([16], tl.float32)
-        if QK8 == 1 and NORM:
-            sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
+        wk_a, wk_b, sk = _key_source(WKt, sk, HD, HD_A, HD_B, NORM, QK8)
         kt_base = Kt + b * s_tb + h * HD
         vt_base = Vt + b * s_tb + h * HD
         for start_n in range(0, T, BLOCK_N):
             acc_a, acc_b, m_i, l_i = _kv_tile(acc_a, acc_b, m_i, l_i, q_a, q_b, kt_base, vt_base, s_tt,
                                               CosT, SinT, wk_a, wk_b, start_n, T, eps, sq, sk,
                                               inv_sv_a, inv_sv_b, HD, HD_A, HD_B, NORM, True, BLOCK_N, PREC, QK8, PV8)
-    if NORM:
-        wk_a, wk_b = _load_w(WKi, HD, HD_A, HD_B)
-    else:
-        wk_a = tl.zeros([HD_A], tl.float32)
-        wk_b = tl.zeros([16], tl.float32)
-    if QK8 == 1 and NORM:
-        sk = _weight_bound(wk_a, wk_b, HD) / E4M3_MAX
+    wk_a, wk_b, sk = _key_source(WKi, sk, HD, HD_A, HD_B, NORM, QK8)
     ki_base = Ki + b * s_ib + h * HD
     vi_base = Vi + b * s_ib + h * HD
     n_full = (L // BLOCK_N) * BLOCK_N
@@ -654,81 +657,3 @@ def attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_
                 n, tok0, heads, eps,
                 HD=hd, HD_A=hd_a, HD_B=hd_b, ALIGN=align, BLOCK=block, num_warps=4)
     return q, k, v
-
-
-# --------------------------------------------------------------- custom torch ops
-
-@torch.library.custom_op("pidkern::attention", mutates_args=())
-def attention_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
-                 k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
-                 cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
-                 sin_txt: torch.Tensor | None, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
-                           cos_img, sin_img, cos_txt, sin_txt, heads, eps)
-
-
-@attention_op.register_fake
-def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
-      heads, eps):
-    B, L, C = qkv_img.shape
-    T = 0 if qkv_txt is None else qkv_txt.shape[1]
-    return qkv_img.new_empty(B, L, C // 3), qkv_img.new_empty(B, T, C // 3)
-
-
-@torch.library.custom_op("pidkern::attention_prep", mutates_args=())
-def attention_prep_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
-                      k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
-                      cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
-                      sin_txt: torch.Tensor | None, heads: int, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_prep(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
-                          cos_img, sin_img, cos_txt, sin_txt, heads, eps)
-
-
-@attention_prep_op.register_fake
-def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
-      heads, eps):
-    B, L, C = qkv_img.shape
-    T = 0 if qkv_txt is None else qkv_txt.shape[1]
-    shape = (B, T + L, heads, C // (3 * heads))
-    return qkv_img.new_empty(shape), qkv_img.new_empty(shape), qkv_img.new_empty(shape)
-
-
-@torch.library.custom_op("pidkern::attention_core", mutates_args=())
-def attention_core_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return attention_core(q, k, v)
-
-
-@attention_core_op.register_fake
-def _(q, k, v):
-    B, N, H, hd = q.shape
-    return q.new_empty(B, N, H * hd)
-
-
-@torch.library.custom_op("pidkern::attention_8bit", mutates_args=())
-def attention_8bit_op(qkv_img: torch.Tensor, qkv_txt: torch.Tensor | None, q_norm_img: torch.Tensor,
-                      k_norm_img: torch.Tensor, q_norm_txt: torch.Tensor | None, k_norm_txt: torch.Tensor | None,
-                      cos_img: torch.Tensor, sin_img: torch.Tensor, cos_txt: torch.Tensor | None,
-                      sin_txt: torch.Tensor | None, heads: int, eps: float, mode: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_fused(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt,
-                           cos_img, sin_img, cos_txt, sin_txt, heads, eps, mode)
-
-
-@attention_8bit_op.register_fake
-def _(qkv_img, qkv_txt, q_norm_img, k_norm_img, q_norm_txt, k_norm_txt, cos_img, sin_img, cos_txt, sin_txt,
-      heads, eps, mode):
-    B, L, C = qkv_img.shape
-    T = 0 if qkv_txt is None else qkv_txt.shape[1]
-    return qkv_img.new_empty(B, L, C // 3), qkv_img.new_empty(B, T, C // 3)
-
-
-@torch.library.custom_op("pidkern::attention_core_8bit", mutates_args=())
-def attention_core_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
-    return attention_core(q, k, v, mode)
-
-
-@attention_core_8bit_op.register_fake
-def _(q, k, v, mode):
-    B, N, H, hd = q.shape
-    return q.new_empty(B, N, H * hd)

@@ -162,7 +162,6 @@ def _check(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch):
     return B, H, W, D, Dp
 
 
-@torch.library.custom_op("pidkern::embed", mutates_args=())
 def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Tensor, pix_w: torch.Tensor,
                       pix_b: torch.Tensor, sincos_col: torch.Tensor, sincos_row: torch.Tensor,
                       patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +184,3 @@ def patch_pixel_embed(x: torch.Tensor, patch_w: torch.Tensor, patch_b: torch.Ten
                            BLOCK_DP=triton.next_power_of_2(Dp), DOT_PREC=dot_precision(patch_w.dtype))
     return tok, pix
 
-
-@patch_pixel_embed.register_fake
-def _(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch):
-    B, H, W, D, Dp = _check(x, patch_w, patch_b, pix_w, pix_b, sincos_col, sincos_row, patch)
-    L = (H // patch) * (W // patch)
-    return patch_w.new_empty((B, L, D)), patch_w.new_empty((B * L, patch * patch, Dp))

@@ -162,18 +162,7 @@ def _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
     return out
 
 
-@torch.library.custom_op("pidkern::pixel_post", mutates_args=())
-def pixel_post_op(p: torch.Tensor, e: torch.Tensor, m: torch.Tensor, norm2_w: torch.Tensor,
-                  fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor,
-                  eps: float) -> torch.Tensor:
-    return _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps)
-
-
-@pixel_post_op.register_fake
-def _(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps):
-    return p.new_empty(p.shape)
-
-
 def pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
-    """Triton path of pidkern.ops.pixel_post: p_new [R, P2, 16] in p's dtype."""
-    return torch.ops.pidkern.pixel_post(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, float(eps))
+    """p_new [R, P2, 16] in p's dtype: the CUDA implementation of torch.ops.pidkern.pixel_post
+    (pidkern.custom_ops)."""
+    return _pixel_post_launch(p, e, m, norm2_w, fc1_w, fc1_b, fc2_w, fc2_b, float(eps))

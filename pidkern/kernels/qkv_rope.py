@@ -180,9 +180,7 @@ def _launch(h, w, nw, cos, sin, q, k, v, tok0, eps, hd):
             _tuned.at(h.device)[grid](*args, **consts, EVEN_K=D % 64 == 0)
 
 
-
-@torch.library.custom_op("pidkern::qkv_rope", mutates_args=())
-def qkv_rope_op(h_img: torch.Tensor, w_img: torch.Tensor, norms_img: torch.Tensor, cos_img: torch.Tensor,
+def qkv_rope(h_img: torch.Tensor, w_img: torch.Tensor, norms_img: torch.Tensor, cos_img: torch.Tensor,
                 sin_img: torch.Tensor, h_txt: torch.Tensor | None, w_txt: torch.Tensor | None,
                 norms_txt: torch.Tensor | None, cos_txt: torch.Tensor | None, sin_txt: torch.Tensor | None,
                 heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,11 +209,3 @@ def _plan(h_img, w_img, norms_img, cos_img, sin_img, h_txt, w_txt, norms_txt, co
     shape = (B, T + L, heads, hd)
     q, k, v = (torch.empty(shape, device=h_img.device, dtype=h_img.dtype) for _ in range(3))
     return q, k, v, jobs
-
-
-@qkv_rope_op.register_fake
-def _(h_img, w_img, norms_img, cos_img, sin_img, h_txt, w_txt, norms_txt, cos_txt, sin_txt, heads, eps):
-    B, L, _ = h_img.shape
-    T = 0 if h_txt is None else h_txt.shape[1]
-    hd = w_img.shape[0] // (3 * heads)
-    return tuple(h_img.new_empty(B, T + L, heads, hd) for _ in range(3))

@@ -151,38 +151,12 @@ def _launch(x, weight, shift, scale, y, gate, eps, out_dtype):
     return x_new, h
 
 
-# The custom ops: torch.compile and CUDA-graph capture see one opaque node each. Two ops
-# because the residual-free form must return x itself, and a custom op cannot return an
-# alias of its input.
-@torch.library.custom_op("pidkern::rms_modulate", mutates_args=())
-def rms_modulate_op(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                    eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    return _launch(x, weight, shift, scale, None, None, eps, out_dtype)[1]
-
-
-@rms_modulate_op.register_fake
-def _(x, weight, shift, scale, eps, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype)
-
-
-@torch.library.custom_op("pidkern::add_rms_modulate", mutates_args=())
-def add_rms_modulate_op(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                        y: torch.Tensor, gate: torch.Tensor, eps: float,
-                        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch(x, weight, shift, scale, y, gate, eps, out_dtype)
-
-
-@add_rms_modulate_op.register_fake
-def _(x, weight, shift, scale, y, gate, eps, out_dtype):
-    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
-
-
 def add_rms_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6, out_dtype=None):
-    """Triton path of pidkern.ops.add_rms_modulate: returns (x_new, h)."""
+    """(x_new, h) as pidkern.ops.add_rms_modulate: the CUDA implementation of
+    torch.ops.pidkern.rms_modulate and add_rms_modulate (pidkern.custom_ops)."""
     if (y is None) != (gate is None):
         raise ValueError("y and gate must be given together (the residual update is x + gate * y)")
     if out_dtype is None:
         out_dtype = (y if y is not None else x).dtype
-    if y is None:
-        return x, torch.ops.pidkern.rms_modulate(x, weight, shift, scale, float(eps), out_dtype)
-    return tuple(torch.ops.pidkern.add_rms_modulate(x, weight, shift, scale, y, gate, float(eps), out_dtype))
+    x_new, h = _launch(x, weight, shift, scale, y, gate, float(eps), out_dtype)
+    return (x if y is None else x_new), h

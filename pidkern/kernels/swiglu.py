@@ -111,7 +111,6 @@ def _check(u: torch.Tensor, w13: torch.Tensor) -> int:
     return w13.shape[0] // 2
 
 
-@torch.library.custom_op("pidkern::swiglu", mutates_args=())
 def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     """h [M, Hm] = SiLU(u w1^T) * (u w3^T), with w13 = cat([w1, w3]) [2*Hm, D]."""
     hm = _check(u, w13)
@@ -126,12 +125,6 @@ def swiglu_gate_up(u: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
     return h
 
 
-@swiglu_gate_up.register_fake
-def _(u, w13):
-    hm = _check(u, w13)
-    return u.new_empty((u.shape[0], hm))
-
-
 @triton.jit
 def _silu_mul_kernel(ab_ptr, h_ptr, M, Hm, s_am, s_hm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,7 +137,6 @@ def _silu_mul_kernel(ab_ptr, h_ptr, M, Hm, s_am, s_hm, BLOCK_M: tl.constexpr, BL
     tl.store(h_ptr + rm.to(tl.int64)[:, None] * s_hm + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("pidkern::silu_mul", mutates_args=())
 def silu_mul(ab: torch.Tensor) -> torch.Tensor:
     """h [M, Hm] = SiLU(a) * b for ab = [a, b] [M, 2*Hm] (the gate-up GEMM's output)."""
     _check_ab(ab)
@@ -157,12 +149,6 @@ def silu_mul(ab: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(triton.cdiv(M, bm), triton.cdiv(hm, bn))](ab, h, M, hm, ab.stride(0), h.stride(0),
                                                                    BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     return h
-
-
-@silu_mul.register_fake
-def _(ab):
-    _check_ab(ab)
-    return ab.new_empty((ab.shape[0], ab.shape[1] // 2))
 
 
 def _check_ab(ab):

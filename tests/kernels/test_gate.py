@@ -37,7 +37,7 @@ CASES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.
 def test_matches_reference(x_dtype, dtype, version):
     B, N, D = 3, 37, 70
     args = make(B, N, D, D if version == "v1" else 1, x_dtype, dtype, seed=len(version) * 10 + dtype.itemsize + x_dtype.itemsize)
-    out = ops.lq_gate(*args)
+    out = ops.lq_gate(*args, route="triton")
     torch_out = ops.lq_gate(*args, route="torch")
     assert out.dtype == x_dtype
     assert_within_rule(out, torch_out, ref64(*args), f"gate {version} x={x_dtype} w={dtype}")
@@ -47,8 +47,8 @@ def test_matches_reference(x_dtype, dtype, version):
 def test_sigma_is_per_sample(version):
     # Swapping two samples' sigma must change exactly those samples' outputs.
     x, lq, w, b, la, sigma = make(3, 9, 32, 32 if version == "v1" else 1, torch.float32, torch.float32, seed=5)
-    out = ops.lq_gate(x, lq, w, b, la, sigma)
-    out2 = ops.lq_gate(x, lq, w, b, la, sigma[[1, 0, 2]])
+    out = ops.lq_gate(x, lq, w, b, la, sigma, route="triton")
+    out2 = ops.lq_gate(x, lq, w, b, la, sigma[[1, 0, 2]], route="triton")
     assert not torch.allclose(out[0], out2[0]) and not torch.allclose(out[1], out2[1])
     torch.testing.assert_close(out[2], out2[2], rtol=0, atol=0)
     assert_within_rule(out2, out2, ref64(x, lq, w, b, la, sigma[[1, 0, 2]]), "gate swapped sigma")
@@ -58,7 +58,7 @@ def test_strided_tokens():
     # x and lq as token-slices of bigger buffers: only the channel dim is contiguous.
     x, lq, w, b, la, sigma = make(3, 80, 48, 48, torch.float32, torch.float32, seed=11)
     x, lq = x[:, 5:42], lq[:, ::2][:, :37]
-    out = ops.lq_gate(x, lq, w, b, la, sigma)
+    out = ops.lq_gate(x, lq, w, b, la, sigma, route="triton")
     torch_out = ops.lq_gate(x, lq, w, b, la, sigma, route="torch")
     assert_within_rule(out, torch_out, ref64(x, lq, w, b, la, sigma), "gate strided")
 
@@ -94,7 +94,7 @@ def test_opcheck(out_dim):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_bf16_real_shape(version, x_dtype):
     args = make(2, 2500, 1536, 1536 if version == "v1" else 1, x_dtype, torch.bfloat16, device="cuda", seed=9)
-    out = ops.lq_gate(*args)
+    out = ops.lq_gate(*args, route="triton")
     torch_out = ops.lq_gate(*args, route="torch")
     assert out.dtype == x_dtype
     assert_within_rule(out, torch_out, ref64(*args), f"gate {version} bf16 x={x_dtype}")

@@ -42,7 +42,7 @@ def make(R, P2, p_dtype, dtype, wdtype=None, device=DEVICE, seed=0):
 
 
 def check_post(p, e, m, w, what=""):
-    out = ops.pixel_post(p, e, m, **w)
+    out = ops.pixel_post(p, e, m, **w, route="triton")
     out_t = ops.pixel_post(p, e, m, **w, route="torch")
     assert out.dtype == p.dtype and out.shape == p.shape
     assert_within_rule(out, out_t, post64(p, e, m, *w.values()), what)
@@ -68,11 +68,11 @@ def test_pixel_post_takes_the_post_attention_half_of_m(dtype):
     # The engine computes only (gate1, shift2, scale2, gate2) after attention: a [R, P2*64] m.
     p, e, m, w = make(7, 64, F32, dtype, seed=4)
     m_post = m.view(7, 64, 96)[..., 32:].contiguous().view(7, 64 * 64)
-    out = ops.pixel_post(p, e, m_post, **w)
+    out = ops.pixel_post(p, e, m_post, **w, route="triton")
     out_t = ops.pixel_post(p, e, m_post, **w, route="torch")
     assert_within_rule(out, out_t, post64(p, e, m, *w.values()), "post with m[..., 32:]")
     with pytest.raises(ValueError, match="per pixel"):
-        ops.pixel_post(p, e, m.view(7, 64, 96)[..., :80].contiguous(), **w)
+        ops.pixel_post(p, e, m.view(7, 64, 96)[..., :80].contiguous(), **w, route="triton")
 
 
 def test_bad_arguments():
@@ -90,7 +90,7 @@ def test_bad_arguments():
         args = dict(p=p, e=e, m=m, **w)
         args.update(change)
         with pytest.raises(ValueError, match=name):
-            ops.pixel_post(**args)
+            ops.pixel_post(**args, route="triton")
 
 
 def test_opcheck():

@@ -35,7 +35,7 @@ def check(B, L, T, D, heads, hd, dtype, device=DEV, seed=0):
     g = torch.Generator().manual_seed(seed)
     img = make(B, L, D, heads, hd, dtype, g, device)
     txt = make(B, T, D, heads, hd, dtype, g, device) if T else (None,) * 4
-    got = ops.qkv_rope(*img, *txt, heads=heads)
+    got = ops.qkv_rope(*img, *txt, heads=heads, route="triton")
     plain = ops.qkv_rope(*img, *txt, heads=heads, route="torch")
     want = ref64(*img, heads)
     if T:
@@ -81,7 +81,7 @@ def test_non_power_of_two_head_dim_takes_the_chain(monkeypatch):
     g = torch.Generator().manual_seed(2)
     img = make(1, 6, 32, 2, 24, torch.float32, g)
     monkeypatch.setattr(K, "_launch", lambda *a, **k: pytest.fail("hd 24 reached the kernel"))
-    q, _, _ = ops.qkv_rope(*img, heads=2)
+    q, _, _ = ops.qkv_rope(*img, heads=2, route="triton")
     assert_within_rule(q, q, ref64(*img, 2)[0], "hd24 chain")
 
 
@@ -94,13 +94,13 @@ def test_non_power_of_two_head_dim_takes_the_chain(monkeypatch):
     (lambda a: dict(heads=0), "heads"),
 ])
 def test_bad_inputs_name_the_argument(bad, match):
-    from pidkern.kernels.qkv_rope import qkv_rope_op
+    from pidkern.kernels.qkv_rope import qkv_rope as qkv_rope_launcher
     g = torch.Generator().manual_seed(3)
     h, w, n, rope = make(1, 4, 32, 1, 16, torch.float32, g)
     args = dict(h_img=h, w_img=w, norms_img=n, rope_img=rope, heads=1)
     args.update(bad(args))
     with pytest.raises(ValueError, match=match):
-        qkv_rope_op(args["h_img"], args["w_img"], args["norms_img"], *args["rope_img"], None, None, None, None,
+        qkv_rope_launcher(args["h_img"], args["w_img"], args["norms_img"], *args["rope_img"], None, None, None, None,
                     None, args["heads"], 1e-6)
 
 
