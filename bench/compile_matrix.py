@@ -96,7 +96,7 @@ def _tuned_configs(tuned, family, *extra, prune=None):
 def cases(family: str, capability: tuple, quick: bool = False, other: str | None = None) -> list[Case]:
     """Every (kernel, variant) the fast path can launch on a card of `capability`, with the
     configs `family` offers (and, with `other`, that family's configs marked not offered)."""
-    from pidkern.kernels import attention, embed, gate, pixel_modulate, qkv_rope, rms_modulate, swiglu
+    from pidkern.kernels import attention, embed, gate, int8_gemm, pixel_modulate, qkv_rope, rms_modulate, swiglu
     out = []
 
     def add(case, tuned=None, *extra, prune=None, fixed=None):
@@ -145,6 +145,11 @@ def cases(family: str, capability: tuple, quick: bool = False, other: str | None
              {"u_ptr": bf, "w_ptr": bf, "h_ptr": bf}, dict(EVEN_K=True, DOT_PREC="tf32"), [],
              ints16=("Hm", "D", "s_um", "s_wn", "s_hm"), ones=("s_uk", "s_wk", "s_hn")),
         swiglu._swiglu_tuned)
+    add(Case("int8_gemm._int8_gemm_kernel", f"K{HIDDEN} N{MLP}, bias", ("pidkern.kernels.int8_gemm",
+                                                                      "_int8_gemm_kernel"),
+             {"a_ptr": "*i8", "w_ptr": "*i8", "sa_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": bf, "out_ptr": bf},
+             dict(HAS_BIAS=True, EVEN_K=True), [], INT8_FROM, ints16=("N", "K", "s_am", "s_wn", "s_om")),
+        int8_gemm._int8_gemm_tuned)
     add(Case("swiglu._silu_mul_kernel", f"Hm{MLP}", ("pidkern.kernels.swiglu", "_silu_mul_kernel"),
              {"ab_ptr": bf, "h_ptr": bf}, dict(BLOCK_M=8, BLOCK_N=512), [], ints16=("Hm", "s_am", "s_hm")),
         fixed=[("8x512 w4 s3", {}, 4, 3)])

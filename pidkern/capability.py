@@ -64,6 +64,15 @@ def _rules() -> dict:
 
 RULES = _rules()
 
+# The `gemm` entry's routes by their own names: "int8-triton" there is the int8 GEMM kernel
+# (int8 operands only, Turing on), not the attention mode of that name (PV in e4m3).
+GEMM_RULES = {
+    "native": RULES["native"], "scaled_mm": RULES["scaled_mm"], "torchao": RULES["torchao"],
+    "int_mm": (lambda c: c >= INT8_FROM, "torch._int_mm (cuBLASLt int8 IMMA): int8 tensor cores from sm_75"),
+    "int8-triton": (lambda c: True if c >= BF16_FROM else (None if c >= INT8_FROM else False),
+                    "Triton's int8 dot lowers to mma.sync s8 on sm_80 on; Turing (sm_75) unverified"),
+}
+
 
 def parse_capability(text) -> tuple[int, int]:
     """'12.0', '12,0', 'sm_120', (12, 0) -> (12, 0)."""
@@ -83,12 +92,19 @@ def parse_capability(text) -> tuple[int, int]:
     return major, minor
 
 
-def route_support(route: str, capability) -> tuple[bool | None, str]:
-    """(runs: True / False / None when unverified, how it is known) of a route on a capability."""
+def rules_for(entry: str | None = None) -> dict:
+    """The rules of a plan entry's routes: the `gemm` entry's own, else the attention ones."""
+    return GEMM_RULES if entry == "gemm" else RULES
+
+
+def route_support(route: str, capability, entry: str | None = None) -> tuple[bool | None, str]:
+    """(runs: True / False / None when unverified, how it is known) of a route on a capability
+    (entry: the plan entry the route fills, where a name means another route there)."""
     cap = parse_capability(capability)
-    if route not in RULES:
-        raise ValueError(f"route {route!r}: no capability rule; expected one of {sorted(RULES)}")
-    test, why = RULES[route]
+    rules = rules_for(entry)
+    if route not in rules:
+        raise ValueError(f"route {route!r}: no capability rule; expected one of {sorted(rules)}")
+    test, why = rules[route]
     return test(cap), why
 
 

@@ -128,8 +128,8 @@ class Route:
     def capability_rule(self) -> bool:
         """Whether pidkern.capability holds a rule for this route beyond min_capability
         (the attention and GEMM routes: FA3 on Hopper only, row-wise _scaled_mm, ...)."""
-        from .capability import RULES
-        return self.name in RULES and any(e.startswith("attention") or e == "gemm" for e in self.entries)
+        from .capability import rules_for
+        return any((e.startswith("attention") or e == "gemm") and self.name in rules_for(e) for e in self.entries)
 
     def why_not(self, spec: DeviceSpec, precision: str = "native") -> str | None:
         """None when this route can run on `spec` for a model of `precision`, else why not."""
@@ -145,7 +145,7 @@ class Route:
             return f"{self.name} needs compute capability {need} or later, the card has {spec.capability}"
         if spec.type == "cuda" and spec.capability is not None and self.capability_rule:
             from .capability import route_support
-            ok, why = route_support(self.name, spec.capability)
+            ok, why = route_support(self.name, spec.capability, "gemm" if self.entries == ("gemm",) else None)
             if ok is False:
                 return f"{self.name} cannot run on compute capability {spec.capability[0]}.{spec.capability[1]}: {why}"
         if self.library and self.library not in spec.libraries:

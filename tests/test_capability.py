@@ -31,8 +31,19 @@ def test_hardware_rules():
 def test_every_plan_route_has_a_rule():
     for name, (values, _, _) in CHOICES.items():
         if name.startswith("attention") or name == "gemm":
-            missing = [v for v in values if v not in C.RULES]
+            missing = [v for v in values if v not in C.rules_for(name)]
             assert not missing, (name, missing)
+
+
+def test_a_gemm_route_has_its_own_rule_where_an_attention_route_shares_its_name():
+    # the int8 GEMM kernel is int8 operands only; the attention mode of that name has PV in e4m3
+    assert C.route_support("int8-triton", "8.6", "gemm")[0] is True
+    assert C.route_support("int8-triton", "8.6")[0] is False
+    assert C.route_support("int_mm", "7.5", "gemm")[0] is True and C.route_support("int_mm", "7.0", "gemm")[0] is False
+    from pidkern import routes as R
+    ampere = R.DeviceSpec.cuda((8, 6), libraries=("triton",))
+    assert "int8-triton" in R.available("gemm", ampere, "int8")
+    assert "int8-triton" not in R.available("attention.patch", ampere, "fp8")
 
 
 def test_allowed_keeps_order_and_unverified():

@@ -52,6 +52,21 @@ for code in blocks:
 """
 
 
+def _comfyui_files(work: Path, scratch: Path) -> None:
+    """The ComfyUI files the quantized-files block names, in its folder: a tiny v1.5 network
+    quantized to int8 with ConvRot by `pidkern convert`, and the tiny Gemma quantized the
+    ComfyUI way by comfy-kitchen (tests/test_text_fp8.py's writer, with its tokenizer.json)."""
+    pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (the comfy extra) writes the Gemma stand-in")
+    from hf_stand_ins import write_release_file
+    from pidkern.checkpoint import convert
+    from test_text_fp8 import fp8_scaled_file
+    src = work / "v15.pth"
+    write_release_file(src, "flux-2kto4k-v1.5", seed=7)
+    convert(src, scratch / "pid_flux_2kto4k_v1.5_int8_convrot.safetensors", layout="comfyui",
+            quantize="int8_tensorwise", convrot=16)
+    fp8_scaled_file(scratch / "gemma_2_2b_it_elm_fp8_scaled.safetensors", "comfy_quant")
+
+
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     pytest.importorskip("diffusers")
@@ -70,6 +85,7 @@ def ran(tmp_path_factory):
     put_folder(cache, "Efficient-Large-Model/gemma-2-2b-it", save_tiny_gemma(work / "gemma"))
     tiny_flux_pipeline().save_pretrained(work / "flux1")
     put_folder(cache, "black-forest-labs/FLUX.1-dev", work / "flux1")
+    _comfyui_files(work, scratch)
     px = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     Image.fromarray(px).save(scratch / "photo.png")
     (d / "blocks.json").write_text(json.dumps([code for _, code in BLOCKS]))

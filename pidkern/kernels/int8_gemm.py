@@ -12,18 +12,24 @@ import torch
 import triton
 import triton.language as tl
 
-from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET as _INTERPRET, grouped_tile, on_device
+from pidkern.kernels._common import FLOAT_DTYPES, INTERPRET_FAMILY, SM90, ArchAutotune, grouped_tile, on_device
 
 
-def _configs():
-    if _INTERPRET:
+def _configs(family: str):
+    if family == INTERPRET_FAMILY:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return [
+    # int8 tiles are one byte an element: a stage of 128 x 128 x 64 holds 16 KB of A and B.
+    configs = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
+    if family == SM90:
+        # BLOCK_K 128 at 3 stages is 96 KB of operands: room under Hopper's 227 KB, none to
+        # spare under the 99 KB of the mma.sync cards (SM80 family)
+        configs.insert(1, triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8,
+                                        num_stages=3))
+    return configs
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -64,7 +70,7 @@ def _int8_gemm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
              mask=mask)
 
 
-_int8_gemm_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K"])(_int8_gemm_kernel)
+_int8_gemm_tuned = ArchAutotune(_int8_gemm_kernel, _configs, key=["M", "N", "K"])
 
 
 def int8_gemm(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
@@ -94,6 +100,6 @@ def int8_gemm(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tens
         return out.add_(bias) if bias is not None else out
     b = bias if bias is not None else sw      # any pointer: HAS_BIAS=False never reads it
     with on_device(a):
-        _int8_gemm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+        _int8_gemm_tuned.at(a.device)[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
             a, w, sa, sw, b, out, m, n, k, a.stride(0), w.stride(0), out.stride(0), HAS_BIAS=bias is not None)
     return out
