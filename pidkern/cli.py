@@ -339,7 +339,7 @@ def _decode(args) -> int:
         latent, sigma = to_pid_frame(args.backbone, latent, sigma)
         sigma = float(sigma)
     latent = _batched(latent, 4, "LATENT", args.latent)
-    outs = _check_output(args.output, args.quality, latent.shape[0])
+    _check_output(args.output, args.quality, latent.shape[0])   # before any weight is read
     _check_latent_before_load(args, latent)
     dec, t_load = _load_decoder(args)
     if args.backbone is not None:
